@@ -1,0 +1,27 @@
+# nicwarden: the two commands are `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all deps build test demo lint fmt clean
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+build: deps
+	$(CARGO) build --release --bin nicwarden
+
+# The whole suite: unit, property, integration and end-to-end tests.
+test: deps
+	$(CARGO) test --workspace --all-targets --no-fail-fast
+
+demo: build
+	scripts/demo.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

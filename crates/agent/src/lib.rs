@@ -1,0 +1,419 @@
+//! The nicwarden agent: one per node.
+//!
+//! It enrolls with the controller ([`identity`]), holds a long-lived session over mutual TLS
+//! ([`transport`]), verifies every signed directive against the controller key pinned at
+//! enrollment, feeds it to the pure lease state machine (`nicwarden_lease::agent`), persists
+//! the replay guard, renews before the deadline, reports usage every second
+//! ([`counters`]), and exposes its decision per scope on a local status endpoint
+//! ([`status`]). Without a valid lease it reports the floor: it never fails open.
+//!
+//! The process is one event loop over [`Event`]; the session task and the status server
+//! only send events to it.
+
+pub mod config;
+pub mod counters;
+pub mod identity;
+pub mod status;
+pub mod transport;
+
+pub use config::AgentConfig;
+
+use anyhow::Context;
+use nicwarden_lease::agent::{AgentCore, AgentEvent};
+use nicwarden_lease::{Floor, Time};
+use nicwarden_proto::pb;
+use status::AgentStatus;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+
+/// Everything the agent's loop reacts to.
+enum Event {
+    /// A session is up; directives and errors will follow; `tx` sends to the controller.
+    Connected(mpsc::Sender<pb::AgentMessage>),
+    /// The session ended (or could not be opened).
+    Disconnected(String),
+    Message(pb::ControllerMessage),
+    Status(oneshot::Sender<AgentStatus>),
+}
+
+/// The agent's clock: monotonic milliseconds since start. Wall-clock changes on the node
+/// cannot move lease deadlines.
+#[derive(Clone, Copy)]
+struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    fn now(&self) -> Time {
+        Time(self.start.elapsed().as_millis() as u64)
+    }
+    fn instant(&self, t: Time) -> Instant {
+        self.start + Duration::from_millis(t.0)
+    }
+}
+
+/// Runs the agent until Ctrl-C / SIGTERM.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    cfg.validate()?;
+    nicwarden_pki::validate_node_name(&cfg.node)?;
+    let counters = counters::CounterSpec::parse(&cfg.counters).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
+    let ident = match identity::load(&cfg.data_dir)? {
+        Some(i) => i,
+        None => {
+            let token = cfg.join_token.as_deref().with_context(|| {
+                format!(
+                    "node {} is not enrolled yet ({} holds no certificate): pass the join token from `nicwarden node add {}` with --token",
+                    cfg.node,
+                    cfg.data_dir.display(),
+                    cfg.node
+                )
+            })?;
+            identity::enroll(&cfg.data_dir, &cfg.node, &cfg.controller, token).await?
+        }
+    };
+    let tls = nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key)?;
+    let persisted = identity::load_state(&cfg.data_dir)?;
+    let status_listener = tokio::net::TcpListener::bind(cfg.status_listen)
+        .await
+        .with_context(|| format!("bind status endpoint {}", cfg.status_listen))?;
+
+    let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
+    let last_seq = Arc::new(std::sync::atomic::AtomicU64::new(persisted.last_seq));
+    tokio::spawn(session_task(
+        cfg.clone(),
+        tls,
+        ev_tx.clone(),
+        last_seq.clone(),
+    ));
+    let status_tx = ev_tx.clone();
+    let app = axum::Router::new().route(
+        "/status",
+        axum::routing::get(move || {
+            let tx = status_tx.clone();
+            async move {
+                let (otx, orx) = oneshot::channel();
+                if tx.send(Event::Status(otx)).await.is_err() {
+                    return Err((axum::http::StatusCode::SERVICE_UNAVAILABLE, "agent stopping"));
+                }
+                orx.await
+                    .map(axum::Json)
+                    .map_err(|_| (axum::http::StatusCode::SERVICE_UNAVAILABLE, "agent stopping"))
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(status_listener, app).await {
+            tracing::error!(error = %e, "status endpoint failed");
+        }
+    });
+    tracing::info!(node = %cfg.node, controller = %cfg.controller, status = %cfg.status_listen, last_seq = persisted.last_seq, "agent started: at the floor until a lease arrives");
+    let core = AgentCore::new(
+        &cfg.node,
+        persisted.last_seq,
+        Floor {
+            rate_bps: cfg.default_floor_bps,
+        },
+    );
+    let mut lp = Loop {
+        cfg,
+        core,
+        ident_key: ident.lease_key,
+        clock: Clock {
+            start: Instant::now(),
+        },
+        to_controller: None,
+        connected: false,
+        last_error: None,
+        rejected: 0,
+        counters: counters.build(),
+        last_seq,
+    };
+    tokio::select! {
+        r = lp.run(ev_rx) => r,
+        _ = shutdown_signal() => {
+            tracing::info!("agent stopping");
+            Ok(())
+        }
+    }
+}
+
+struct Loop {
+    cfg: AgentConfig,
+    core: AgentCore,
+    ident_key: [u8; 32],
+    clock: Clock,
+    to_controller: Option<mpsc::Sender<pb::AgentMessage>>,
+    connected: bool,
+    last_error: Option<String>,
+    rejected: u64,
+    counters: Box<dyn counters::UsageSource>,
+    last_seq: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Loop {
+    async fn run(&mut self, mut rx: mpsc::Receiver<Event>) -> anyhow::Result<()> {
+        let report_every = Duration::from_millis(self.cfg.report_interval_ms);
+        let mut report = tokio::time::interval(report_every);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self
+                .core
+                .poll_timeout()
+                .map(|t| self.clock.instant(t))
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => self.handle(ev)?,
+                    None => return Ok(()),
+                },
+                _ = tokio::time::sleep_until(wake) => self.on_timer(),
+                _ = report.tick() => self.on_report(),
+            }
+        }
+    }
+
+    fn send(&mut self, msg: pb::agent_message::Msg) {
+        if let Some(tx) = &self.to_controller {
+            if tx.try_send(pb::AgentMessage { msg: Some(msg) }).is_err() {
+                tracing::debug!("controller queue full or closed; message dropped");
+            }
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let now = self.clock.now();
+        for ev in self.core.handle_timeout(now) {
+            self.log_event(&ev);
+        }
+        for id in self.core.due_renewals(now) {
+            if self.connected {
+                tracing::debug!(lease = %id, "renewing");
+                self.send(pb::agent_message::Msg::Renew(pb::RenewRequest { lease_id: id.0 }));
+            }
+        }
+    }
+
+    fn on_report(&mut self) {
+        let now = self.clock.now();
+        // Expire first, so a report never shows a lapsed lease as active.
+        for ev in self.core.handle_timeout(now) {
+            self.log_event(&ev);
+        }
+        let decisions = self.core.decision(now);
+        for (scope, _id, usage) in self.counters.sample(now, &decisions) {
+            self.core.record_usage(&scope, usage);
+        }
+        if !self.connected {
+            return;
+        }
+        let scopes = self
+            .core
+            .decision(now)
+            .into_iter()
+            .map(|d| pb::ScopeUsage {
+                scope: d.scope.to_string(),
+                lease_id: d.lease.map(|l| l.0).unwrap_or(0),
+                bytes: d.usage.bytes,
+                packets: d.usage.packets,
+                dropped_packets: d.usage.dropped_packets,
+                state: d.state.to_string(),
+                deadline_in_ms: d.deadline_in_ms.unwrap_or(0),
+            })
+            .collect();
+        self.send(pb::agent_message::Msg::Usage(pb::UsageReport { scopes }));
+    }
+
+    fn log_event(&self, ev: &AgentEvent) {
+        match ev {
+            AgentEvent::Accepted {
+                lease,
+                scope,
+                renewed,
+                ..
+            } => {
+                if *renewed {
+                    tracing::debug!(%lease, %scope, "lease renewed");
+                } else {
+                    tracing::info!(%lease, %scope, "lease accepted: active");
+                }
+            }
+            AgentEvent::Revoked {
+                lease,
+                scope,
+                reason,
+            } => tracing::warn!(%lease, %scope, %reason, "lease revoked: scope at its floor"),
+            AgentEvent::Expired { lease, scope } => tracing::warn!(
+                %lease, %scope,
+                "lease expired (no renewal before the deadline): scope at its floor"
+            ),
+        }
+    }
+
+    fn handle(&mut self, ev: Event) -> anyhow::Result<()> {
+        match ev {
+            Event::Connected(tx) => {
+                self.to_controller = Some(tx);
+                self.connected = true;
+                self.last_error = None;
+            }
+            Event::Disconnected(why) => {
+                self.to_controller = None;
+                if self.connected {
+                    tracing::warn!(reason = %why, "lost the controller: keeping leases until their deadlines");
+                }
+                self.connected = false;
+                self.last_error = Some(why);
+            }
+            Event::Message(m) => self.on_message(m)?,
+            Event::Status(reply) => {
+                let now = self.clock.now();
+                for ev in self.core.handle_timeout(now) {
+                    self.log_event(&ev);
+                }
+                let _ = reply.send(AgentStatus {
+                    node: self.cfg.node.clone(),
+                    controller: self.cfg.controller.clone(),
+                    connected: self.connected,
+                    last_seq: self.core.last_seq(),
+                    last_error: self.last_error.clone(),
+                    rejected_directives: self.rejected,
+                    scopes: self.core.decision(now),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn on_message(&mut self, m: pb::ControllerMessage) -> anyhow::Result<()> {
+        match m.msg {
+            Some(pb::controller_message::Msg::Directive(sd)) => {
+                let now = self.clock.now();
+                let d = match nicwarden_proto::verify_directive(&sd, &self.ident_key) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.rejected += 1;
+                        tracing::error!(error = %e, "directive rejected");
+                        return Ok(());
+                    }
+                };
+                match self.core.handle_directive(now, d) {
+                    Ok(ev) => {
+                        self.log_event(&ev);
+                        let seq = self.core.last_seq();
+                        self.last_seq.store(seq, std::sync::atomic::Ordering::SeqCst);
+                        // If the replay guard cannot be persisted, a restart could accept a
+                        // replayed lease: stop rather than carry on unguarded.
+                        identity::save_state(
+                            &self.cfg.data_dir,
+                            &identity::PersistedState { last_seq: seq },
+                        )
+                        .context("persist the replay guard")?;
+                    }
+                    Err(e) => {
+                        self.rejected += 1;
+                        tracing::error!(error = %e, "directive rejected");
+                    }
+                }
+            }
+            Some(pb::controller_message::Msg::Error(e)) => {
+                tracing::warn!(lease = e.lease_id, message = %e.message, "controller reported an error");
+            }
+            None => tracing::warn!("empty message from the controller; ignored"),
+        }
+        Ok(())
+    }
+}
+
+/// Keeps a session open, reconnecting with exponential backoff (with jitter), and forwards
+/// what arrives to the loop.
+async fn session_task(
+    cfg: AgentConfig,
+    tls: rustls::ClientConfig,
+    ev: mpsc::Sender<Event>,
+    last_seq: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let max = Duration::from_millis(cfg.max_backoff_ms.max(100));
+    loop {
+        let result = session_once(&cfg, tls.clone(), &ev, &last_seq).await;
+        let why = match result {
+            Ok(true) => {
+                backoff = Duration::from_millis(100);
+                "session closed by the controller".to_string()
+            }
+            Ok(false) => "session closed".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        tracing::info!(reason = %why, retry_in_ms = backoff.as_millis() as u64, "not connected to the controller");
+        if ev.send(Event::Disconnected(why)).await.is_err() {
+            return;
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+/// One session; `Ok(true)` if it was established before it ended.
+async fn session_once(
+    cfg: &AgentConfig,
+    tls: rustls::ClientConfig,
+    ev: &mpsc::Sender<Event>,
+    last_seq: &std::sync::atomic::AtomicU64,
+) -> anyhow::Result<bool> {
+    let channel = transport::connect(&cfg.controller, tls).await?;
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+    let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(256);
+    out_tx
+        .send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                node: cfg.node.clone(),
+                last_seq: last_seq.load(std::sync::atomic::Ordering::SeqCst),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            })),
+        })
+        .await
+        .context("queue Hello")?;
+    let resp = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+        .await
+        .map_err(|s| anyhow::anyhow!("session refused: {}", s.message()))?;
+    let mut inbound = resp.into_inner();
+    tracing::info!(controller = %cfg.controller, "connected to the controller");
+    if ev.send(Event::Connected(out_tx)).await.is_err() {
+        return Ok(true);
+    }
+    while let Some(m) = inbound.next().await {
+        match m {
+            Ok(m) => {
+                if ev.send(Event::Message(m)).await.is_err() {
+                    return Ok(true);
+                }
+            }
+            Err(s) => anyhow::bail!("session ended: {}", s.message()),
+        }
+    }
+    Ok(true)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,255 @@
+//! The operator HTTP/JSON API (axum): bearer-token authentication, JSON errors with the
+//! right status codes, `/metrics` and `/openapi.json`.
+
+use crate::api_types::*;
+use crate::core::{ApiError, ApiErrorKind, Controller};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nicwarden_lease::LeaseId;
+use nicwarden_store::AuditLog;
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub ctl: Arc<Controller>,
+    /// SHA-256 of the operator token (the token itself is not kept in memory).
+    pub token_hash: [u8; 32],
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = match self.kind {
+            ApiErrorKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ApiErrorKind::Conflict => StatusCode::CONFLICT,
+            ApiErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ApiErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ApiErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if code == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self.message, "operator API internal error");
+        }
+        (code, Json(ErrorBody { error: self.message })).into_response()
+    }
+}
+
+fn body<T>(r: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    r.map(|Json(t)| t).map_err(|e| match e {
+        JsonRejection::MissingJsonContentType(_) => {
+            ApiError::new(ApiErrorKind::Invalid, "request body must be JSON (Content-Type: application/json)")
+        }
+        other => ApiError::invalid(format!("request body: {}", other.body_text())),
+    })
+}
+
+fn query<T>(r: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    r.map(|Query(t)| t)
+        .map_err(|e| ApiError::invalid(format!("query: {}", e.body_text())))
+}
+
+fn lease_id(s: &str) -> Result<LeaseId, ApiError> {
+    s.parse::<u64>()
+        .map(LeaseId)
+        .map_err(|_| ApiError::invalid(format!("lease id must be a number, got `{s}`")))
+}
+
+async fn auth(State(st): State<ApiState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let ok = presented.is_some_and(|t| {
+        use sha2::Digest;
+        let h: [u8; 32] = sha2::Sha256::digest(t.trim().as_bytes()).into();
+        // Both sides are hashes of fixed length, so comparing them leaks nothing useful
+        // about the token itself.
+        h == st.token_hash
+    });
+    if !ok {
+        return ApiError::new(
+            ApiErrorKind::Unauthenticated,
+            "missing or wrong operator token (Authorization: Bearer <token>; the controller wrote it to <data_dir>/operator.token)",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+pub fn router(state: ApiState) -> Router {
+    let v1 = Router::new()
+        .route("/nodes", get(list_nodes).post(add_node))
+        .route("/nodes/{name}", get(get_node).delete(remove_node))
+        .route("/nodes/{name}/token", post(node_token))
+        .route("/leases", get(list_leases).post(grant))
+        .route("/leases/{id}", get(get_lease).put(amend))
+        .route("/leases/{id}/revoke", post(revoke))
+        .route("/quota", get(get_quota))
+        .route("/quota/{name}", axum::routing::put(set_quota))
+        .route("/audit", get(audit))
+        .route("/audit/verify", get(audit_verify))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(|| async {
+            ApiError::not_found("no such route; see /openapi.json")
+        })
+        .with_state(state)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn metrics(State(st): State<ApiState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.ctl.metrics.encode(),
+    )
+}
+
+async fn list_nodes(State(st): State<ApiState>) -> Json<Vec<NodeView>> {
+    Json(st.ctl.list_nodes())
+}
+
+async fn add_node(
+    State(st): State<ApiState>,
+    req: Result<Json<AddNodeRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<AddNodeResponse>), ApiError> {
+    let r = st.ctl.add_node(body(req)?)?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+async fn get_node(State(st): State<ApiState>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+    st.ctl.get_node(&name).map(Json)
+}
+
+async fn remove_node(State(st): State<ApiState>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+    st.ctl.remove_node(&name).map(Json)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenQuery {
+    ttl_s: Option<u64>,
+}
+
+async fn node_token(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    q: Result<Query<TokenQuery>, QueryRejection>,
+) -> Result<Json<AddNodeResponse>, ApiError> {
+    let q = query(q)?;
+    st.ctl.node_token(&name, q.ttl_s).map(Json)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseQuery {
+    node: Option<String>,
+    state: Option<String>,
+}
+
+async fn list_leases(
+    State(st): State<ApiState>,
+    q: Result<Query<LeaseQuery>, QueryRejection>,
+) -> Result<Json<Vec<LeaseView>>, ApiError> {
+    let q = query(q)?;
+    st.ctl
+        .list_leases(q.node.as_deref(), q.state.as_deref())
+        .map(Json)
+}
+
+async fn grant(
+    State(st): State<ApiState>,
+    req: Result<Json<GrantRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<LeaseView>), ApiError> {
+    let v = st.ctl.grant(body(req)?)?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn get_lease(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Json<LeaseView>, ApiError> {
+    st.ctl.get_lease(lease_id(&id)?).map(Json)
+}
+
+async fn amend(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    req: Result<Json<AmendRequest>, JsonRejection>,
+) -> Result<Json<LeaseView>, ApiError> {
+    let id = lease_id(&id)?;
+    st.ctl.amend(id, body(req)?).map(Json)
+}
+
+async fn revoke(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    req: Result<Json<RevokeRequest>, JsonRejection>,
+) -> Result<Json<LeaseView>, ApiError> {
+    let id = lease_id(&id)?;
+    // An empty body is fine: the reason is optional.
+    let reason = match req {
+        Ok(Json(r)) => r.reason,
+        Err(JsonRejection::MissingJsonContentType(_)) => None,
+        Err(e) => return Err(ApiError::invalid(format!("request body: {}", e.body_text()))),
+    };
+    let reason = reason.unwrap_or_else(|| "revoked by operator".into());
+    st.ctl.revoke(id, &reason).map(Json)
+}
+
+async fn get_quota(State(st): State<ApiState>) -> Json<QuotaView> {
+    Json(st.ctl.quota())
+}
+
+async fn set_quota(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    req: Result<Json<SetQuotaRequest>, JsonRejection>,
+) -> Result<Json<QuotaView>, ApiError> {
+    st.ctl.set_quota(&name, body(req)?).map(Json)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn audit(
+    State(st): State<ApiState>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<Vec<nicwarden_store::AuditEntry>>, ApiError> {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    Ok(Json(st.ctl.store().entries(q.from.unwrap_or(0), limit)?))
+}
+
+async fn audit_verify(State(st): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+    use nicwarden_store::AuditVerification;
+    let v = st.ctl.store().verify()?;
+    Ok(Json(match v {
+        AuditVerification::Intact { entries, head_hash } => serde_json::json!({
+            "ok": true, "entries": entries, "first_broken": null, "head_hash": head_hash,
+            "message": format!("audit log intact: {entries} entries, head {head_hash}"),
+        }),
+        AuditVerification::Broken { index, reason } => serde_json::json!({
+            "ok": false, "entries": index, "first_broken": index, "head_hash": null,
+            "message": format!("audit log broken at entry {index}: {reason}"),
+        }),
+    }))
+}

@@ -1,0 +1,122 @@
+//! JSON bodies of the operator API (`/v1/...`), shared by the server and the CLI.
+//!
+//! The OpenAPI document (`openapi.json`, served at `/openapi.json`) describes these; a test
+//! checks that every route in the document is served.
+
+use nicwarden_lease::ledger::{LeaseRecord, NodeRecord};
+use nicwarden_lease::quota::QuotaTree;
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/nodes`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddNodeRequest {
+    pub name: String,
+    /// Quota group the node belongs to (default `default`).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Node capacity in bits/s (default: the group's capacity).
+    #[serde(default)]
+    pub capacity_bps: Option<u64>,
+    /// How long the join token stays valid, in seconds (default 3600).
+    #[serde(default)]
+    pub token_ttl_s: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddNodeResponse {
+    pub name: String,
+    /// One-time join token: give it to the agent (`nicwarden agent --token ...`).
+    pub join_token: String,
+    pub token_expires_at_unix_ms: u64,
+}
+
+/// What the controller knows about a node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub group: String,
+    pub capacity_bps: u64,
+    pub enrolled: bool,
+    pub connected: bool,
+    pub cert_fingerprint: Option<String>,
+    pub enrolled_at_unix_ms: Option<u64>,
+    pub last_seq: u64,
+    pub active_leases: usize,
+    pub record: NodeRecord,
+}
+
+/// `POST /v1/leases`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    pub node: String,
+    /// `egress` (all fabric egress, the default) or `peer:NODE`.
+    #[serde(default)]
+    pub scope: Option<String>,
+    pub rate_bps: u64,
+    /// Burst in bytes (default: 10 ms at the rate, at least 16 KiB).
+    #[serde(default)]
+    pub burst_bytes: Option<u64>,
+    #[serde(default)]
+    pub volume_bytes: Option<u64>,
+    /// Lifetime of each issuance, seconds (default 30).
+    #[serde(default)]
+    pub ttl_s: Option<f64>,
+    /// Renewal interval, seconds (default ttl/3).
+    #[serde(default)]
+    pub renew_s: Option<f64>,
+    /// Floor rate in bits/s once the lease lapses (default 0: blocked).
+    #[serde(default)]
+    pub floor_bps: Option<u64>,
+}
+
+/// `PUT /v1/leases/{id}`: change the terms of an active lease.
+pub type AmendRequest = GrantRequest;
+
+/// `POST /v1/leases/{id}/revoke`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A lease as the operator sees it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaseView {
+    #[serde(flatten)]
+    pub record: LeaseRecord,
+    /// `active`, `revoked` or `expired`.
+    pub state: String,
+    pub volume_exhausted: bool,
+    /// Milliseconds until the controller considers the lease lapsed (active leases only).
+    pub expires_in_ms: Option<u64>,
+}
+
+/// `PUT /v1/quota/{name}`: set the fabric root (`fabric`), a group, or a node's quota.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuotaRequest {
+    pub capacity_bps: u64,
+    /// `static` (default) or `fair_share`.
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// For a node: its group (default: unchanged, or `default`).
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// `GET /v1/quota`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuotaView {
+    pub tree: QuotaTree,
+    /// Granted rate per group and node, bits/s.
+    pub allocated_bps: std::collections::BTreeMap<String, u64>,
+}
+
+/// Every error body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,96 @@
+//! Controller configuration: a TOML file, overridable from the command line, validated
+//! before any port is bound.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything the controller needs to start.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// Data directory: SQLite store, CA, lease-signing key, operator token.
+    pub data_dir: PathBuf,
+    /// gRPC (mutual TLS) address agents connect to.
+    pub agent_listen: SocketAddr,
+    /// Operator HTTP API, `/metrics` and `/openapi.json`.
+    pub api_listen: SocketAddr,
+    /// Names (DNS or IP) the controller's TLS certificate is valid for; agents dial one of them.
+    pub server_names: Vec<String>,
+    /// Fabric capacity in bits/s used when the quota tree is first created.
+    pub fabric_capacity_bps: u64,
+    /// Allocation algorithm of the fabric root when first created: `static` or `fair_share`.
+    pub fabric_algorithm: String,
+    /// Extra time past a lease's TTL before the controller frees its capacity, ms.
+    pub expiry_grace_ms: u64,
+    /// Validity of node certificates, days.
+    pub node_cert_days: u32,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            data_dir: PathBuf::from("/var/lib/nicwarden/controller"),
+            agent_listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            fabric_capacity_bps: 100_000_000_000,
+            fabric_algorithm: "static".into(),
+            expiry_grace_ms: 1000,
+            node_cert_days: 365,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl ControllerConfig {
+    /// Reads a TOML file; unknown keys and wrong types are errors naming the key.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks everything that can be checked before binding a port.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.fabric_capacity_bps == 0 {
+            return Err(ConfigError::Invalid("fabric_capacity_bps must be > 0".into()));
+        }
+        self.fabric_algorithm
+            .parse::<nicwarden_lease::quota::Algorithm>()
+            .map_err(|e| ConfigError::Invalid(format!("fabric_algorithm: {e}")))?;
+        if self.server_names.is_empty() {
+            return Err(ConfigError::Invalid(
+                "server_names must name at least one DNS name or IP address".into(),
+            ));
+        }
+        if self.agent_listen == self.api_listen {
+            return Err(ConfigError::Invalid(format!(
+                "agent_listen and api_listen are both {}",
+                self.agent_listen
+            )));
+        }
+        if self.node_cert_days == 0 {
+            return Err(ConfigError::Invalid("node_cert_days must be > 0".into()));
+        }
+        Ok(())
+    }
+}

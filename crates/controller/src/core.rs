@@ -1,0 +1,860 @@
+//! The controller's state: the lease ledger behind one lock, its persistence, enrollment,
+//! and the fan-out of signed directives to connected agents.
+//!
+//! Every mutation follows the same order: change the ledger, persist what changed in one
+//! store transaction, append to the audit log, and only then sign and push directives. A
+//! crash at any point therefore never lets a directive reach an agent that the store does
+//! not know about, so nothing is double-granted and sequence numbers never go back.
+
+use crate::api_types::*;
+use crate::metrics::{Metrics, ResultLabel, StateLabel};
+use nicwarden_lease::ledger::{
+    Effect, ErrorKind, Ledger, LedgerConfig, LedgerError, LeaseRecord, LeaseStatus, LeaseTerms,
+    NodeRecord,
+};
+use nicwarden_lease::quota::{Algorithm, QuotaTree};
+use nicwarden_lease::{Directive, Floor, LeaseId, Scope, Time, Usage};
+use nicwarden_pki::{ControllerIdentity, JoinToken};
+use nicwarden_proto::pb;
+use nicwarden_store::{AuditLog, Op, SqliteStore, Store, StoreError, Txn};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{mpsc, Notify};
+
+const KEY_TREE: &str = "/tree";
+const KEY_NEXT_LEASE: &str = "/meta/next_lease_id";
+const PREFIX_NODES: &str = "/nodes/";
+const PREFIX_LEASES: &str = "/leases/";
+const PREFIX_TOKENS: &str = "/tokens/";
+const PREFIX_ENROLL: &str = "/enroll/";
+
+fn values<T>(kvs: Vec<(String, T)>) -> Vec<T> {
+    kvs.into_iter().map(|(_, v)| v).collect()
+}
+
+fn lease_key(id: LeaseId) -> String {
+    format!("{PREFIX_LEASES}{:020}", id.0)
+}
+
+/// Wall-clock milliseconds since the Unix epoch (the controller's records outlive restarts,
+/// so they use wall time; agents never use it to compute deadlines).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An error at the API edge: a status class and a message for the operator.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ApiErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiErrorKind {
+    Invalid,
+    NotFound,
+    Conflict,
+    Forbidden,
+    Unauthenticated,
+    Internal,
+}
+
+impl ApiError {
+    pub fn new(kind: ApiErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+    pub fn invalid(m: impl Into<String>) -> Self {
+        Self::new(ApiErrorKind::Invalid, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(ApiErrorKind::NotFound, m)
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        let kind = match e.kind() {
+            ErrorKind::Invalid => ApiErrorKind::Invalid,
+            ErrorKind::NotFound => ApiErrorKind::NotFound,
+            ErrorKind::Conflict => ApiErrorKind::Conflict,
+            ErrorKind::Forbidden => ApiErrorKind::Forbidden,
+            ErrorKind::Corrupt => ApiErrorKind::Internal,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::new(ApiErrorKind::Internal, e.to_string())
+    }
+}
+
+/// A one-time join token as stored (only the hash of its secret).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub node: String,
+    pub secret_hash: String,
+    pub expires_at_unix_ms: u64,
+    pub used_at_unix_ms: Option<u64>,
+}
+
+/// The certificate a node enrolled with; only this certificate may open its session.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnrollmentRecord {
+    pub node: String,
+    pub cert_fingerprint: String,
+    pub serial: String,
+    pub enrolled_at_unix_ms: u64,
+}
+
+/// A connected agent's outbound queue.
+struct Session {
+    id: u64,
+    tx: mpsc::Sender<Result<pb::ControllerMessage, tonic::Status>>,
+}
+
+struct Inner {
+    ledger: Ledger,
+    enrollments: HashMap<String, EnrollmentRecord>,
+    sessions: HashMap<String, Session>,
+    next_session: u64,
+}
+
+/// The controller: shared by the gRPC service, the operator API and the expiry timer.
+pub struct Controller {
+    inner: Mutex<Inner>,
+    store: Arc<SqliteStore>,
+    identity: Arc<ControllerIdentity>,
+    pub metrics: Metrics,
+    /// Woken when the ledger's next timeout may have moved earlier.
+    pub timer: Notify,
+    node_cert_days: u32,
+}
+
+fn persist_err(op: &str, e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ApiErrorKind::Internal, format!("{op}: persist: {e}"))
+}
+
+impl Controller {
+    /// Loads (or creates) the ledger from the store.
+    pub fn open(
+        store: Arc<SqliteStore>,
+        identity: Arc<ControllerIdentity>,
+        fabric_capacity_bps: u64,
+        fabric_algorithm: Algorithm,
+        ledger_config: LedgerConfig,
+        node_cert_days: u32,
+    ) -> Result<Self, anyhow::Error> {
+        use nicwarden_store::StoreExt;
+        let tree: Option<QuotaTree> = store.get_json(KEY_TREE)?;
+        let ledger = match tree {
+            None => {
+                let tree = QuotaTree::new(fabric_capacity_bps, fabric_algorithm);
+                store.put_json(KEY_TREE, &tree)?;
+                Ledger::new(tree, ledger_config)
+            }
+            Some(tree) => {
+                let nodes: Vec<NodeRecord> = values(store.range_json(PREFIX_NODES)?);
+                let leases: Vec<LeaseRecord> = values(store.range_json(PREFIX_LEASES)?);
+                let next: u64 = store.get_json(KEY_NEXT_LEASE)?.unwrap_or(1);
+                Ledger::restore(tree, ledger_config, nodes, leases, next)?
+            }
+        };
+        let enrollments: Vec<EnrollmentRecord> = values(store.range_json(PREFIX_ENROLL)?);
+        let ctl = Controller {
+            inner: Mutex::new(Inner {
+                ledger,
+                enrollments: enrollments
+                    .into_iter()
+                    .map(|e| (e.node.clone(), e))
+                    .collect(),
+                sessions: HashMap::new(),
+                next_session: 1,
+            }),
+            store,
+            identity,
+            metrics: Metrics::new(),
+            timer: Notify::new(),
+            node_cert_days,
+        };
+        {
+            let inner = ctl.lock();
+            ctl.update_lease_gauges(&inner);
+        }
+        Ok(ctl)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic while holding it; the ledger is still consistent
+        // with the store (we persist before acting), so carry on with it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn identity(&self) -> &ControllerIdentity {
+        &self.identity
+    }
+
+    pub fn store(&self) -> &SqliteStore {
+        &self.store
+    }
+
+    fn audit(&self, actor: &str, action: &str, detail: serde_json::Value) {
+        if let Err(e) = self.store.append(now_ms(), actor, action, detail) {
+            tracing::error!(error = %e, action, "audit log append failed");
+        }
+    }
+
+    /// Persists what the ledger changed, plus `extra` ops, in one transaction.
+    fn persist(&self, inner: &mut Inner, op: &str, extra: Vec<Op>) -> Result<(), ApiError> {
+        let dirty = inner.ledger.take_dirty();
+        let mut txn = Txn::new();
+        for n in &dirty.nodes {
+            let v = serde_json::to_vec(n).map_err(|e| persist_err(op, e))?;
+            txn = txn.then(Op::Put(format!("{PREFIX_NODES}{}", n.name), v));
+        }
+        for l in &dirty.leases {
+            let v = serde_json::to_vec(l).map_err(|e| persist_err(op, e))?;
+            txn = txn.then(Op::Put(lease_key(l.id), v));
+        }
+        if let Some(tree) = &dirty.tree {
+            let v = serde_json::to_vec(tree).map_err(|e| persist_err(op, e))?;
+            txn = txn.then(Op::Put(KEY_TREE.into(), v));
+        }
+        let v = serde_json::to_vec(&dirty.next_lease_id).map_err(|e| persist_err(op, e))?;
+        txn = txn.then(Op::Put(KEY_NEXT_LEASE.into(), v));
+        for o in extra {
+            txn = txn.then(o);
+        }
+        self.store.txn(txn).map_err(|e| persist_err(op, e))?;
+        Ok(())
+    }
+
+    /// Signs and pushes directives to connected agents; records expirations.
+    fn dispatch(&self, inner: &mut Inner, effects: Vec<Effect>) {
+        for eff in effects {
+            match eff {
+                Effect::Send(d) => {
+                    let node = d.node().to_string();
+                    let signed =
+                        nicwarden_proto::sign_directive(&d, |m| self.identity.lease_key.sign(m));
+                    let msg = pb::ControllerMessage {
+                        msg: Some(pb::controller_message::Msg::Directive(signed)),
+                    };
+                    if let Some(s) = inner.sessions.get(&node) {
+                        match s.tx.try_send(Ok(msg)) {
+                            Ok(()) => {
+                                self.metrics.directives_sent.inc();
+                            }
+                            Err(e) => {
+                                // The agent is not reading: drop its session; it will
+                                // reconnect and be resynchronised.
+                                tracing::warn!(%node, error = %e, "agent queue full or closed; dropping session");
+                                inner.sessions.remove(&node);
+                                self.metrics.agents_connected.set(inner.sessions.len() as i64);
+                            }
+                        }
+                    }
+                    if let Directive::Revoke(r) = &d {
+                        tracing::info!(node = %r.node, lease = %r.lease_id, seq = r.seq, reason = %r.reason, "lease revoked");
+                    }
+                }
+                Effect::Expired { lease, node } => {
+                    self.metrics.lease_expirations.inc();
+                    tracing::warn!(%node, %lease, "lease expired without renewal");
+                    self.audit(
+                        "controller",
+                        "lease.expired",
+                        serde_json::json!({"lease": lease.0, "node": node}),
+                    );
+                }
+            }
+        }
+        self.update_lease_gauges(inner);
+        self.timer.notify_one();
+    }
+
+    fn update_lease_gauges(&self, inner: &Inner) {
+        let (mut a, mut r, mut e) = (0i64, 0i64, 0i64);
+        for l in inner.ledger.leases() {
+            match l.status {
+                LeaseStatus::Active => a += 1,
+                LeaseStatus::Revoked { .. } => r += 1,
+                LeaseStatus::Expired { .. } => e += 1,
+            }
+        }
+        for (state, v) in [("active", a), ("revoked", r), ("expired", e)] {
+            self.metrics.leases.get_or_create(&StateLabel { state }).set(v);
+        }
+    }
+
+    /// Runs the ledger's expiry for `now`; returns when the next timeout is due.
+    pub fn tick(&self) -> Option<Time> {
+        let mut inner = self.lock();
+        let effects = inner.ledger.handle_timeout(Time(now_ms()));
+        if !effects.is_empty() {
+            if let Err(e) = self.persist(&mut inner, "expire leases", vec![]) {
+                tracing::error!(error = %e, "persisting expirations failed");
+            }
+            self.dispatch(&mut inner, effects);
+        }
+        inner.ledger.poll_timeout()
+    }
+
+    // ---- nodes -------------------------------------------------------------------------
+
+    fn new_token(&self, node: &str, ttl_s: u64) -> (JoinToken, TokenRecord) {
+        let token = JoinToken::generate(self.identity.ca_fingerprint());
+        let rec = TokenRecord {
+            id: token.id.clone(),
+            node: node.to_string(),
+            secret_hash: token.secret_hash(),
+            expires_at_unix_ms: now_ms().saturating_add(ttl_s.saturating_mul(1000)),
+            used_at_unix_ms: None,
+        };
+        (token, rec)
+    }
+
+    fn token_op(rec: &TokenRecord) -> Result<Op, ApiError> {
+        let v = serde_json::to_vec(rec).map_err(|e| persist_err("store token", e))?;
+        Ok(Op::Put(format!("{PREFIX_TOKENS}{}", rec.id), v))
+    }
+
+    pub fn add_node(&self, req: AddNodeRequest) -> Result<AddNodeResponse, ApiError> {
+        nicwarden_pki::validate_node_name(&req.name)
+            .map_err(|e| ApiError::invalid(format!("add node: {e}")))?;
+        let ttl_s = req.token_ttl_s.unwrap_or(3600);
+        if ttl_s == 0 || ttl_s > 7 * 24 * 3600 {
+            return Err(ApiError::invalid(
+                "add node: token_ttl_s must be between 1 and 604800 (7 days)",
+            ));
+        }
+        let mut inner = self.lock();
+        let group = req.group.unwrap_or_else(|| "default".into());
+        let capacity = match req.capacity_bps {
+            Some(0) => return Err(ApiError::invalid("add node: capacity_bps must be > 0")),
+            Some(c) => c,
+            None => inner
+                .ledger
+                .tree()
+                .groups
+                .get(&group)
+                .map(|g| g.capacity_bps)
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "add node {}: group `{group}` does not exist (create it with `nicwarden quota set {group} --capacity RATE`)",
+                        req.name
+                    ))
+                })?,
+        };
+        inner.ledger.add_node(&req.name, &group, capacity)?;
+        let (token, rec) = self.new_token(&req.name, ttl_s);
+        let op = Self::token_op(&rec)?;
+        self.persist(&mut inner, "add node", vec![op])?;
+        drop(inner);
+        self.audit(
+            "operator",
+            "node.add",
+            serde_json::json!({"node": req.name, "group": group, "capacity_bps": capacity}),
+        );
+        Ok(AddNodeResponse {
+            name: req.name,
+            join_token: token.encode(),
+            token_expires_at_unix_ms: rec.expires_at_unix_ms,
+        })
+    }
+
+    /// A fresh one-time token for an existing node (re-enrollment with a new key).
+    pub fn node_token(&self, name: &str, ttl_s: Option<u64>) -> Result<AddNodeResponse, ApiError> {
+        let inner = self.lock();
+        match inner.ledger.node(name) {
+            Some(n) if !n.removed => {}
+            _ => return Err(ApiError::not_found(format!("node token: node {name} not found"))),
+        }
+        drop(inner);
+        let (token, rec) = self.new_token(name, ttl_s.unwrap_or(3600));
+        self.store.txn(Txn::new().then(Self::token_op(&rec)?))?;
+        self.audit("operator", "node.token", serde_json::json!({"node": name}));
+        Ok(AddNodeResponse {
+            name: name.to_string(),
+            join_token: token.encode(),
+            token_expires_at_unix_ms: rec.expires_at_unix_ms,
+        })
+    }
+
+    fn node_view(&self, inner: &Inner, rec: &NodeRecord) -> NodeView {
+        let q = inner.ledger.tree().nodes.get(&rec.name);
+        let enr = inner.enrollments.get(&rec.name);
+        NodeView {
+            name: rec.name.clone(),
+            group: q.map(|q| q.group.clone()).unwrap_or_default(),
+            capacity_bps: q.map(|q| q.capacity_bps).unwrap_or(0),
+            enrolled: enr.is_some(),
+            connected: inner.sessions.contains_key(&rec.name),
+            cert_fingerprint: enr.map(|e| e.cert_fingerprint.clone()),
+            enrolled_at_unix_ms: enr.map(|e| e.enrolled_at_unix_ms),
+            last_seq: rec.last_seq,
+            active_leases: inner
+                .ledger
+                .leases()
+                .filter(|l| l.node == rec.name && l.status.is_active())
+                .count(),
+            record: rec.clone(),
+        }
+    }
+
+    pub fn list_nodes(&self) -> Vec<NodeView> {
+        let inner = self.lock();
+        inner
+            .ledger
+            .nodes()
+            .filter(|n| !n.removed)
+            .map(|n| self.node_view(&inner, n))
+            .collect()
+    }
+
+    pub fn get_node(&self, name: &str) -> Result<NodeView, ApiError> {
+        let inner = self.lock();
+        match inner.ledger.node(name) {
+            Some(n) if !n.removed => Ok(self.node_view(&inner, n)),
+            _ => Err(ApiError::not_found(format!("node {name} not found"))),
+        }
+    }
+
+    pub fn remove_node(&self, name: &str) -> Result<NodeView, ApiError> {
+        let mut inner = self.lock();
+        let effects = inner.ledger.remove_node(Time(now_ms()), name)?;
+        let view = inner
+            .ledger
+            .node(name)
+            .map(|n| self.node_view(&inner, n))
+            .ok_or_else(|| ApiError::not_found(format!("node {name} not found")))?;
+        inner.enrollments.remove(name);
+        self.persist(
+            &mut inner,
+            "remove node",
+            vec![Op::Delete(format!("{PREFIX_ENROLL}{name}"))],
+        )?;
+        // Push the revocations before cutting the session, then close it: its certificate
+        // is no longer accepted.
+        self.dispatch(&mut inner, effects);
+        inner.sessions.remove(name);
+        self.metrics.agents_connected.set(inner.sessions.len() as i64);
+        drop(inner);
+        self.audit("operator", "node.remove", serde_json::json!({"node": name}));
+        Ok(view)
+    }
+
+    // ---- enrollment ---------------------------------------------------------------------
+
+    /// Exchanges a one-time token and a CSR for a node certificate.
+    pub fn enroll(&self, node: &str, token: &str, csr_pem: &str) -> Result<pb::EnrollResponse, ApiError> {
+        let res = self.enroll_inner(node, token, csr_pem);
+        let result = if res.is_ok() { "ok" } else { "refused" };
+        self.metrics
+            .enrollments
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        match &res {
+            Ok(_) => self.audit("agent", "node.enroll", serde_json::json!({"node": node})),
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "enrollment refused");
+                self.audit(
+                    "agent",
+                    "node.enroll.refused",
+                    serde_json::json!({"node": node, "error": e.message}),
+                );
+            }
+        }
+        res
+    }
+
+    fn enroll_inner(&self, node: &str, token: &str, csr_pem: &str) -> Result<pb::EnrollResponse, ApiError> {
+        let forbidden = |m: String| ApiError::new(ApiErrorKind::Forbidden, m);
+        let token = JoinToken::parse(token).map_err(|e| ApiError::invalid(format!("enroll: {e}")))?;
+        let key = format!("{PREFIX_TOKENS}{}", token.id);
+        let kv = self
+            .store
+            .get(&key)?
+            .ok_or_else(|| forbidden("enroll: unknown join token".into()))?;
+        let rec: TokenRecord = serde_json::from_slice(&kv.value)
+            .map_err(|e| ApiError::new(ApiErrorKind::Internal, format!("enroll: token record: {e}")))?;
+        if !nicwarden_pki::token_secret_matches(&rec.secret_hash, &token.secret) {
+            return Err(forbidden("enroll: unknown join token".into()));
+        }
+        if rec.used_at_unix_ms.is_some() {
+            return Err(forbidden("enroll: join token was already used".into()));
+        }
+        let now = now_ms();
+        if now >= rec.expires_at_unix_ms {
+            return Err(forbidden("enroll: join token has expired; ask the operator for a new one (`nicwarden node token NAME`)".into()));
+        }
+        if rec.node != node {
+            return Err(forbidden(format!(
+                "enroll: join token is for node {}, not {node}",
+                rec.node
+            )));
+        }
+        {
+            let inner = self.lock();
+            match inner.ledger.node(node) {
+                Some(n) if !n.removed => {}
+                _ => return Err(forbidden(format!("enroll: node {node} was removed"))),
+            }
+        }
+        let (cert_pem, serial) = self
+            .identity
+            .issue_node_cert(node, csr_pem, self.node_cert_days)
+            .map_err(|e| ApiError::invalid(format!("enroll: {e}")))?;
+        let der = {
+            use rustls_pki_types::pem::PemObject;
+            rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
+                ApiError::new(ApiErrorKind::Internal, format!("enroll: issued certificate: {e}"))
+            })?
+        };
+        let (_, fingerprint) = nicwarden_pki::node_identity_from_cert(&der)
+            .map_err(|e| ApiError::new(ApiErrorKind::Internal, format!("enroll: {e}")))?;
+        let enr = EnrollmentRecord {
+            node: node.to_string(),
+            cert_fingerprint: fingerprint,
+            serial,
+            enrolled_at_unix_ms: now,
+        };
+        let used = TokenRecord {
+            used_at_unix_ms: Some(now),
+            ..rec
+        };
+        // Compare-and-swap on the token's revision: two concurrent enrollments with the
+        // same token cannot both succeed.
+        let resp = self.store.txn(
+            Txn::new()
+                .when(nicwarden_store::Compare::ModRevision(key.clone(), kv.mod_revision))
+                .then(Self::token_op(&used)?)
+                .then(Op::Put(
+                    format!("{PREFIX_ENROLL}{node}"),
+                    serde_json::to_vec(&enr).map_err(|e| persist_err("enroll", e))?,
+                )),
+        )?;
+        if !resp.succeeded {
+            return Err(forbidden("enroll: join token was already used".into()));
+        }
+        let mut inner = self.lock();
+        inner.enrollments.insert(node.to_string(), enr);
+        // A re-enrolled node's old session (old certificate) is cut.
+        inner.sessions.remove(node);
+        Ok(pb::EnrollResponse {
+            cert_pem,
+            ca_pem: self.identity.ca_cert_pem.clone(),
+            lease_public_key: self.identity.lease_key.public_key().to_vec(),
+        })
+    }
+
+    // ---- sessions -----------------------------------------------------------------------
+
+    /// Checks a session's certificate identity and registers its queue; pushes the node's
+    /// active leases re-issued with fresh sequence numbers.
+    pub fn connect(
+        &self,
+        cert_node: &str,
+        fingerprint: &str,
+        hello: &pb::Hello,
+        tx: mpsc::Sender<Result<pb::ControllerMessage, tonic::Status>>,
+    ) -> Result<u64, tonic::Status> {
+        let mut inner = self.lock();
+        let refuse = |m: String| {
+            self.metrics.session_refusals.inc();
+            tracing::warn!(node = %cert_node, "session refused: {m}");
+            Err(tonic::Status::permission_denied(m))
+        };
+        if hello.node != cert_node {
+            return refuse(format!(
+                "certificate is for node {cert_node} but the agent says it is {}",
+                hello.node
+            ));
+        }
+        match inner.enrollments.get(cert_node) {
+            Some(e) if e.cert_fingerprint == fingerprint => {}
+            Some(_) => {
+                return refuse(format!(
+                    "certificate of {cert_node} is not its current one (re-enrolled since)"
+                ))
+            }
+            None => return refuse(format!("node {cert_node} is not enrolled (removed?)")),
+        }
+        let id = inner.next_session;
+        inner.next_session += 1;
+        inner.sessions.insert(cert_node.to_string(), Session { id, tx });
+        self.metrics.agents_connected.set(inner.sessions.len() as i64);
+        let effects = inner.ledger.resync(Time(now_ms()), cert_node);
+        if let Err(e) = self.persist(&mut inner, "resync", vec![]) {
+            inner.sessions.remove(cert_node);
+            return Err(tonic::Status::internal(e.message));
+        }
+        self.dispatch(&mut inner, effects);
+        tracing::info!(node = %cert_node, session = id, agent_last_seq = hello.last_seq, "agent connected");
+        Ok(id)
+    }
+
+    pub fn disconnect(&self, node: &str, session: u64) {
+        let mut inner = self.lock();
+        if inner.sessions.get(node).map(|s| s.id) == Some(session) {
+            inner.sessions.remove(node);
+            self.metrics.agents_connected.set(inner.sessions.len() as i64);
+            tracing::info!(%node, session, "agent disconnected");
+        }
+    }
+
+    /// Whether `session` is still the node's current session.
+    pub fn session_current(&self, node: &str, session: u64) -> bool {
+        self.lock().sessions.get(node).map(|s| s.id) == Some(session)
+    }
+
+    pub fn renew(&self, node: &str, id: LeaseId) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        let effects = inner.ledger.renew(Time(now_ms()), node, id)?;
+        self.persist(&mut inner, "renew", vec![])?;
+        self.dispatch(&mut inner, effects);
+        Ok(())
+    }
+
+    pub fn record_usage(&self, node: &str, report: &pb::UsageReport) {
+        let mut inner = self.lock();
+        for s in &report.scopes {
+            if s.lease_id == 0 {
+                continue;
+            }
+            let usage = Usage {
+                bytes: s.bytes,
+                packets: s.packets,
+                dropped_packets: s.dropped_packets,
+            };
+            if let Err(e) = inner.ledger.record_usage(node, LeaseId(s.lease_id), usage) {
+                tracing::debug!(%node, error = %e, "usage report ignored");
+            }
+        }
+        if let Err(e) = self.persist(&mut inner, "record usage", vec![]) {
+            tracing::error!(%node, error = %e, "persisting usage failed");
+        }
+    }
+
+    // ---- leases -------------------------------------------------------------------------
+
+    fn terms(req: &GrantRequest) -> Result<LeaseTerms, ApiError> {
+        let scope: Scope = match &req.scope {
+            None => Scope::Egress,
+            Some(s) => s.parse().map_err(ApiError::invalid)?,
+        };
+        if req.rate_bps == 0 {
+            return Err(ApiError::invalid("rate must be > 0"));
+        }
+        let secs = |v: f64, what: &str| -> Result<u64, ApiError> {
+            if !v.is_finite() || v <= 0.0 || v > 366.0 * 86400.0 {
+                return Err(ApiError::invalid(format!(
+                    "{what} must be a positive number of seconds (at most a year), got {v}"
+                )));
+            }
+            Ok((v * 1000.0).round() as u64)
+        };
+        let ttl_ms = secs(req.ttl_s.unwrap_or(30.0), "ttl_s")?;
+        let renew_interval_ms = match req.renew_s {
+            Some(r) => secs(r, "renew_s")?,
+            None => (ttl_ms / 3).max(1),
+        };
+        let burst_bytes = req
+            .burst_bytes
+            .unwrap_or_else(|| (req.rate_bps / 8 / 100).max(16 * 1024));
+        Ok(LeaseTerms {
+            scope,
+            want_bps: req.rate_bps,
+            burst_bytes,
+            volume_bytes: req.volume_bytes,
+            ttl_ms,
+            renew_interval_ms,
+            floor: Floor {
+                rate_bps: req.floor_bps.unwrap_or(0),
+            },
+        })
+    }
+
+    fn lease_view(rec: &LeaseRecord, now: u64) -> LeaseView {
+        let state = match rec.status {
+            LeaseStatus::Active => "active",
+            LeaseStatus::Revoked { .. } => "revoked",
+            LeaseStatus::Expired { .. } => "expired",
+        };
+        LeaseView {
+            state: state.into(),
+            volume_exhausted: rec.volume_exhausted(),
+            expires_in_ms: rec
+                .status
+                .is_active()
+                .then(|| Time(now).millis_until(rec.expires_at)),
+            record: rec.clone(),
+        }
+    }
+
+    pub fn grant(&self, req: GrantRequest) -> Result<LeaseView, ApiError> {
+        let started = std::time::Instant::now();
+        let terms = Self::terms(&req)?;
+        let mut inner = self.lock();
+        let now = now_ms();
+        let (id, effects) = inner.ledger.grant(Time(now), &req.node, terms)?;
+        self.persist(&mut inner, "grant", vec![])?;
+        self.dispatch(&mut inner, effects);
+        let view = inner
+            .ledger
+            .lease(id)
+            .map(|r| Self::lease_view(r, now))
+            .ok_or_else(|| ApiError::new(ApiErrorKind::Internal, "grant: lease vanished"))?;
+        drop(inner);
+        self.metrics
+            .grant_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.audit(
+            "operator",
+            "lease.grant",
+            serde_json::json!({"lease": id.0, "node": req.node, "scope": view.record.terms.scope.to_string(), "rate_bps": view.record.rate_bps}),
+        );
+        Ok(view)
+    }
+
+    pub fn amend(&self, id: LeaseId, req: GrantRequest) -> Result<LeaseView, ApiError> {
+        let terms = Self::terms(&req)?;
+        let mut inner = self.lock();
+        let now = now_ms();
+        match inner.ledger.lease(id) {
+            Some(l) if l.node == req.node => {}
+            Some(l) => {
+                return Err(ApiError::invalid(format!(
+                    "change lease {id}: it belongs to node {}, not {}",
+                    l.node, req.node
+                )))
+            }
+            None => return Err(ApiError::not_found(format!("lease {id} not found"))),
+        }
+        let effects = inner.ledger.amend(Time(now), id, terms)?;
+        self.persist(&mut inner, "change lease", vec![])?;
+        self.dispatch(&mut inner, effects);
+        let view = inner
+            .ledger
+            .lease(id)
+            .map(|r| Self::lease_view(r, now))
+            .ok_or_else(|| ApiError::not_found(format!("lease {id} not found")))?;
+        drop(inner);
+        self.audit("operator", "lease.change", serde_json::json!({"lease": id.0}));
+        Ok(view)
+    }
+
+    pub fn revoke(&self, id: LeaseId, reason: &str) -> Result<LeaseView, ApiError> {
+        let mut inner = self.lock();
+        let now = now_ms();
+        let effects = inner.ledger.revoke(Time(now), id, reason)?;
+        self.persist(&mut inner, "revoke", vec![])?;
+        self.dispatch(&mut inner, effects);
+        let view = inner
+            .ledger
+            .lease(id)
+            .map(|r| Self::lease_view(r, now))
+            .ok_or_else(|| ApiError::not_found(format!("lease {id} not found")))?;
+        drop(inner);
+        self.audit(
+            "operator",
+            "lease.revoke",
+            serde_json::json!({"lease": id.0, "reason": reason}),
+        );
+        Ok(view)
+    }
+
+    pub fn get_lease(&self, id: LeaseId) -> Result<LeaseView, ApiError> {
+        let inner = self.lock();
+        inner
+            .ledger
+            .lease(id)
+            .map(|r| Self::lease_view(r, now_ms()))
+            .ok_or_else(|| ApiError::not_found(format!("lease {id} not found")))
+    }
+
+    pub fn list_leases(&self, node: Option<&str>, state: Option<&str>) -> Result<Vec<LeaseView>, ApiError> {
+        if let Some(s) = state {
+            if !["active", "revoked", "expired"].contains(&s) {
+                return Err(ApiError::invalid(format!(
+                    "state must be active, revoked or expired, got `{s}`"
+                )));
+            }
+        }
+        let inner = self.lock();
+        let now = now_ms();
+        Ok(inner
+            .ledger
+            .leases()
+            .filter(|l| node.is_none_or(|n| l.node == n))
+            .map(|l| Self::lease_view(l, now))
+            .filter(|v| state.is_none_or(|s| v.state == s))
+            .collect())
+    }
+
+    // ---- quota --------------------------------------------------------------------------
+
+    pub fn quota(&self) -> QuotaView {
+        let inner = self.lock();
+        let mut allocated: BTreeMap<String, u64> = BTreeMap::new();
+        let tree = inner.ledger.tree();
+        for l in inner.ledger.leases().filter(|l| l.status.is_active()) {
+            *allocated.entry(l.node.clone()).or_default() += l.rate_bps;
+            if let Some(q) = tree.nodes.get(&l.node) {
+                *allocated.entry(q.group.clone()).or_default() += l.rate_bps;
+            }
+            *allocated.entry("fabric".into()).or_default() += l.rate_bps;
+        }
+        QuotaView {
+            tree: tree.clone(),
+            allocated_bps: allocated,
+        }
+    }
+
+    pub fn set_quota(&self, name: &str, req: SetQuotaRequest) -> Result<QuotaView, ApiError> {
+        if req.capacity_bps == 0 {
+            return Err(ApiError::invalid("capacity must be > 0"));
+        }
+        let algorithm: Algorithm = match &req.algorithm {
+            None => Algorithm::Static,
+            Some(a) => a
+                .parse()
+                .map_err(|e| ApiError::invalid(format!("algorithm: {e}")))?,
+        };
+        let mut inner = self.lock();
+        let mut tree = inner.ledger.tree().clone();
+        let res = if name == "fabric" {
+            tree.set_fabric(req.capacity_bps, algorithm)
+        } else if let Some(n) = tree.nodes.get(name).cloned() {
+            let group = req.group.clone().unwrap_or(n.group);
+            tree.set_node(name, &group, req.capacity_bps, algorithm)
+        } else if req.group.is_some() {
+            return Err(ApiError::not_found(format!(
+                "set quota: node {name} not found (add it with `nicwarden node add {name}`)"
+            )));
+        } else {
+            tree.set_group(name, req.capacity_bps, algorithm)
+        };
+        res.map_err(|e| ApiError::invalid(format!("set quota {name}: {e}")))?;
+        let effects = inner.ledger.set_quota(Time(now_ms()), tree)?;
+        self.persist(&mut inner, "set quota", vec![])?;
+        self.dispatch(&mut inner, effects);
+        drop(inner);
+        self.audit(
+            "operator",
+            "quota.set",
+            serde_json::json!({"name": name, "capacity_bps": req.capacity_bps, "algorithm": algorithm.to_string()}),
+        );
+        Ok(self.quota())
+    }
+}

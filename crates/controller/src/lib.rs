@@ -1,0 +1,144 @@
+//! The nicwarden controller: the central lease authority.
+//!
+//! It owns the quota tree and the lease ledger (through `nicwarden-lease`), persists them in
+//! the store (`nicwarden-store`, SQLite by default), enrolls agents and signs their leases
+//! (`nicwarden-pki`), serves agents over gRPC with mutual TLS ([`grpc`]) and operators over
+//! HTTP/JSON ([`api`]), and exports Prometheus metrics ([`metrics`]).
+
+pub mod api;
+pub mod api_types;
+pub mod config;
+pub mod core;
+pub mod grpc;
+pub mod metrics;
+
+pub use config::ControllerConfig;
+
+use anyhow::Context;
+use std::sync::Arc;
+
+/// Loads or creates the operator token in the data directory; returns its SHA-256.
+fn operator_token(dir: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    use sha2::Digest;
+    let path = dir.join("operator.token");
+    let token = match std::fs::read_to_string(&path) {
+        Ok(t) => zeroize::Zeroizing::new(t.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use rand::RngCore;
+            let mut b = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut b);
+            let t = zeroize::Zeroizing::new(hex::encode(b));
+            nicwarden_pki::write_private(&path, format!("{}\n", t.as_str()).as_bytes())
+                .with_context(|| format!("write operator token {}", path.display()))?;
+            t
+        }
+        Err(e) => return Err(e).with_context(|| format!("read operator token {}", path.display())),
+    };
+    if token.is_empty() {
+        anyhow::bail!("operator token file {} is empty", path.display());
+    }
+    Ok(sha2::Sha256::digest(token.as_bytes()).into())
+}
+
+/// Runs the controller until Ctrl-C / SIGTERM.
+pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
+    let identity = Arc::new(
+        nicwarden_pki::ControllerIdentity::load_or_create(&cfg.data_dir, &cfg.server_names)
+            .context("load controller identity")?,
+    );
+    let token_hash = operator_token(&cfg.data_dir)?;
+    let store = Arc::new(
+        nicwarden_store::SqliteStore::open(&cfg.data_dir.join("nicwarden.db"))
+            .context("open store")?,
+    );
+    let algorithm = cfg
+        .fabric_algorithm
+        .parse()
+        .map_err(|e| anyhow::anyhow!("fabric_algorithm: {e}"))?;
+    let ctl = Arc::new(crate::core::Controller::open(
+        store,
+        identity.clone(),
+        cfg.fabric_capacity_bps,
+        algorithm,
+        nicwarden_lease::ledger::LedgerConfig {
+            expiry_grace_ms: cfg.expiry_grace_ms,
+        },
+        cfg.node_cert_days,
+    )?);
+
+    let agent_listener = tokio::net::TcpListener::bind(cfg.agent_listen)
+        .await
+        .with_context(|| format!("bind agent port {}", cfg.agent_listen))?;
+    let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .with_context(|| format!("bind operator API {}", cfg.api_listen))?;
+    let tls = Arc::new(nicwarden_pki::controller_server_config(&identity)?);
+
+    // Expiry timer: sleeps until the ledger's next deadline, or until a change wakes it.
+    let timer_ctl = ctl.clone();
+    tokio::spawn(async move {
+        loop {
+            let next = timer_ctl.tick();
+            let wait = next
+                .map(|t| {
+                    std::time::Duration::from_millis(
+                        nicwarden_lease::Time(crate::core::now_ms()).millis_until(t),
+                    )
+                })
+                .unwrap_or(std::time::Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = timer_ctl.timer.notified() => {}
+            }
+        }
+    });
+
+    let svc = nicwarden_proto::pb::agent_service_server::AgentServiceServer::new(
+        crate::grpc::AgentSvc { ctl: ctl.clone() },
+    );
+    let incoming = crate::grpc::tls_incoming(agent_listener, tls);
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown_signal());
+    let api = axum::serve(
+        api_listener,
+        crate::api::router(crate::api::ApiState {
+            ctl: ctl.clone(),
+            token_hash,
+        }),
+    )
+    .with_graceful_shutdown(shutdown_signal());
+    tracing::info!(
+        agent_listen = %cfg.agent_listen,
+        api = %format!("http://{}", cfg.api_listen),
+        metrics = %format!("http://{}/metrics", cfg.api_listen),
+        data_dir = %cfg.data_dir.display(),
+        "controller ready"
+    );
+    let (g, a) = tokio::join!(grpc, api);
+    g.context("agent gRPC server")?;
+    a.context("operator API server")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}

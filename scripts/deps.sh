@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the system packages nicwarden's build, tests and demo need, if they are missing.
+# Safe to run repeatedly; needs root (apt) only when something is missing.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have cc || need+=(gcc)
+have make || need+=(make)
+have curl || need+=(curl)
+have ip || need+=(iproute2)
+
+if ((${#need[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "deps: missing packages: ${need[*]}; run as root (apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+  echo "deps: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}"
+fi
+
+if ! have cargo; then
+  echo "deps: cargo (Rust >= 1.85) is required: https://rustup.rs (Debian 12's packaged Rust is too old)" >&2
+  exit 1
+fi
