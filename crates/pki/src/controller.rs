@@ -85,7 +85,6 @@ impl ControllerIdentity {
         let wanted = requested_sans(server_names)?;
         ensure_dir(dir)?;
 
-        let lease_key = load_or_create_lease_key(&dir.join(LEASE_KEY_FILE))?;
         let (ca_key, ca_cert_der) = load_or_create_ca(dir)?;
         let ca_kp = key_pair(&ca_key, "load CA key", &dir.join(CA_KEY_FILE))?;
         let ca_params = CertificateParams::from_ca_cert_der(&ca_cert_der).map_err(|e| {
@@ -96,6 +95,7 @@ impl ControllerIdentity {
             .map_err(PkiError::cert("prepare CA for signing"))?;
         let (server_key, server_cert_der) =
             load_or_create_server(dir, &wanted, &ca_cert_der, &ca_issuer, &ca_kp)?;
+        let lease_key = load_or_create_lease_key(&dir.join(LEASE_KEY_FILE))?;
 
         let ca_cert_pem = crate::pem::encode("CERTIFICATE", &ca_cert_der).to_string();
         let server_cert_pem = format!(

@@ -271,7 +271,8 @@ mod tests {
 
     #[test]
     fn canonical_json_sorts_keys_and_matches_serde_json() {
-        let v = json!({"b": [1, -2, 3.5, null, true], "a": {"z": "x\"y\\\n\u{1}é", "m": {}}, "": []});
+        let v =
+            json!({"b": [1, -2, 3.5, null, true], "a": {"z": "x\"y\\\n\u{1}é", "m": {}}, "": []});
         let canon = canonical_json(&v);
         assert_eq!(
             canon,
@@ -287,7 +288,14 @@ mod tests {
     fn hash_is_pinned() {
         // Golden value: changing the encoding breaks every existing log; bump the domain tag
         // (and keep verifying old entries) instead.
-        let e = AuditEntry::new(0, GENESIS_HASH, 1_700_000_000_000, "admin", "lease.grant", json!({"node": "n1", "mbps": 100}));
+        let e = AuditEntry::new(
+            0,
+            GENESIS_HASH,
+            1_700_000_000_000,
+            "admin",
+            "lease.grant",
+            json!({"node": "n1", "mbps": 100}),
+        );
         assert_eq!(e.hash, e.compute_hash());
         // Cross-checked with an independent Python implementation of the documented encoding.
         assert_eq!(
@@ -300,14 +308,36 @@ mod tests {
     fn every_field_is_covered_by_the_hash() {
         let base = AuditEntry::new(3, GENESIS_HASH, 10, "a", "b", json!({"k": 1}));
         let variants = [
-            AuditEntry { index: 4, ..base.clone() },
-            AuditEntry { at_unix_ms: 11, ..base.clone() },
-            AuditEntry { actor: "A".into(), ..base.clone() },
-            AuditEntry { action: "B".into(), ..base.clone() },
-            AuditEntry { detail: json!({"k": 2}), ..base.clone() },
-            AuditEntry { prev_hash: "1".repeat(64), ..base.clone() },
+            AuditEntry {
+                index: 4,
+                ..base.clone()
+            },
+            AuditEntry {
+                at_unix_ms: 11,
+                ..base.clone()
+            },
+            AuditEntry {
+                actor: "A".into(),
+                ..base.clone()
+            },
+            AuditEntry {
+                action: "B".into(),
+                ..base.clone()
+            },
+            AuditEntry {
+                detail: json!({"k": 2}),
+                ..base.clone()
+            },
+            AuditEntry {
+                prev_hash: "1".repeat(64),
+                ..base.clone()
+            },
             // Length prefixes keep field boundaries unambiguous.
-            AuditEntry { actor: "ab".into(), action: "".into(), ..base.clone() },
+            AuditEntry {
+                actor: "ab".into(),
+                action: "".into(),
+                ..base.clone()
+            },
         ];
         for v in variants {
             assert_ne!(v.compute_hash(), base.hash, "{v:?}");
@@ -339,14 +369,20 @@ mod tests {
     fn verifier_accepts_intact_chain_and_finds_first_break() {
         assert_eq!(
             verify(&[]),
-            AuditVerification::Intact { entries: 0, head_hash: GENESIS_HASH.to_string() }
+            AuditVerification::Intact {
+                entries: 0,
+                head_hash: GENESIS_HASH.to_string()
+            }
         );
         let rows = chain(5);
         let v = verify(&rows);
         assert!(v.is_intact());
         assert_eq!(
             v,
-            AuditVerification::Intact { entries: 5, head_hash: rows[4].hash.clone() }
+            AuditVerification::Intact {
+                entries: 5,
+                head_hash: rows[4].hash.clone()
+            }
         );
 
         let mut edited = rows.clone();
@@ -364,7 +400,8 @@ mod tests {
         let mut v = ChainVerifier::new();
         assert!(v.check(0, Ok(&rows[0])).is_none());
         assert_eq!(
-            v.check(1, Err("actor is not text".into())).and_then(|b| b.first_broken()),
+            v.check(1, Err("actor is not text".into()))
+                .and_then(|b| b.first_broken()),
             Some(1)
         );
     }

@@ -64,7 +64,11 @@ pub(crate) fn apply<B: Backend>(
             break;
         }
     }
-    let ops = if succeeded { &txn.success } else { &txn.failure };
+    let ops = if succeeded {
+        &txn.success
+    } else {
+        &txn.failure
+    };
     let rev = current + 1;
     let mut changed = false;
     for op in ops {

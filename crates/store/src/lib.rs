@@ -213,6 +213,12 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// Both interfaces of one backend, so the controller can hold a single
+/// `Arc<dyn StoreWithAudit>`; implemented for every type that implements both.
+pub trait StoreWithAudit: Store + AuditLog {}
+
+impl<T: Store + AuditLog> StoreWithAudit for T {}
+
 /// A decoded JSON value with its key metadata (for compare-and-swap on `mod_revision`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versioned<T> {
@@ -239,7 +245,10 @@ pub trait StoreExt: Store {
     }
 
     /// Decode every key under `prefix`, sorted by key.
-    fn range_json<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>, StoreError> {
+    fn range_json<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
         Ok(self
             .range_json_versioned(prefix)?
             .into_iter()
@@ -256,8 +265,14 @@ pub trait StoreExt: Store {
     }
 
     /// Unconditional put of `value` encoded as JSON; returns the txn's revision.
-    fn put_json<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<Revision, StoreError> {
-        Ok(self.txn(Txn::new().then(Op::put_json(key, value)?))?.revision)
+    fn put_json<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<Revision, StoreError> {
+        Ok(self
+            .txn(Txn::new().then(Op::put_json(key, value)?))?
+            .revision)
     }
 }
 
@@ -310,6 +325,19 @@ mod tests {
 
     mod inner {
         pub struct LeaseRecord;
+    }
+
+    #[test]
+    fn handles_and_errors_are_thread_safe() {
+        fn assert_send_sync<T: Send + Sync + ?Sized>() {}
+        assert_send_sync::<StoreError>();
+        assert_send_sync::<dyn Store>();
+        assert_send_sync::<dyn StoreWithAudit>();
+        let both: std::sync::Arc<dyn StoreWithAudit> = std::sync::Arc::new(MemStore::new());
+        both.put_json("/k", &1u8).expect("put");
+        both.append(0, "a", "b", serde_json::Value::Null)
+            .expect("append");
+        assert_eq!(both.get_json::<u8>("/k").expect("get"), Some(1));
     }
 
     #[test]

@@ -57,7 +57,9 @@ impl Backend for MemState {
     }
 
     fn keys_with_prefix(&mut self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        Ok(with_prefix(&self.kv, prefix).map(|kv| kv.key.clone()).collect())
+        Ok(with_prefix(&self.kv, prefix)
+            .map(|kv| kv.key.clone())
+            .collect())
     }
 }
 

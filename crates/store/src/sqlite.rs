@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
-use crate::audit::{canonical_json, AuditEntry, AuditLog, AuditVerification, ChainVerifier, GENESIS_HASH};
+use crate::audit::{
+    canonical_json, AuditEntry, AuditLog, AuditVerification, ChainVerifier, GENESIS_HASH,
+};
 use crate::engine::{self, Backend};
 use crate::{KeyValue, Revision, Store, StoreError, Txn, TxnResponse};
 
@@ -183,9 +185,7 @@ fn init_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     } else if app_id != APPLICATION_ID || version < 0 {
         return Err(StoreError::open(
             path,
-            format!(
-                "not a nicwarden store (application_id {app_id:#x}, user_version {version})"
-            ),
+            format!("not a nicwarden store (application_id {app_id:#x}, user_version {version})"),
         ));
     }
     // Migrations from older schema versions go here once there is more than one.
@@ -422,9 +422,7 @@ impl AuditLog for SqliteStore {
                 "SELECT {AUDIT_COLUMNS} FROM audit WHERE idx >= ?1 ORDER BY idx LIMIT ?2"
             ))
             .map_err(StoreError::sqlite(&op))?;
-        let mut rows = st
-            .query([from, limit])
-            .map_err(StoreError::sqlite(&op))?;
+        let mut rows = st.query([from, limit]).map_err(StoreError::sqlite(&op))?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(StoreError::sqlite(&op))? {
             let entry = read_audit(row).map_err(|reason| StoreError::Corrupt {
@@ -453,7 +451,8 @@ impl AuditLog for SqliteStore {
                 .and_then(|i| u64::try_from(i).ok())
                 .unwrap_or(u64::MAX);
             let entry = read_audit(row);
-            if let Some(broken) = verifier.check(stored_index, entry.as_ref().map_err(Clone::clone)) {
+            if let Some(broken) = verifier.check(stored_index, entry.as_ref().map_err(Clone::clone))
+            {
                 return Ok(broken);
             }
         }

@@ -204,6 +204,10 @@ fn half_a_ca_or_a_mismatched_ca_is_refused() {
         )),
         "{err}"
     );
+    // Nothing else is created while refusing.
+    fs::remove_file(tmp.path().join(LEASE_KEY_FILE)).unwrap();
+    err_of(tmp.path());
+    assert!(!tmp.path().join(LEASE_KEY_FILE).exists());
 
     // Another CA's certificate next to our key.
     let other = tempfile::tempdir().unwrap();

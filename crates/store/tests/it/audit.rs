@@ -6,13 +6,21 @@ use serde_json::json;
 fn append_and_verify(log: &dyn AuditLog) {
     assert_eq!(
         log.verify().unwrap(),
-        AuditVerification::Intact { entries: 0, head_hash: GENESIS_HASH.to_string() }
+        AuditVerification::Intact {
+            entries: 0,
+            head_hash: GENESIS_HASH.to_string()
+        }
     );
     assert!(log.entries(0, 10).unwrap().is_empty());
     let mut appended = Vec::new();
     for i in 0..10u64 {
         let e = log
-            .append(1_000 + i, "admin@cli", "lease.grant", json!({"lease": i, "node": "n1", "z": {"b": 1, "a": [i]}}))
+            .append(
+                1_000 + i,
+                "admin@cli",
+                "lease.grant",
+                json!({"lease": i, "node": "n1", "z": {"b": 1, "a": [i]}}),
+            )
             .unwrap();
         assert_eq!(e.index, i);
         appended.push(e);
@@ -32,7 +40,10 @@ fn append_and_verify(log: &dyn AuditLog) {
     assert!(log.entries(0, 0).unwrap().is_empty());
     assert_eq!(
         log.verify().unwrap(),
-        AuditVerification::Intact { entries: 10, head_hash: appended[9].hash.clone() }
+        AuditVerification::Intact {
+            entries: 10,
+            head_hash: appended[9].hash.clone()
+        }
     );
 }
 
@@ -63,10 +74,16 @@ fn backends_produce_identical_chains() {
 fn sqlite_chain_continues_after_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    let first = nicwarden_store::SqliteStore::open(&path).unwrap().append(1, "a", "b", json!(null)).unwrap();
+    let first = nicwarden_store::SqliteStore::open(&path)
+        .unwrap()
+        .append(1, "a", "b", json!(null))
+        .unwrap();
     let st = nicwarden_store::SqliteStore::open(&path).unwrap();
     let second = st.append(2, "a", "b", json!([])).unwrap();
-    assert_eq!((second.index, second.prev_hash.as_str()), (1, first.hash.as_str()));
+    assert_eq!(
+        (second.index, second.prev_hash.as_str()),
+        (1, first.hash.as_str())
+    );
     assert!(st.verify().unwrap().is_intact());
 }
 
@@ -75,7 +92,10 @@ fn sqlite_chain_continues_after_reopen() {
 fn tampered(tamper: &str) -> (AuditVerification, Vec<AuditEntry>) {
     let (dir, st) = crate::temp_sqlite();
     let entries: Vec<AuditEntry> = (0..6u64)
-        .map(|i| st.append(i, "admin", "quota.set", json!({"mbps": 100 * i})).unwrap())
+        .map(|i| {
+            st.append(i, "admin", "quota.set", json!({"mbps": 100 * i}))
+                .unwrap()
+        })
         .collect();
     let conn = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
     conn.execute_batch(tamper).unwrap();
@@ -146,9 +166,15 @@ fn damaged_rows_are_reported_not_panicked_on() {
         ("UPDATE audit SET actor = X'FFFE' WHERE idx = 2", 2),
         ("UPDATE audit SET at_unix_ms = 'yesterday' WHERE idx = 3", 3),
         ("UPDATE audit SET at_unix_ms = -5 WHERE idx = 3", 3),
-        ("UPDATE audit SET hash = NULL WHERE idx = 5", 5),
-        ("UPDATE audit SET prev_hash = upper(prev_hash) WHERE idx = 4", 4),
-        ("INSERT INTO audit VALUES (-1, 0, 'a', 'b', 'null', '', '')", 0),
+        ("UPDATE audit SET hash = 42 WHERE idx = 5", 5),
+        (
+            "UPDATE audit SET prev_hash = upper(prev_hash) WHERE idx = 4",
+            4,
+        ),
+        (
+            "INSERT INTO audit VALUES (-1, 0, 'a', 'b', 'null', '', '')",
+            0,
+        ),
     ] {
         let (v, _) = tampered(sql);
         assert_eq!(broken_at(&v), at, "{sql}");
@@ -160,7 +186,12 @@ fn entries_reports_a_corrupt_row_as_an_error() {
     let (dir, st) = crate::temp_sqlite();
     st.append(0, "a", "b", json!(1)).unwrap();
     let conn = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
-    conn.execute_batch("UPDATE audit SET detail = '{' WHERE idx = 0").unwrap();
+    conn.execute_batch("UPDATE audit SET detail = '{' WHERE idx = 0")
+        .unwrap();
     let e = st.entries(0, 10).unwrap_err();
-    assert!(e.to_string().starts_with("store: audit entries from 0: stored data is corrupt: column detail"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("store: audit entries from 0: stored data is corrupt: column detail"),
+        "{e}"
+    );
 }

@@ -26,11 +26,25 @@ fn create_mod_revision_and_version(st: &dyn Store) {
     let kv = st.get("/a").unwrap().unwrap();
     assert_eq!(
         kv,
-        KeyValue { key: s("/a"), value: b"1".to_vec(), create_revision: 1, mod_revision: 1, version: 1 }
+        KeyValue {
+            key: s("/a"),
+            value: b"1".to_vec(),
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1
+        }
     );
     assert_eq!(st.put("/a", b"2".to_vec()).unwrap(), 2);
     let kv = st.get("/a").unwrap().unwrap();
-    assert_eq!((kv.value.as_slice(), kv.create_revision, kv.mod_revision, kv.version), (&b"2"[..], 1, 2, 2));
+    assert_eq!(
+        (
+            kv.value.as_slice(),
+            kv.create_revision,
+            kv.mod_revision,
+            kv.version
+        ),
+        (&b"2"[..], 1, 2, 2)
+    );
     // Writing the same value again is still a write.
     assert_eq!(st.put("/a", b"2".to_vec()).unwrap(), 3);
     assert_eq!(st.get("/a").unwrap().unwrap().version, 3);
@@ -60,7 +74,11 @@ fn revisions_strictly_increase_and_noops_do_not_consume_one(st: &dyn Store) {
     assert_eq!(st.delete("/nope").unwrap(), last);
     // Failed compare with an empty failure branch changes nothing.
     let resp = st
-        .txn(Txn::new().when(Compare::Absent(s("/k/0"))).then(Op::Put(s("/x"), vec![])))
+        .txn(
+            Txn::new()
+                .when(Compare::Absent(s("/k/0")))
+                .then(Op::Put(s("/x"), vec![])),
+        )
         .unwrap();
     assert!(!resp.succeeded);
     assert_eq!(resp.revision, last);
@@ -159,16 +177,29 @@ fn multi_op_txn_shares_one_revision_and_applies_in_order(st: &dyn Store) {
     assert!(r.succeeded);
     assert_eq!(r.revision, 2);
     let a = st.get("/a").unwrap().unwrap();
-    assert_eq!((a.value.as_slice(), a.create_revision, a.mod_revision, a.version), (&b"3"[..], 2, 2, 2));
+    assert_eq!(
+        (
+            a.value.as_slice(),
+            a.create_revision,
+            a.mod_revision,
+            a.version
+        ),
+        (&b"3"[..], 2, 2, 2)
+    );
     assert_eq!(st.get("/b").unwrap().unwrap().mod_revision, 2);
     // Deleted then re-created within the txn: a fresh key.
     let x = st.get("/x").unwrap().unwrap();
-    assert_eq!((x.value.as_slice(), x.create_revision, x.version), (&b"new"[..], 2, 1));
+    assert_eq!(
+        (x.value.as_slice(), x.create_revision, x.version),
+        (&b"new"[..], 2, 1)
+    );
     assert_eq!(st.revision().unwrap(), 2);
 }
 
 fn range_is_sorted_and_prefix_isolated(st: &dyn Store) {
-    for k in ["/a/2", "/ab", "/a/10", "/a", "/a/1/x", "/b/1", "/a/", "/a0", "/a/é", "/a/Z"] {
+    for k in [
+        "/a/2", "/ab", "/a/10", "/a", "/a/1/x", "/b/1", "/a/", "/a0", "/a/é", "/a/Z",
+    ] {
         st.put(k, k.as_bytes().to_vec()).unwrap();
     }
     let r = st.range("/a/").unwrap();
@@ -176,7 +207,10 @@ fn range_is_sorted_and_prefix_isolated(st: &dyn Store) {
     for kv in &r {
         assert_eq!(kv.value, kv.key.as_bytes());
     }
-    assert_eq!(keys(&st.range("/a").unwrap()), ["/a", "/a/", "/a/1/x", "/a/10", "/a/2", "/a/Z", "/a/é", "/a0", "/ab"]);
+    assert_eq!(
+        keys(&st.range("/a").unwrap()),
+        ["/a", "/a/", "/a/1/x", "/a/10", "/a/2", "/a/Z", "/a/é", "/a0", "/ab"]
+    );
     assert_eq!(keys(&st.range("/b/").unwrap()), ["/b/1"]);
     assert!(st.range("/c").unwrap().is_empty());
     assert!(st.range("/a/3").unwrap().is_empty());
@@ -219,10 +253,20 @@ fn invalid_requests_are_rejected_without_effect(st: &dyn Store) {
     assert_eq!(e.to_string(), "store: put : key is empty");
     // Validation happens before anything is applied, even ops before the bad one.
     let e = st
-        .txn(Txn::new().then(Op::Put(s("/b"), vec![])).then(Op::DeletePrefix(s(""))))
+        .txn(
+            Txn::new()
+                .then(Op::Put(s("/b"), vec![]))
+                .then(Op::DeletePrefix(s(""))),
+        )
         .unwrap_err();
     assert!(e.to_string().contains("empty prefix"), "{e}");
-    assert!(st.txn(Txn::new().when(Compare::Present(s(""))).then(Op::Delete(s("/a")))).is_err());
+    assert!(st
+        .txn(
+            Txn::new()
+                .when(Compare::Present(s("")))
+                .then(Op::Delete(s("/a")))
+        )
+        .is_err());
     assert_eq!(st.get("/b").unwrap(), None);
     assert!(st.get("/a").unwrap().is_some());
     assert_eq!(st.revision().unwrap(), 1);
@@ -245,22 +289,45 @@ struct LeaseRecord {
 }
 
 fn json_helpers(st: &dyn Store) {
-    let rec = LeaseRecord { node: s("n1"), seq: 7 };
+    let rec = LeaseRecord {
+        node: s("n1"),
+        seq: 7,
+    };
     let rev = st.put_json("/leases/7", &rec).unwrap();
     assert_eq!(st.get_json::<LeaseRecord>("/leases/7").unwrap(), Some(rec));
     assert_eq!(st.get_json::<LeaseRecord>("/leases/8").unwrap(), None);
-    let v = st.get_json_versioned::<LeaseRecord>("/leases/7").unwrap().unwrap();
+    let v = st
+        .get_json_versioned::<LeaseRecord>("/leases/7")
+        .unwrap()
+        .unwrap();
     assert_eq!((v.mod_revision, v.version), (rev, 1));
 
-    st.txn(Txn::new().then(Op::put_json("/leases/3", &LeaseRecord { node: s("n2"), seq: 3 }).unwrap()))
-        .unwrap();
+    st.txn(
+        Txn::new().then(
+            Op::put_json(
+                "/leases/3",
+                &LeaseRecord {
+                    node: s("n2"),
+                    seq: 3,
+                },
+            )
+            .unwrap(),
+        ),
+    )
+    .unwrap();
     let all: Vec<(String, LeaseRecord)> = st.range_json("/leases/").unwrap();
-    assert_eq!(all.iter().map(|(k, r)| (k.as_str(), r.seq)).collect::<Vec<_>>(), [("/leases/3", 3), ("/leases/7", 7)]);
+    assert_eq!(
+        all.iter()
+            .map(|(k, r)| (k.as_str(), r.seq))
+            .collect::<Vec<_>>(),
+        [("/leases/3", 3), ("/leases/7", 7)]
+    );
 
     st.put("/leases/7", b"{not json".to_vec()).unwrap();
     let e = st.get_json::<LeaseRecord>("/leases/7").unwrap_err();
     assert!(
-        e.to_string().starts_with("store: decode /leases/7 as LeaseRecord: "),
+        e.to_string()
+            .starts_with("store: decode /leases/7 as LeaseRecord: "),
         "{e}"
     );
     // A corrupt value poisons a typed range too, naming the key.
@@ -295,7 +362,10 @@ fn concurrent_cas_through_arc_dyn(st: Arc<dyn Store>) {
     for h in handles {
         h.join().unwrap();
     }
-    assert_eq!(st.get_json::<u64>("/counter").unwrap(), Some(THREADS * INCREMENTS));
+    assert_eq!(
+        st.get_json::<u64>("/counter").unwrap(),
+        Some(THREADS * INCREMENTS)
+    );
     assert_eq!(st.revision().unwrap(), THREADS * INCREMENTS);
 }
 

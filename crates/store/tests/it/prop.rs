@@ -38,7 +38,11 @@ fn txn() -> impl Strategy<Value = Txn> {
         proptest::collection::vec(op(), 0..4),
         proptest::collection::vec(op(), 0..3),
     )
-        .prop_map(|(compares, success, failure)| Txn { compares, success, failure })
+        .prop_map(|(compares, success, failure)| Txn {
+            compares,
+            success,
+            failure,
+        })
 }
 
 proptest! {

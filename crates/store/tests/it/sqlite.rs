@@ -61,7 +61,10 @@ fn file_that_is_not_a_database_is_refused_clearly() {
     let e = SqliteStore::open(&path).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, StoreError::Open { .. }), "{msg}");
-    assert!(msg.starts_with(&format!("store: open {}: ", path.display())), "{msg}");
+    assert!(
+        msg.starts_with(&format!("store: open {}: ", path.display())),
+        "{msg}"
+    );
     assert!(msg.contains("not a database"), "{msg}");
     // The file was not modified.
     assert_eq!(std::fs::read(&path).unwrap(), junk);
@@ -86,7 +89,8 @@ fn database_of_another_application_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("other.db");
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1);").unwrap();
+    conn.execute_batch("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1);")
+        .unwrap();
     drop(conn);
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let e = SqliteStore::open(&path).unwrap_err();
@@ -109,7 +113,17 @@ fn newer_schema_is_refused_with_a_clear_error() {
     conn.execute_batch("PRAGMA user_version = 7").unwrap();
     drop(conn);
     let e = SqliteStore::open(&path).unwrap_err();
-    assert!(matches!(e, StoreError::SchemaTooNew { found: 7, supported: 1, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            StoreError::SchemaTooNew {
+                found: 7,
+                supported: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert_eq!(
         e.to_string(),
         format!(

@@ -1,0 +1,245 @@
+//! `nicwarden agent status`: asks the local agent what it enforces, per scope.
+
+use anyhow::Context as _;
+use nicwarden_agent::status::AgentStatus;
+use nicwarden_lease::agent::{Enforce, ScopeDecision};
+use std::io::Write as _;
+use std::time::Duration;
+
+use crate::cli::AgentStatusArgs;
+use crate::client::normalize_base;
+use crate::table::Table;
+use crate::units::{fmt_bytes, fmt_millis, fmt_rate};
+
+/// `allow 200 Mbit/s`, `floor: blocked`, `floor: 10 Mbit/s`.
+pub fn fmt_enforce(e: &Enforce) -> String {
+    match e {
+        Enforce::Allow { rate_bps, .. } => format!("allow {}", fmt_rate(*rate_bps)),
+        Enforce::Floor { rate_bps: 0 } => "floor: blocked".to_string(),
+        Enforce::Floor { rate_bps } => format!("floor: {}", fmt_rate(*rate_bps)),
+    }
+}
+
+/// `1.5 MB / 8.5 MB` (used / left), `1.5 MB / unlimited`, or `-` when nothing applies.
+pub fn fmt_volume(d: &ScopeDecision) -> String {
+    let used = fmt_bytes(d.usage.bytes);
+    let left = match (&d.enforce, d.volume_bytes) {
+        (Enforce::Allow { volume_left: Some(l), .. }, _) => fmt_bytes(*l),
+        (Enforce::Allow { volume_left: None, .. }, _) => "unlimited".to_string(),
+        (Enforce::Floor { .. }, Some(total)) => fmt_bytes(total.saturating_sub(d.usage.bytes)),
+        (Enforce::Floor { .. }, None) if d.lease.is_some() => "unlimited".to_string(),
+        (Enforce::Floor { .. }, None) => return if d.usage.bytes == 0 { "-".into() } else { used },
+    };
+    format!("{used} / {left}")
+}
+
+pub fn render(st: &AgentStatus) -> String {
+    let mut out = String::new();
+    let conn = if st.connected {
+        "connected".to_string()
+    } else {
+        match &st.last_error {
+            Some(e) => format!("DISCONNECTED ({e})"),
+            None => "DISCONNECTED".to_string(),
+        }
+    };
+    out.push_str(&format!(
+        "node {}  controller {}: {conn}\nlast seq {}, {} rejected directives\n\n",
+        st.node, st.controller, st.last_seq, st.rejected_directives
+    ));
+    if st.scopes.is_empty() {
+        out.push_str("no scopes yet (no lease received; the default floor applies)\n");
+        return out;
+    }
+    let mut t = Table::new(&[
+        "SCOPE",
+        "STATE",
+        "ENFORCE",
+        "LEASE",
+        "SEQ",
+        "DEADLINE IN",
+        "VOLUME USED / LEFT",
+        "REASON",
+    ]);
+    for d in &st.scopes {
+        t.row(vec![
+            d.scope.to_string(),
+            d.state.to_string(),
+            fmt_enforce(&d.enforce),
+            d.lease.map_or_else(|| "-".into(), |l| l.to_string()),
+            d.seq.map_or_else(|| "-".into(), |s| s.to_string()),
+            d.deadline_in_ms.map_or_else(|| "-".into(), fmt_millis),
+            fmt_volume(d),
+            d.reason.clone(),
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
+async fn fetch(http: &reqwest::Client, url: &str) -> anyhow::Result<(AgentStatus, serde_json::Value)> {
+    let resp = http.get(url).send().await.map_err(|e| {
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        if e.is_connect() {
+            anyhow::anyhow!(
+                "cannot reach the agent status endpoint {url} ({cause})\n  is `nicwarden agent` \
+                 running on this host? (set --status-addr or NICWARDEN_AGENT_STATUS)"
+            )
+        } else {
+            anyhow::anyhow!("GET {url}: {cause}")
+        }
+    })?;
+    let status = resp.status();
+    let text = resp
+        .text()
+        .await
+        .with_context(|| format!("read the answer of {url}"))?;
+    if !status.is_success() {
+        anyhow::bail!(
+            "{}: {}",
+            status.as_u16(),
+            crate::client::error_message(&text, status)
+        );
+    }
+    let raw: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{url} did not answer JSON"))?;
+    let st = serde_json::from_value(raw.clone())
+        .with_context(|| format!("decode the agent status from {url}"))?;
+    Ok((st, raw))
+}
+
+pub async fn run(args: AgentStatusArgs) -> anyhow::Result<()> {
+    let url = format!("{}/status", normalize_base(&args.status_addr));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .context("build HTTP client")?;
+    if !args.watch {
+        let (st, raw) = fetch(&http, &url).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&raw).context("format JSON")?);
+        } else {
+            print!("{}", render(&st));
+        }
+        return Ok(());
+    }
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut stdout = std::io::stdout();
+    loop {
+        let frame = match fetch(&http, &url).await {
+            Ok((_, raw)) if args.json => format!("{raw}\n"),
+            Ok((st, _)) => render(&st),
+            Err(e) => format!("error: {e:#}\n"),
+        };
+        if args.json {
+            write!(stdout, "{frame}").context("write to stdout")?;
+        } else {
+            // Clear the screen and home the cursor, then draw the frame.
+            write!(
+                stdout,
+                "\x1b[2J\x1b[H{url}  (every 1s, Ctrl-C to stop)\n\n{frame}"
+            )
+            .context("write to stdout")?;
+        }
+        stdout.flush().context("write to stdout")?;
+        tokio::select! {
+            r = &mut ctrl_c => {
+                r.context("wait for Ctrl-C")?;
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nicwarden_lease::agent::SlotState;
+    use nicwarden_lease::{LeaseId, Scope, Usage};
+
+    fn decision(enforce: Enforce, volume_bytes: Option<u64>, used: u64) -> ScopeDecision {
+        ScopeDecision {
+            scope: Scope::Egress,
+            state: SlotState::Active,
+            lease: Some(LeaseId(7)),
+            enforce,
+            reason: "lease 7 active".into(),
+            deadline_in_ms: Some(28_500),
+            seq: Some(12),
+            rate_bps: Some(200_000_000),
+            volume_bytes,
+            usage: Usage {
+                bytes: used,
+                packets: 10,
+                dropped_packets: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn enforce_text() {
+        let allow = Enforce::Allow {
+            rate_bps: 200_000_000,
+            burst_bytes: 65_536,
+            volume_left: None,
+        };
+        assert_eq!(fmt_enforce(&allow), "allow 200 Mbit/s");
+        assert_eq!(fmt_enforce(&Enforce::Floor { rate_bps: 0 }), "floor: blocked");
+        assert_eq!(
+            fmt_enforce(&Enforce::Floor { rate_bps: 10_000_000 }),
+            "floor: 10 Mbit/s"
+        );
+    }
+
+    #[test]
+    fn volume_text() {
+        let allow = |left| Enforce::Allow {
+            rate_bps: 1,
+            burst_bytes: 1,
+            volume_left: left,
+        };
+        let cases = [
+            (decision(allow(Some(8_500_000)), Some(10_000_000), 1_500_000), "1.5 MB / 8.5 MB"),
+            (decision(allow(None), None, 1_500_000), "1.5 MB / unlimited"),
+            (decision(Enforce::Floor { rate_bps: 0 }, Some(10_000_000), 10_000_000), "10 MB / 0 B"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(fmt_volume(&d), want);
+        }
+        let mut pending = decision(Enforce::Floor { rate_bps: 0 }, None, 0);
+        pending.lease = None;
+        assert_eq!(fmt_volume(&pending), "-");
+    }
+
+    #[test]
+    fn status_rendering() {
+        let st = AgentStatus {
+            node: "node-1".into(),
+            controller: "https://127.0.0.1:7443".into(),
+            connected: false,
+            last_seq: 12,
+            last_error: Some("connection refused".into()),
+            rejected_directives: 0,
+            scopes: vec![decision(
+                Enforce::Allow {
+                    rate_bps: 200_000_000,
+                    burst_bytes: 65_536,
+                    volume_left: None,
+                },
+                None,
+                0,
+            )],
+        };
+        let text = render(&st);
+        assert!(text.contains("DISCONNECTED (connection refused)"), "{text}");
+        let row = text.lines().last().expect("a row");
+        for want in ["egress", "active", "allow 200 Mbit/s", "7", "12", "28.5s", "0 B / unlimited", "lease 7 active"] {
+            assert!(row.contains(want), "{want:?} not in {row:?}");
+        }
+    }
+}

@@ -1,0 +1,651 @@
+//! The command line: clap derive, env fallbacks, and an example in every `--help`.
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::units;
+
+fn rate(s: &str) -> Result<u64, String> {
+    units::parse_rate(s)
+}
+
+fn bytes(s: &str) -> Result<u64, String> {
+    units::parse_bytes(s)
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    units::parse_duration(s)
+}
+
+/// `egress` or `peer:NODE`, checked here so that a typo fails before any request.
+fn scope(s: &str) -> Result<String, String> {
+    s.parse::<nicwarden_lease::Scope>().map(|sc| sc.to_string())
+}
+
+const TOP_HELP: &str = "\
+Examples:
+  # on the controller host
+  nicwarden controller --data-dir /var/lib/nicwarden/controller --server-name ctl.example
+  # enroll a node and lease it 200 Mbit/s of fabric egress
+  nicwarden node add node-1 --group rack-a
+  nicwarden agent --node node-1 --controller https://ctl.example:7443 --token <JOIN_TOKEN>
+  nicwarden lease grant node-1 --rate 200Mbit --ttl 30s
+  nicwarden agent status --watch";
+
+const CONTROLLER_HELP: &str = "\
+Settings come from --config (TOML), then the flags below; everything is validated before
+any port is bound. The operator token is written to <data-dir>/operator.token.
+
+Examples:
+  nicwarden controller --config /etc/nicwarden/controller.toml
+  nicwarden controller --data-dir ./ctl --api-listen 127.0.0.1:7080 \\
+      --agent-listen 0.0.0.0:7443 --server-name ctl.example --server-name 10.0.0.1 \\
+      --fabric-capacity 100G --fabric-algorithm fair_share";
+
+const AGENT_HELP: &str = "\
+With no subcommand, runs the agent. The join token is needed only for the first start
+(enrollment); afterwards the node's certificate in --data-dir is used.
+
+Examples:
+  nicwarden agent --node node-1 --controller https://ctl.example:7443 --token <JOIN_TOKEN>
+  nicwarden agent --config /etc/nicwarden/agent.toml
+  nicwarden agent status";
+
+const AGENT_STATUS_HELP: &str = "\
+Examples:
+  nicwarden agent status
+  nicwarden agent status --status-addr 127.0.0.1:7090 --watch
+  nicwarden agent status --json";
+
+const NODE_HELP: &str = "\
+Examples:
+  nicwarden node add node-1 --group rack-a --capacity 10G
+  nicwarden node list";
+
+const NODE_ADD_HELP: &str = "\
+Prints a one-time join token and the agent command line that uses it.
+
+Examples:
+  nicwarden node add node-1
+  nicwarden node add node-2 --group rack-a --capacity 10Gbit --token-ttl 2h";
+
+const NODE_LIST_HELP: &str = "\
+Examples:
+  nicwarden node list
+  nicwarden node list --json";
+
+const NODE_SHOW_HELP: &str = "\
+Example:
+  nicwarden node show node-1";
+
+const NODE_REMOVE_HELP: &str = "\
+Revokes the node's leases and invalidates its certificate; re-adding it needs a new token.
+
+Example:
+  nicwarden node remove node-1";
+
+const NODE_TOKEN_HELP: &str = "\
+Issues a fresh one-time join token, e.g. to re-enroll a node that lost its data directory.
+
+Example:
+  nicwarden node token node-1 --token-ttl 30m";
+
+const LEASE_HELP: &str = "\
+Examples:
+  nicwarden lease grant node-1 --rate 200Mbit --ttl 30s
+  nicwarden lease list --node node-1 --state active
+  nicwarden lease revoke 7 --reason maintenance";
+
+const LEASE_GRANT_HELP: &str = "\
+Examples:
+  nicwarden lease grant node-1 --rate 200Mbit
+  nicwarden lease grant node-1 --scope peer:node-2 --rate 1.5G --burst 256KiB \\
+      --volume 10GB --ttl 60s --renew 20s --floor 10M";
+
+const LEASE_LIST_HELP: &str = "\
+Examples:
+  nicwarden lease list
+  nicwarden lease list --node node-1 --state active";
+
+const LEASE_SHOW_HELP: &str = "\
+Example:
+  nicwarden lease show 7";
+
+const LEASE_CHANGE_HELP: &str = "\
+Terms not given keep their current value (the renewal interval is recomputed from the TTL
+when only --ttl changes).
+
+Examples:
+  nicwarden lease change 7 --rate 500Mbit
+  nicwarden lease change 7 --ttl 2m --volume 50GiB";
+
+const LEASE_REVOKE_HELP: &str = "\
+Revocation is final: the node falls back to the lease's floor.
+
+Example:
+  nicwarden lease revoke 7 --reason \"maintenance window\"";
+
+const QUOTA_HELP: &str = "\
+Examples:
+  nicwarden quota show
+  nicwarden quota set fabric --capacity 100G --algorithm fair_share";
+
+const QUOTA_SHOW_HELP: &str = "\
+Example:
+  nicwarden quota show";
+
+const QUOTA_SET_HELP: &str = "\
+NAME is `fabric` (the root), a group name, or a node name.
+
+Examples:
+  nicwarden quota set fabric --capacity 100G
+  nicwarden quota set rack-a --capacity 40G --algorithm fair_share
+  nicwarden quota set node-1 --capacity 10G --group rack-a";
+
+const AUDIT_HELP: &str = "\
+With no subcommand, lists audit entries.
+
+Examples:
+  nicwarden audit --from 100 --limit 20
+  nicwarden audit verify";
+
+const AUDIT_VERIFY_HELP: &str = "\
+Exits with status 1 if the hash chain is broken.
+
+Example:
+  nicwarden audit verify";
+
+/// nicwarden: lease bandwidth quotas to the nodes of a fabric.
+#[derive(Debug, Parser)]
+#[command(name = "nicwarden", version, after_help = TOP_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller: lease authority, enrollment, agent service and operator API
+    #[command(after_help = CONTROLLER_HELP)]
+    Controller(ControllerArgs),
+    /// Run the node agent (no subcommand), or show a running agent's status
+    #[command(
+        after_help = AGENT_HELP,
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true
+    )]
+    Agent(AgentCmd),
+    /// Manage nodes: add (with a join token), list, show, remove
+    #[command(after_help = NODE_HELP)]
+    Node(NodeCmd),
+    /// Grant, list, change and revoke leases
+    #[command(after_help = LEASE_HELP)]
+    Lease(LeaseCmd),
+    /// Show and set the quota tree (fabric, groups, nodes)
+    #[command(after_help = QUOTA_HELP)]
+    Quota(QuotaCmd),
+    /// List the audit log (no subcommand) or verify its hash chain
+    #[command(after_help = AUDIT_HELP)]
+    Audit(AuditCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// TOML config file (flags override its values)
+    #[arg(long, env = "NICWARDEN_CONTROLLER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory: store, CA, lease-signing key, operator token
+    #[arg(long, env = "NICWARDEN_CONTROLLER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address agents connect to (gRPC, mutual TLS) [config default: 127.0.0.1:7443]
+    #[arg(long, env = "NICWARDEN_AGENT_LISTEN", value_name = "ADDR")]
+    pub agent_listen: Option<SocketAddr>,
+    /// Operator API address [config default: 127.0.0.1:7080]
+    #[arg(long, env = "NICWARDEN_API_LISTEN", value_name = "ADDR")]
+    pub api_listen: Option<SocketAddr>,
+    /// DNS name or IP the controller's certificate is valid for; repeat for several
+    /// (replaces the configured list)
+    #[arg(
+        long = "server-name",
+        env = "NICWARDEN_SERVER_NAMES",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub server_names: Vec<String>,
+    /// Fabric capacity when the quota tree is first created, e.g. 100G
+    #[arg(long, env = "NICWARDEN_FABRIC_CAPACITY", value_name = "RATE", value_parser = rate)]
+    pub fabric_capacity: Option<u64>,
+    /// Fabric allocation algorithm when the quota tree is first created
+    #[arg(
+        long,
+        env = "NICWARDEN_FABRIC_ALGORITHM",
+        value_name = "ALGORITHM",
+        value_parser = ["static", "fair_share"]
+    )]
+    pub fabric_algorithm: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentCmd {
+    #[command(subcommand)]
+    pub command: Option<AgentSub>,
+    #[command(flatten)]
+    pub run: AgentRunArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentRunArgs {
+    /// TOML config file (flags override its values)
+    #[arg(long, env = "NICWARDEN_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's name, as given to `nicwarden node add`
+    #[arg(long, env = "NICWARDEN_NODE", value_name = "NAME")]
+    pub node: Option<String>,
+    /// Data directory: node key, certificate, pinned controller identity, lease state
+    #[arg(long, env = "NICWARDEN_AGENT_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Controller agent endpoint, https://HOST:PORT (HOST must be one of its server names)
+    #[arg(long, env = "NICWARDEN_CONTROLLER", value_name = "URL")]
+    pub controller: Option<String>,
+    /// One-time join token from `nicwarden node add` (first start only)
+    #[arg(
+        long,
+        env = "NICWARDEN_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Local status endpoint for `nicwarden agent status` [config default: 127.0.0.1:7090]
+    #[arg(long, env = "NICWARDEN_STATUS_LISTEN", value_name = "ADDR")]
+    pub status_listen: Option<SocketAddr>,
+    /// Counter source: `none`, or `simulated:RATE` to pretend traffic is offered at RATE
+    /// (e.g. simulated:1G)
+    #[arg(long, env = "NICWARDEN_COUNTERS", value_name = "SPEC", value_parser = counters)]
+    pub counters: Option<String>,
+}
+
+/// `simulated:1G` -> `simulated:1000000000` (the agent's config wants bits/s); anything
+/// else is passed through for the agent's own validation.
+fn counters(s: &str) -> Result<String, String> {
+    match s.strip_prefix("simulated:") {
+        Some(r) => Ok(format!("simulated:{}", units::parse_rate(r)?)),
+        None => Ok(s.to_string()),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentSub {
+    /// Show what a running agent enforces per scope, and its connection to the controller
+    #[command(after_help = AGENT_STATUS_HELP)]
+    Status(AgentStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentStatusArgs {
+    /// The agent's status endpoint (HOST:PORT or http://HOST:PORT)
+    #[arg(
+        long,
+        env = "NICWARDEN_AGENT_STATUS",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:7090"
+    )]
+    pub status_addr: String,
+    /// Print the raw JSON
+    #[arg(long)]
+    pub json: bool,
+    /// Redraw every second until Ctrl-C
+    #[arg(long)]
+    pub watch: bool,
+}
+
+/// How to reach the operator API; accepted before or after the subcommand.
+#[derive(Clone, Debug, Args)]
+pub struct ClientOpts {
+    /// Operator API base URL
+    #[arg(
+        long,
+        global = true,
+        env = "NICWARDEN_API",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:7080"
+    )]
+    pub api: String,
+    /// Operator bearer token (takes precedence over --token-file)
+    #[arg(
+        long,
+        global = true,
+        env = "NICWARDEN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// File holding the operator token (the controller writes <data_dir>/operator.token;
+    /// with neither --token nor --token-file, /var/lib/nicwarden/controller/operator.token
+    /// is tried)
+    #[arg(long, global = true, env = "NICWARDEN_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print the API's JSON instead of a table
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeCmd {
+    #[command(flatten)]
+    pub client: ClientOpts,
+    #[command(subcommand)]
+    pub command: NodeSub,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeSub {
+    /// Add a node and print its one-time join token
+    #[command(after_help = NODE_ADD_HELP)]
+    Add(NodeAddArgs),
+    /// List nodes
+    #[command(after_help = NODE_LIST_HELP)]
+    List,
+    /// Show one node
+    #[command(after_help = NODE_SHOW_HELP)]
+    Show { name: String },
+    /// Remove a node: revokes its leases and invalidates its certificate
+    #[command(after_help = NODE_REMOVE_HELP)]
+    Remove { name: String },
+    /// Issue a fresh join token for a node (re-enrollment)
+    #[command(after_help = NODE_TOKEN_HELP)]
+    Token(NodeTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeAddArgs {
+    pub name: String,
+    /// Quota group [default: default]
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Node capacity, e.g. 10G [default: the group's capacity]
+    #[arg(long, value_name = "RATE", value_parser = rate)]
+    pub capacity: Option<u64>,
+    /// How long the join token stays valid, e.g. 2h [default: 1h]
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub token_ttl: Option<Duration>,
+    #[command(flatten)]
+    pub hint: AgentHint,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeTokenArgs {
+    pub name: String,
+    /// How long the join token stays valid, e.g. 30m [default: 1h]
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub token_ttl: Option<Duration>,
+    #[command(flatten)]
+    pub hint: AgentHint,
+}
+
+/// Only used to print the agent command line after `node add` / `node token`.
+#[derive(Debug, Args)]
+pub struct AgentHint {
+    /// Agent endpoint of the controller to show in the printed agent command
+    /// [default: the --api host, port 7443]
+    #[arg(long = "agent-endpoint", env = "NICWARDEN_CONTROLLER", value_name = "URL")]
+    pub agent_endpoint: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaseCmd {
+    #[command(flatten)]
+    pub client: ClientOpts,
+    #[command(subcommand)]
+    pub command: LeaseSub,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseSub {
+    /// Grant a lease to a node
+    #[command(after_help = LEASE_GRANT_HELP)]
+    Grant(GrantArgs),
+    /// List leases
+    #[command(after_help = LEASE_LIST_HELP)]
+    List(LeaseListArgs),
+    /// Show one lease
+    #[command(after_help = LEASE_SHOW_HELP)]
+    Show { id: u64 },
+    /// Change the terms of an active lease
+    #[command(after_help = LEASE_CHANGE_HELP)]
+    Change(ChangeArgs),
+    /// Revoke a lease (final)
+    #[command(after_help = LEASE_REVOKE_HELP)]
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GrantArgs {
+    /// The node to lease bandwidth to
+    pub node: String,
+    /// Rate, e.g. 200Mbit, 1.5G, 500k (bits/s)
+    #[arg(long, value_name = "RATE", value_parser = rate)]
+    pub rate: u64,
+    #[command(flatten)]
+    pub terms: TermsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ChangeArgs {
+    /// Lease id
+    pub id: u64,
+    /// New rate, e.g. 500Mbit (bits/s)
+    #[arg(long, value_name = "RATE", value_parser = rate)]
+    pub rate: Option<u64>,
+    #[command(flatten)]
+    pub terms: TermsArgs,
+}
+
+/// Lease terms shared by `grant` and `change`.
+#[derive(Debug, Args)]
+pub struct TermsArgs {
+    /// `egress` (all fabric egress) or `peer:NODE` [grant default: egress]
+    #[arg(long, value_name = "SCOPE", value_parser = scope)]
+    pub scope: Option<String>,
+    /// Burst, e.g. 64KiB [grant default: 10 ms at the rate, at least 16 KiB]
+    #[arg(long, value_name = "BYTES", value_parser = bytes)]
+    pub burst: Option<u64>,
+    /// Volume over the lease's life, e.g. 10GB [grant default: unlimited]
+    #[arg(long, value_name = "BYTES", value_parser = bytes)]
+    pub volume: Option<u64>,
+    /// Lifetime of each issuance, e.g. 30s [grant default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub ttl: Option<Duration>,
+    /// Renewal interval, e.g. 10s [default: TTL/3]
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub renew: Option<Duration>,
+    /// Rate allowed once the lease lapses, e.g. 10M [grant default: 0 = blocked]
+    #[arg(long, value_name = "RATE", value_parser = rate)]
+    pub floor: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaseListArgs {
+    /// Only this node's leases
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+    /// Only leases in this state
+    #[arg(long, value_name = "STATE", value_parser = ["active", "revoked", "expired"])]
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// Lease id
+    pub id: u64,
+    /// Why (recorded in the audit log and sent to the agent)
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct QuotaCmd {
+    #[command(flatten)]
+    pub client: ClientOpts,
+    #[command(subcommand)]
+    pub command: QuotaSub,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuotaSub {
+    /// Show the quota tree and what is allocated
+    #[command(after_help = QUOTA_SHOW_HELP)]
+    Show,
+    /// Set the capacity of the fabric, a group or a node
+    #[command(after_help = QUOTA_SET_HELP)]
+    Set(QuotaSetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct QuotaSetArgs {
+    /// `fabric`, a group name or a node name
+    pub name: String,
+    /// Capacity, e.g. 40G (bits/s)
+    #[arg(long, value_name = "RATE", value_parser = rate)]
+    pub capacity: u64,
+    /// How the capacity is divided among children [default: static]
+    #[arg(long, value_name = "ALGORITHM", value_parser = ["static", "fair_share"])]
+    pub algorithm: Option<String>,
+    /// For a node: move it to this group
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditCmd {
+    #[command(flatten)]
+    pub client: ClientOpts,
+    #[command(subcommand)]
+    pub command: Option<AuditSub>,
+    /// First entry index to list
+    #[arg(long, value_name = "N")]
+    pub from: Option<u64>,
+    /// Most entries to list
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditSub {
+    /// Verify the audit log's hash chain
+    #[command(after_help = AUDIT_VERIFY_HELP)]
+    Verify,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("nicwarden").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn agent_without_subcommand_runs() {
+        let cli = parse(&["agent", "--node", "n1", "--counters", "simulated:1G"]).expect("parses");
+        let Command::Agent(a) = cli.command else {
+            panic!("not agent")
+        };
+        assert!(a.command.is_none());
+        assert_eq!(a.run.node.as_deref(), Some("n1"));
+        assert_eq!(a.run.counters.as_deref(), Some("simulated:1000000000"));
+    }
+
+    #[test]
+    fn agent_status_subcommand() {
+        let cli = parse(&["agent", "status", "--json"]).expect("parses");
+        let Command::Agent(a) = cli.command else {
+            panic!("not agent")
+        };
+        let Some(AgentSub::Status(s)) = a.command else {
+            panic!("not status")
+        };
+        assert!(s.json);
+        assert!(!s.watch);
+        assert!(parse(&["agent", "--node", "n1", "status"]).is_err());
+    }
+
+    #[test]
+    fn client_options_before_or_after_the_subcommand() {
+        for args in [
+            &["node", "--api", "http://h:1", "list", "--json"][..],
+            &["node", "list", "--api", "http://h:1", "--json"][..],
+        ] {
+            let cli = parse(args).expect("parses");
+            let Command::Node(n) = cli.command else {
+                panic!("not node")
+            };
+            assert_eq!(n.client.api, "http://h:1");
+            assert!(n.client.json);
+        }
+    }
+
+    #[test]
+    fn grant_units() {
+        let cli = parse(&[
+            "lease", "grant", "n1", "--rate", "1.5G", "--burst", "64KiB", "--volume", "10GB",
+            "--ttl", "1m", "--renew", "20s", "--floor", "10M", "--scope", "peer:n2",
+        ])
+        .expect("parses");
+        let Command::Lease(LeaseCmd {
+            command: LeaseSub::Grant(g),
+            ..
+        }) = cli.command
+        else {
+            panic!("not grant")
+        };
+        assert_eq!(g.rate, 1_500_000_000);
+        assert_eq!(g.terms.burst, Some(65_536));
+        assert_eq!(g.terms.volume, Some(10_000_000_000));
+        assert_eq!(g.terms.ttl, Some(Duration::from_secs(60)));
+        assert_eq!(g.terms.renew, Some(Duration::from_secs(20)));
+        assert_eq!(g.terms.floor, Some(10_000_000));
+        assert_eq!(g.terms.scope.as_deref(), Some("peer:n2"));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["lease", "grant", "n1", "--rate", "fast"], "`fast` is not a rate"),
+            (&["lease", "grant", "n1", "--rate", "1G", "--scope", "north"], "peer:NODE"),
+            (&["lease", "grant", "n1", "--rate", "1G", "--ttl", "soon"], "is not a duration"),
+            (&["lease", "grant", "n1", "--rate", "1G", "--volume", "10Mb"], "ambiguous"),
+            (&["lease", "list", "--state", "sleepy"], "sleepy"),
+            (&["quota", "set", "fabric", "--capacity", "1GB"], "looks like bytes"),
+            (&["controller", "--fabric-capacity", "lots"], "--fabric-capacity"),
+        ];
+        for (args, want) in cases {
+            let err = parse(args).expect_err("must fail").to_string();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn audit_list_and_verify() {
+        let cli = parse(&["audit", "--from", "5", "--limit", "10"]).expect("parses");
+        let Command::Audit(a) = cli.command else {
+            panic!("not audit")
+        };
+        assert!(a.command.is_none());
+        assert_eq!((a.from, a.limit), (Some(5), Some(10)));
+        let cli = parse(&["audit", "verify"]).expect("parses");
+        let Command::Audit(a) = cli.command else {
+            panic!("not audit")
+        };
+        assert!(matches!(a.command, Some(AuditSub::Verify)));
+        assert!(parse(&["audit", "--from", "5", "verify"]).is_err());
+    }
+}
