@@ -62,6 +62,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let counters = counters::CounterSpec::parse(&cfg.counters).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
+    let _lock = identity::lock_data_dir(&cfg.data_dir)?;
     let ident = match identity::load(&cfg.data_dir)? {
         Some(i) => i,
         None => {

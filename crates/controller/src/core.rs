@@ -613,6 +613,13 @@ impl Controller {
         }
     }
 
+    /// Drops every session (shutdown): agents see their streams end and reconnect later.
+    pub fn close_all_sessions(&self) {
+        let mut inner = self.lock();
+        inner.sessions.clear();
+        self.metrics.agents_connected.set(0);
+    }
+
     /// Whether `session` is still the node's current session.
     pub fn session_current(&self, node: &str, session: u64) -> bool {
         self.lock().sessions.get(node).map(|s| s.id) == Some(session)

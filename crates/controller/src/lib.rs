@@ -40,11 +40,53 @@ fn operator_token(dir: &std::path::Path) -> anyhow::Result<[u8; 32]> {
     Ok(sha2::Sha256::digest(token.as_bytes()).into())
 }
 
+/// Takes an exclusive lock on the data directory for the life of the process, so two
+/// controllers can never share (and corrupt) one store or race to create its CA.
+pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("controller.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open lock file {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another controller is already running with data directory {}",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("lock {}", path.display()))
+        }
+    }
+}
+
 /// Runs the controller until Ctrl-C / SIGTERM.
 pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
+    let agent_listener = tokio::net::TcpListener::bind(cfg.agent_listen)
+        .await
+        .with_context(|| format!("bind agent port {}", cfg.agent_listen))?;
+    let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .with_context(|| format!("bind operator API {}", cfg.api_listen))?;
+    serve(cfg, agent_listener, api_listener, shutdown_signal()).await
+}
+
+/// Runs the controller on listeners the caller bound, until `shutdown` completes.
+pub async fn serve(
+    cfg: ControllerConfig,
+    agent_listener: tokio::net::TcpListener,
+    api_listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
+    let _lock = lock_data_dir(&cfg.data_dir)?;
     let identity = Arc::new(
         nicwarden_pki::ControllerIdentity::load_or_create(&cfg.data_dir, &cfg.server_names)
             .context("load controller identity")?,
@@ -68,18 +110,11 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         },
         cfg.node_cert_days,
     )?);
-
-    let agent_listener = tokio::net::TcpListener::bind(cfg.agent_listen)
-        .await
-        .with_context(|| format!("bind agent port {}", cfg.agent_listen))?;
-    let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
-        .await
-        .with_context(|| format!("bind operator API {}", cfg.api_listen))?;
     let tls = Arc::new(nicwarden_pki::controller_server_config(&identity)?);
 
     // Expiry timer: sleeps until the ledger's next deadline, or until a change wakes it.
     let timer_ctl = ctl.clone();
-    tokio::spawn(async move {
+    let timer = tokio::spawn(async move {
         loop {
             let next = timer_ctl.tick();
             let wait = next
@@ -96,15 +131,29 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         }
     });
 
+    let agent_addr = agent_listener.local_addr().context("agent listener address")?;
+    let api_addr = api_listener.local_addr().context("API listener address")?;
     let svc = nicwarden_proto::pb::agent_service_server::AgentServiceServer::new(
         crate::grpc::AgentSvc { ctl: ctl.clone() },
     );
     let incoming = crate::grpc::tls_incoming(agent_listener, tls);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_ctl = ctl.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("controller stopping: closing agent sessions");
+        // Session streams never end by themselves; close them so the servers can drain.
+        stop_ctl.close_all_sessions();
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal());
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     let api = axum::serve(
         api_listener,
         crate::api::router(crate::api::ApiState {
@@ -112,15 +161,16 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             token_hash,
         }),
     )
-    .with_graceful_shutdown(shutdown_signal());
+    .with_graceful_shutdown(stopped(stop_rx));
     tracing::info!(
-        agent_listen = %cfg.agent_listen,
-        api = %format!("http://{}", cfg.api_listen),
-        metrics = %format!("http://{}/metrics", cfg.api_listen),
+        agent_listen = %agent_addr,
+        api = %format!("http://{api_addr}"),
+        metrics = %format!("http://{api_addr}/metrics"),
         data_dir = %cfg.data_dir.display(),
         "controller ready"
     );
     let (g, a) = tokio::join!(grpc, api);
+    timer.abort();
     g.context("agent gRPC server")?;
     a.context("operator API server")?;
     Ok(())

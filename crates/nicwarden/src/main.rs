@@ -146,7 +146,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser as _;
 
     fn controller_args(args: &[&str]) -> ControllerArgs {
         let cli = Cli::try_parse_from(

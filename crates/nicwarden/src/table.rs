@@ -17,10 +17,6 @@ impl Table {
         self.rows.push(cells);
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
-    }
-
     /// The table as text, one line per row, each ending in `\n`, with no trailing spaces.
     pub fn render(&self) -> String {
         let columns = self
@@ -83,7 +79,6 @@ mod tests {
     #[test]
     fn header_only() {
         let t = Table::new(&["A", "B"]);
-        assert!(t.is_empty());
         assert_eq!(t.render(), "A  B\n");
     }
 

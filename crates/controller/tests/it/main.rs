@@ -1,0 +1,293 @@
+//! Integration tests of the controller in-process: the operator API against its OpenAPI
+//! document, bad input, and mutual-TLS refusals on the agent port.
+
+use nicwarden_controller::ControllerConfig;
+use nicwarden_proto::pb;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+struct Running {
+    api: String,
+    agent: String,
+    dir: PathBuf,
+    http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn start(dir: &Path) -> Running {
+        let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let agent = format!("https://127.0.0.1:{}", agent_l.local_addr().expect("addr").port());
+        let api = format!("http://{}", api_l.local_addr().expect("addr"));
+        let cfg = ControllerConfig {
+            data_dir: dir.to_path_buf(),
+            ..ControllerConfig::default()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(nicwarden_controller::serve(cfg, agent_l, api_l, async {
+            let _ = rx.await;
+        }));
+        let r = Running {
+            api,
+            agent,
+            dir: dir.to_path_buf(),
+            http: reqwest::Client::new(),
+            stop: Some(tx),
+            task,
+        };
+        // Ready once the operator token exists and /healthz answers.
+        for _ in 0..500 {
+            if let Ok(resp) = r.http.get(format!("{}/healthz", r.api)).send().await {
+                if resp.status().is_success() {
+                    return r;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("controller did not become ready");
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("operator.token"))
+            .expect("token")
+            .trim()
+            .to_string()
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut rb = self.http.request(m, format!("{}{path}", self.api)).bearer_auth(self.token());
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.expect("request");
+        let st = r.status().as_u16();
+        let text = r.text().await.expect("text");
+        (st, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let r = tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("controller stops within 10 s");
+        r.expect("join").expect("controller exits cleanly");
+    }
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_route_is_served() {
+    let d = tmp();
+    let c = Running::start(d.path()).await;
+    let doc: Value = c
+        .http
+        .get(format!("{}/openapi.json", c.api))
+        .send()
+        .await
+        .expect("get openapi")
+        .json()
+        .await
+        .expect("openapi is JSON");
+    assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 10, "the document lists the API: {}", paths.len());
+    let mut checked = 0;
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{name}", "node-x")
+            .replace("{id}", "999");
+        for method in ops.as_object().expect("ops").keys() {
+            if !["get", "post", "put", "delete"].contains(&method.as_str()) {
+                continue;
+            }
+            let body = matches!(method.as_str(), "post" | "put").then(|| json!({}));
+            let (st, v) = c.call(&method.to_uppercase(), &concrete, body).await;
+            // Served: anything but "no such route" (our fallback) or 405.
+            let fallback = v["error"].as_str().is_some_and(|e| e.contains("no such route"));
+            assert!(!fallback && st != 405, "{method} {path} is documented but not served: {st} {v}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 14, "checked {checked} operations");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors() {
+    let d = tmp();
+    let c = Running::start(d.path()).await;
+    let check = |st: u16, v: &Value, want_st: u16, want: &str| {
+        assert_eq!(st, want_st, "{v}");
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(e.contains(want), "`{e}` should mention `{want}`");
+    };
+    let (st, v) = c.call("POST", "/v1/nodes", Some(json!({"name": "node1"}))).await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = c.call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": 0}))).await;
+    check(st, &v, 422, "rate must be > 0");
+    let (st, v) = c.call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": "fast"}))).await;
+    check(st, &v, 422, "rate_bps");
+    let (st, v) = c
+        .call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": 1000, "colour": "red"})))
+        .await;
+    check(st, &v, 422, "colour");
+    let (st, v) = c
+        .call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": 1000, "scope": "sideways"})))
+        .await;
+    check(st, &v, 422, "scope");
+    let (st, v) = c
+        .call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": 1000, "ttl_s": -1})))
+        .await;
+    check(st, &v, 422, "ttl_s");
+    let (st, v) = c.call("POST", "/v1/leases", Some(json!({"node": "ghost", "rate_bps": 1000}))).await;
+    check(st, &v, 404, "ghost");
+    let (st, v) = c.call("GET", "/v1/leases/abc", None).await;
+    check(st, &v, 422, "lease id");
+    let (st, v) = c.call("GET", "/v1/leases?state=sideways", None).await;
+    check(st, &v, 422, "state");
+    let (st, v) = c.call("POST", "/v1/nodes", Some(json!({"name": "Bad Name!"}))).await;
+    check(st, &v, 422, "name");
+    let (st, v) = c.call("POST", "/v1/nodes", Some(json!({"name": "node1"}))).await;
+    check(st, &v, 409, "node1");
+    let (st, v) = c.call("PUT", "/v1/quota/fabric", Some(json!({"capacity_bps": 0}))).await;
+    check(st, &v, 422, "capacity");
+    // Oversubscription of a static fabric is refused with numbers.
+    let (st, _) = c.call("PUT", "/v1/quota/fabric", Some(json!({"capacity_bps": 1000}))).await;
+    assert_eq!(st, 200);
+    let (st, v) = c.call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": 2000}))).await;
+    check(st, &v, 409, "oversubscribed");
+    // Not JSON at all.
+    let r = c
+        .http
+        .post(format!("{}/v1/leases", c.api))
+        .bearer_auth(c.token())
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 422);
+    // No token, wrong token.
+    let r = c.http.get(format!("{}/v1/nodes", c.api)).send().await.expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+    let r = c
+        .http
+        .get(format!("{}/v1/nodes", c.api))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+    // The controller is still fine after all that.
+    let (st, _) = c.call("GET", "/v1/nodes", None).await;
+    assert_eq!(st, 200);
+    c.stop().await;
+}
+
+/// Opens a session with the given TLS config and Hello; returns the gRPC status if refused.
+async fn session_with(agent: &str, tls: rustls::ClientConfig, node: &str) -> Result<(), tonic::Status> {
+    let ch = match nicwarden_agent::transport::connect(agent, tls).await {
+        Ok(ch) => ch,
+        Err(e) => return Err(tonic::Status::unavailable(format!("{e:#}"))),
+    };
+    let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
+    let hello = pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            node: node.into(),
+            last_seq: 0,
+            agent_version: "test".into(),
+        })),
+    };
+    // Keep the request stream open: a refused session must be refused by the controller,
+    // not by our stream ending.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(hello).await.expect("queue hello");
+    let resp = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?;
+    let mut inbound = resp.into_inner();
+    // Accepted: the stream stays open (no message is due without leases).
+    match tokio::time::timeout(Duration::from_millis(300), inbound.message()).await {
+        Err(_) => Ok(()),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(s)) => Err(s),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refusals() {
+    let d = tmp();
+    let c = Running::start(d.path()).await;
+    let (st, v) = c.call("POST", "/v1/nodes", Some(json!({"name": "node1"}))).await;
+    assert_eq!(st, 201);
+    let token = v["join_token"].as_str().expect("token").to_string();
+    let (st, _) = c.call("POST", "/v1/nodes", Some(json!({"name": "node2"}))).await;
+    assert_eq!(st, 201);
+    let agent_dir = d.path().join("agent1");
+    let ident = nicwarden_agent::identity::enroll(&agent_dir, "node1", &c.agent, &token)
+        .await
+        .expect("enroll");
+    let good = || {
+        nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key)
+            .expect("client config")
+    };
+    // The enrolled identity is accepted.
+    session_with(&c.agent, good(), "node1").await.expect("accepted");
+
+    // No client certificate: refused.
+    let tok = nicwarden_pki::JoinToken::parse(&token).expect("token");
+    let nocert = nicwarden_pki::enrollment_client_config(tok.ca_fingerprint).expect("config");
+    let e = session_with(&c.agent, nocert, "node1").await.expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("client certificate is required"), "{e:?}");
+
+    // Presenting node1's certificate while claiming to be node2: refused.
+    let e = session_with(&c.agent, good(), "node2").await.expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("certificate is for node node1"), "{e:?}");
+
+    // A certificate from another CA: the TLS handshake itself fails.
+    let other = tmp();
+    let rogue_ca = nicwarden_pki::ControllerIdentity::load_or_create(other.path(), &["localhost".into()])
+        .expect("rogue CA");
+    let key = nicwarden_pki::NodeKey::generate().expect("key");
+    let (cert, _) = rogue_ca
+        .issue_node_cert("node1", &key.csr_pem("node1").expect("csr"), 1)
+        .expect("rogue cert");
+    let rogue = nicwarden_pki::agent_client_config(&ident.ca_pem, &cert, &key).expect("config");
+    let e = session_with(&c.agent, rogue, "node1").await.expect_err("refused");
+    assert_ne!(e.code(), tonic::Code::Ok);
+
+    // After the node is removed its certificate no longer opens a session.
+    let (st, _) = c.call("DELETE", "/v1/nodes/node1", None).await;
+    assert_eq!(st, 200);
+    let e = session_with(&c.agent, good(), "node1").await.expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_controller_on_same_data_dir_is_refused() {
+    let d = tmp();
+    let c = Running::start(d.path()).await;
+    let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let cfg = ControllerConfig {
+        data_dir: d.path().to_path_buf(),
+        ..ControllerConfig::default()
+    };
+    let err = nicwarden_controller::serve(cfg, agent_l, api_l, async {})
+        .await
+        .expect_err("refused");
+    assert!(format!("{err:#}").contains("another controller"), "{err:#}");
+    c.stop().await;
+}
