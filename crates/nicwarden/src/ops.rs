@@ -674,7 +674,7 @@ mod tests {
         )
         .expect("decodes");
         let t = audit_table(&entries);
-        assert!(t.contains("node.add  n1"), "{t}");
+        assert!(t.contains("node.add      n1"), "{t}");
         assert!(t.contains(r#"{"lease":7}"#), "{t}");
     }
 }
