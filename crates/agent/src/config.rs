@@ -74,7 +74,9 @@ impl AgentConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node.is_empty() {
-            return Err(ConfigError::Invalid("node name is required (--node)".into()));
+            return Err(ConfigError::Invalid(
+                "node name is required (--node)".into(),
+            ));
         }
         let rest = self.controller.strip_prefix("https://").ok_or_else(|| {
             ConfigError::Invalid(format!(
@@ -89,7 +91,9 @@ impl AgentConfig {
             )));
         }
         if self.report_interval_ms < 100 {
-            return Err(ConfigError::Invalid("report_interval_ms must be >= 100".into()));
+            return Err(ConfigError::Invalid(
+                "report_interval_ms must be >= 100".into(),
+            ));
         }
         crate::counters::CounterSpec::parse(&self.counters).map_err(ConfigError::Invalid)?;
         Ok(())

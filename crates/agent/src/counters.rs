@@ -128,7 +128,10 @@ mod tests {
             assert_eq!(CounterSpec::parse(s).map_err(|_| ()), want, "{s}");
         };
         check("none", Ok(CounterSpec::None));
-        check("simulated:1000", Ok(CounterSpec::Simulated { offered_bps: 1000 }));
+        check(
+            "simulated:1000",
+            Ok(CounterSpec::Simulated { offered_bps: 1000 }),
+        );
         check("simulated:0", Err(()));
         check("simulated:fast", Err(()));
         check("ebpf", Err(()));

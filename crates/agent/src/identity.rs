@@ -38,8 +38,10 @@ pub fn load(dir: &Path) -> anyhow::Result<Option<Identity>> {
     if !cert_p.exists() {
         return Ok(None);
     }
-    let key = NodeKey::load(&key_p).with_context(|| format!("load node key {}", key_p.display()))?;
-    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()));
+    let key =
+        NodeKey::load(&key_p).with_context(|| format!("load node key {}", key_p.display()))?;
+    let read =
+        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()));
     let cert_pem = read(&cert_p)?;
     let ca_pem = read(&ca_p)?;
     let hexkey = read(&pub_p)?;
@@ -56,7 +58,12 @@ pub fn load(dir: &Path) -> anyhow::Result<Option<Identity>> {
 }
 
 /// Enrolls with the controller using a one-time join token and stores the identity.
-pub async fn enroll(dir: &Path, node: &str, controller: &str, token: &str) -> anyhow::Result<Identity> {
+pub async fn enroll(
+    dir: &Path,
+    node: &str,
+    controller: &str,
+    token: &str,
+) -> anyhow::Result<Identity> {
     let token = JoinToken::parse(token).context("join token")?;
     let key = NodeKey::generate()?;
     let csr_pem = key.csr_pem(node)?;
@@ -148,7 +155,10 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => {
-            bail!("another agent is already running with data directory {}", dir.display())
+            bail!(
+                "another agent is already running with data directory {}",
+                dir.display()
+            )
         }
         Err(std::fs::TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("lock {}", path.display()))

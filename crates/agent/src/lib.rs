@@ -99,11 +99,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             async move {
                 let (otx, orx) = oneshot::channel();
                 if tx.send(Event::Status(otx)).await.is_err() {
-                    return Err((axum::http::StatusCode::SERVICE_UNAVAILABLE, "agent stopping"));
+                    return Err((
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "agent stopping",
+                    ));
                 }
-                orx.await
-                    .map(axum::Json)
-                    .map_err(|_| (axum::http::StatusCode::SERVICE_UNAVAILABLE, "agent stopping"))
+                orx.await.map(axum::Json).map_err(|_| {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "agent stopping",
+                    )
+                })
             }
         }),
     );
@@ -194,7 +200,9 @@ impl Loop {
         for id in self.core.due_renewals(now) {
             if self.connected {
                 tracing::debug!(lease = %id, "renewing");
-                self.send(pb::agent_message::Msg::Renew(pb::RenewRequest { lease_id: id.0 }));
+                self.send(pb::agent_message::Msg::Renew(pb::RenewRequest {
+                    lease_id: id.0,
+                }));
             }
         }
     }
@@ -306,7 +314,8 @@ impl Loop {
                     Ok(ev) => {
                         self.log_event(&ev);
                         let seq = self.core.last_seq();
-                        self.last_seq.store(seq, std::sync::atomic::Ordering::SeqCst);
+                        self.last_seq
+                            .store(seq, std::sync::atomic::Ordering::SeqCst);
                         // If the replay guard cannot be persisted, a restart could accept a
                         // replayed lease: stop rather than carry on unguarded.
                         identity::save_state(
@@ -354,7 +363,8 @@ async fn session_task(
         if ev.send(Event::Disconnected(why)).await.is_err() {
             return;
         }
-        let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+        let jitter =
+            Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
         tokio::time::sleep(backoff + jitter).await;
         backoff = (backoff * 2).min(max);
     }

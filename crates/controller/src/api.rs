@@ -38,15 +38,22 @@ impl IntoResponse for ApiError {
         if code == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %self.message, "operator API internal error");
         }
-        (code, Json(ErrorBody { error: self.message })).into_response()
+        (
+            code,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
 fn body<T>(r: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     r.map(|Json(t)| t).map_err(|e| match e {
-        JsonRejection::MissingJsonContentType(_) => {
-            ApiError::new(ApiErrorKind::Invalid, "request body must be JSON (Content-Type: application/json)")
-        }
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            ApiErrorKind::Invalid,
+            "request body must be JSON (Content-Type: application/json)",
+        ),
         other => ApiError::invalid(format!("request body: {}", other.body_text())),
     })
 }
@@ -62,7 +69,12 @@ fn lease_id(s: &str) -> Result<LeaseId, ApiError> {
         .map_err(|_| ApiError::invalid(format!("lease id must be a number, got `{s}`")))
 }
 
-async fn auth(State(st): State<ApiState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn auth(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -102,9 +114,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
-        .fallback(|| async {
-            ApiError::not_found("no such route; see /openapi.json")
-        })
+        .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .with_state(state)
 }
 
@@ -134,11 +144,17 @@ async fn add_node(
     Ok((StatusCode::CREATED, Json(r)))
 }
 
-async fn get_node(State(st): State<ApiState>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+async fn get_node(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
     st.ctl.get_node(&name).map(Json)
 }
 
-async fn remove_node(State(st): State<ApiState>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+async fn remove_node(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
     st.ctl.remove_node(&name).map(Json)
 }
 
@@ -182,7 +198,10 @@ async fn grant(
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-async fn get_lease(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Json<LeaseView>, ApiError> {
+async fn get_lease(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<LeaseView>, ApiError> {
     st.ctl.get_lease(lease_id(&id)?).map(Json)
 }
 
@@ -205,7 +224,12 @@ async fn revoke(
     let reason = match req {
         Ok(Json(r)) => r.reason,
         Err(JsonRejection::MissingJsonContentType(_)) => None,
-        Err(e) => return Err(ApiError::invalid(format!("request body: {}", e.body_text()))),
+        Err(e) => {
+            return Err(ApiError::invalid(format!(
+                "request body: {}",
+                e.body_text()
+            )))
+        }
     };
     let reason = reason.unwrap_or_else(|| "revoked by operator".into());
     st.ctl.revoke(id, &reason).map(Json)

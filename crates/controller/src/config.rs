@@ -72,7 +72,9 @@ impl ControllerConfig {
     /// Checks everything that can be checked before binding a port.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.fabric_capacity_bps == 0 {
-            return Err(ConfigError::Invalid("fabric_capacity_bps must be > 0".into()));
+            return Err(ConfigError::Invalid(
+                "fabric_capacity_bps must be > 0".into(),
+            ));
         }
         self.fabric_algorithm
             .parse::<nicwarden_lease::quota::Algorithm>()

@@ -9,7 +9,7 @@
 use crate::api_types::*;
 use crate::metrics::{Metrics, ResultLabel, StateLabel};
 use nicwarden_lease::ledger::{
-    Effect, ErrorKind, Ledger, LedgerConfig, LedgerError, LeaseRecord, LeaseStatus, LeaseTerms,
+    Effect, ErrorKind, LeaseRecord, LeaseStatus, LeaseTerms, Ledger, LedgerConfig, LedgerError,
     NodeRecord,
 };
 use nicwarden_lease::quota::{Algorithm, QuotaTree};
@@ -260,7 +260,9 @@ impl Controller {
                                 // reconnect and be resynchronised.
                                 tracing::warn!(%node, error = %e, "agent queue full or closed; dropping session");
                                 inner.sessions.remove(&node);
-                                self.metrics.agents_connected.set(inner.sessions.len() as i64);
+                                self.metrics
+                                    .agents_connected
+                                    .set(inner.sessions.len() as i64);
                             }
                         }
                     }
@@ -293,7 +295,10 @@ impl Controller {
             }
         }
         for (state, v) in [("active", a), ("revoked", r), ("expired", e)] {
-            self.metrics.leases.get_or_create(&StateLabel { state }).set(v);
+            self.metrics
+                .leases
+                .get_or_create(&StateLabel { state })
+                .set(v);
         }
     }
 
@@ -378,7 +383,11 @@ impl Controller {
         let inner = self.lock();
         match inner.ledger.node(name) {
             Some(n) if !n.removed => {}
-            _ => return Err(ApiError::not_found(format!("node token: node {name} not found"))),
+            _ => {
+                return Err(ApiError::not_found(format!(
+                    "node token: node {name} not found"
+                )))
+            }
         }
         drop(inner);
         let (token, rec) = self.new_token(name, ttl_s.unwrap_or(3600));
@@ -448,7 +457,9 @@ impl Controller {
         // is no longer accepted.
         self.dispatch(&mut inner, effects);
         inner.sessions.remove(name);
-        self.metrics.agents_connected.set(inner.sessions.len() as i64);
+        self.metrics
+            .agents_connected
+            .set(inner.sessions.len() as i64);
         drop(inner);
         self.audit("operator", "node.remove", serde_json::json!({"node": name}));
         Ok(view)
@@ -457,7 +468,12 @@ impl Controller {
     // ---- enrollment ---------------------------------------------------------------------
 
     /// Exchanges a one-time token and a CSR for a node certificate.
-    pub fn enroll(&self, node: &str, token: &str, csr_pem: &str) -> Result<pb::EnrollResponse, ApiError> {
+    pub fn enroll(
+        &self,
+        node: &str,
+        token: &str,
+        csr_pem: &str,
+    ) -> Result<pb::EnrollResponse, ApiError> {
         let res = self.enroll_inner(node, token, csr_pem);
         let result = if res.is_ok() { "ok" } else { "refused" };
         self.metrics
@@ -478,16 +494,23 @@ impl Controller {
         res
     }
 
-    fn enroll_inner(&self, node: &str, token: &str, csr_pem: &str) -> Result<pb::EnrollResponse, ApiError> {
+    fn enroll_inner(
+        &self,
+        node: &str,
+        token: &str,
+        csr_pem: &str,
+    ) -> Result<pb::EnrollResponse, ApiError> {
         let forbidden = |m: String| ApiError::new(ApiErrorKind::Forbidden, m);
-        let token = JoinToken::parse(token).map_err(|e| ApiError::invalid(format!("enroll: {e}")))?;
+        let token =
+            JoinToken::parse(token).map_err(|e| ApiError::invalid(format!("enroll: {e}")))?;
         let key = format!("{PREFIX_TOKENS}{}", token.id);
         let kv = self
             .store
             .get(&key)?
             .ok_or_else(|| forbidden("enroll: unknown join token".into()))?;
-        let rec: TokenRecord = serde_json::from_slice(&kv.value)
-            .map_err(|e| ApiError::new(ApiErrorKind::Internal, format!("enroll: token record: {e}")))?;
+        let rec: TokenRecord = serde_json::from_slice(&kv.value).map_err(|e| {
+            ApiError::new(ApiErrorKind::Internal, format!("enroll: token record: {e}"))
+        })?;
         if !nicwarden_pki::token_secret_matches(&rec.secret_hash, &token.secret) {
             return Err(forbidden("enroll: unknown join token".into()));
         }
@@ -518,7 +541,10 @@ impl Controller {
         let der = {
             use rustls_pki_types::pem::PemObject;
             rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
-                ApiError::new(ApiErrorKind::Internal, format!("enroll: issued certificate: {e}"))
+                ApiError::new(
+                    ApiErrorKind::Internal,
+                    format!("enroll: issued certificate: {e}"),
+                )
             })?
         };
         let (_, fingerprint) = nicwarden_pki::node_identity_from_cert(&der)
@@ -537,7 +563,10 @@ impl Controller {
         // same token cannot both succeed.
         let resp = self.store.txn(
             Txn::new()
-                .when(nicwarden_store::Compare::ModRevision(key.clone(), kv.mod_revision))
+                .when(nicwarden_store::Compare::ModRevision(
+                    key.clone(),
+                    kv.mod_revision,
+                ))
                 .then(Self::token_op(&used)?)
                 .then(Op::Put(
                     format!("{PREFIX_ENROLL}{node}"),
@@ -592,8 +621,12 @@ impl Controller {
         }
         let id = inner.next_session;
         inner.next_session += 1;
-        inner.sessions.insert(cert_node.to_string(), Session { id, tx });
-        self.metrics.agents_connected.set(inner.sessions.len() as i64);
+        inner
+            .sessions
+            .insert(cert_node.to_string(), Session { id, tx });
+        self.metrics
+            .agents_connected
+            .set(inner.sessions.len() as i64);
         let effects = inner.ledger.resync(Time(now_ms()), cert_node);
         if let Err(e) = self.persist(&mut inner, "resync", vec![]) {
             inner.sessions.remove(cert_node);
@@ -608,7 +641,9 @@ impl Controller {
         let mut inner = self.lock();
         if inner.sessions.get(node).map(|s| s.id) == Some(session) {
             inner.sessions.remove(node);
-            self.metrics.agents_connected.set(inner.sessions.len() as i64);
+            self.metrics
+                .agents_connected
+                .set(inner.sessions.len() as i64);
             tracing::info!(%node, session, "agent disconnected");
         }
     }
@@ -757,7 +792,11 @@ impl Controller {
             .map(|r| Self::lease_view(r, now))
             .ok_or_else(|| ApiError::not_found(format!("lease {id} not found")))?;
         drop(inner);
-        self.audit("operator", "lease.change", serde_json::json!({"lease": id.0}));
+        self.audit(
+            "operator",
+            "lease.change",
+            serde_json::json!({"lease": id.0}),
+        );
         Ok(view)
     }
 
@@ -790,7 +829,11 @@ impl Controller {
             .ok_or_else(|| ApiError::not_found(format!("lease {id} not found")))
     }
 
-    pub fn list_leases(&self, node: Option<&str>, state: Option<&str>) -> Result<Vec<LeaseView>, ApiError> {
+    pub fn list_leases(
+        &self,
+        node: Option<&str>,
+        state: Option<&str>,
+    ) -> Result<Vec<LeaseView>, ApiError> {
         if let Some(s) = state {
             if !["active", "revoked", "expired"].contains(&s) {
                 return Err(ApiError::invalid(format!(

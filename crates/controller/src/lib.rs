@@ -131,11 +131,14 @@ pub async fn serve(
         }
     });
 
-    let agent_addr = agent_listener.local_addr().context("agent listener address")?;
+    let agent_addr = agent_listener
+        .local_addr()
+        .context("agent listener address")?;
     let api_addr = api_listener.local_addr().context("API listener address")?;
-    let svc = nicwarden_proto::pb::agent_service_server::AgentServiceServer::new(
-        crate::grpc::AgentSvc { ctl: ctl.clone() },
-    );
+    let svc =
+        nicwarden_proto::pb::agent_service_server::AgentServiceServer::new(crate::grpc::AgentSvc {
+            ctl: ctl.clone(),
+        });
     let incoming = crate::grpc::tls_incoming(agent_listener, tls);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_ctl = ctl.clone();

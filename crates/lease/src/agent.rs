@@ -202,6 +202,8 @@ impl AgentCore {
         let deadline = now.plus_millis(lease.ttl_ms);
         let renew_at = now.plus_millis(lease.renew_interval_ms);
         let (id, scope, seq) = (lease.id, lease.scope.clone(), lease.seq);
+        // Usage only moves up: the controller's record wins over a restarted agent's zero.
+        let used_bytes = lease.used_bytes;
         let new_state = SlotLease::Active {
             lease,
             deadline,
@@ -213,16 +215,21 @@ impl AgentCore {
                     matches!(&slot.state, SlotLease::Active { deadline, .. } if *deadline > now);
                 slot.state = new_state;
                 slot.seq = seq;
+                slot.usage.bytes = slot.usage.bytes.max(used_bytes);
                 was_active
             }
             _ => {
-                // New lease in this scope: it replaces whatever was there, usage starts at 0.
+                // New lease in this scope: it replaces whatever was there; usage starts from
+                // what the controller recorded for this lease (0 for a fresh grant).
                 self.slots.insert(
                     scope.clone(),
                     Slot {
                         state: new_state,
                         seq,
-                        usage: Usage::default(),
+                        usage: Usage {
+                            bytes: used_bytes,
+                            ..Usage::default()
+                        },
                     },
                 );
                 false

@@ -151,6 +151,7 @@ impl LeaseRecord {
             ttl_ms: self.terms.ttl_ms,
             renew_interval_ms: self.terms.renew_interval_ms,
             floor: self.terms.floor,
+            used_bytes: self.usage.bytes,
             issued_at: self.issued_at,
         }
     }

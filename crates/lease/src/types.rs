@@ -110,6 +110,10 @@ pub struct Lease {
     pub renew_interval_ms: u64,
     /// What applies in this scope once the lease lapses or is revoked.
     pub floor: Floor,
+    /// Bytes of the volume already used, as recorded by the controller at issuance, so a
+    /// restarted agent (or datapath) resumes counting instead of starting from zero.
+    #[serde(default)]
+    pub used_bytes: u64,
     /// Controller wall-clock time of issuance (informational for the agent; never used to
     /// compute the agent's deadline).
     pub issued_at: Time,

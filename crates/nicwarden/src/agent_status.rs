@@ -24,8 +24,19 @@ pub fn fmt_enforce(e: &Enforce) -> String {
 pub fn fmt_volume(d: &ScopeDecision) -> String {
     let used = fmt_bytes(d.usage.bytes);
     let left = match (&d.enforce, d.volume_bytes) {
-        (Enforce::Allow { volume_left: Some(l), .. }, _) => fmt_bytes(*l),
-        (Enforce::Allow { volume_left: None, .. }, _) => "unlimited".to_string(),
+        (
+            Enforce::Allow {
+                volume_left: Some(l),
+                ..
+            },
+            _,
+        ) => fmt_bytes(*l),
+        (
+            Enforce::Allow {
+                volume_left: None, ..
+            },
+            _,
+        ) => "unlimited".to_string(),
         (Enforce::Floor { .. }, Some(total)) => fmt_bytes(total.saturating_sub(d.usage.bytes)),
         (Enforce::Floor { .. }, None) if d.lease.is_some() => "unlimited".to_string(),
         (Enforce::Floor { .. }, None) => return if d.usage.bytes == 0 { "-".into() } else { used },
@@ -77,7 +88,10 @@ pub fn render(st: &AgentStatus) -> String {
     out
 }
 
-async fn fetch(http: &reqwest::Client, url: &str) -> anyhow::Result<(AgentStatus, serde_json::Value)> {
+async fn fetch(
+    http: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<(AgentStatus, serde_json::Value)> {
     let resp = http.get(url).send().await.map_err(|e| {
         let mut cause: &dyn std::error::Error = &e;
         while let Some(next) = cause.source() {
@@ -120,7 +134,10 @@ pub async fn run(args: AgentStatusArgs) -> anyhow::Result<()> {
     if !args.watch {
         let (st, raw) = fetch(&http, &url).await?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&raw).context("format JSON")?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&raw).context("format JSON")?
+            );
         } else {
             print!("{}", render(&st));
         }
@@ -135,17 +152,22 @@ pub async fn run(args: AgentStatusArgs) -> anyhow::Result<()> {
             Ok((st, _)) => render(&st),
             Err(e) => format!("error: {e:#}\n"),
         };
-        if args.json {
-            write!(stdout, "{frame}").context("write to stdout")?;
+        let written = if args.json {
+            write!(stdout, "{frame}")
         } else {
             // Clear the screen and home the cursor, then draw the frame.
             write!(
                 stdout,
                 "\x1b[2J\x1b[H{url}  (every 1s, Ctrl-C to stop)\n\n{frame}"
             )
-            .context("write to stdout")?;
         }
-        stdout.flush().context("write to stdout")?;
+        .and_then(|()| stdout.flush());
+        match written {
+            Ok(()) => {}
+            // The reader went away (`| head`): that is the end, not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e).context("write to stdout"),
+        }
         tokio::select! {
             r = &mut ctrl_c => {
                 r.context("wait for Ctrl-C")?;
@@ -189,9 +211,14 @@ mod tests {
             volume_left: None,
         };
         assert_eq!(fmt_enforce(&allow), "allow 200 Mbit/s");
-        assert_eq!(fmt_enforce(&Enforce::Floor { rate_bps: 0 }), "floor: blocked");
         assert_eq!(
-            fmt_enforce(&Enforce::Floor { rate_bps: 10_000_000 }),
+            fmt_enforce(&Enforce::Floor { rate_bps: 0 }),
+            "floor: blocked"
+        );
+        assert_eq!(
+            fmt_enforce(&Enforce::Floor {
+                rate_bps: 10_000_000
+            }),
             "floor: 10 Mbit/s"
         );
     }
@@ -204,9 +231,15 @@ mod tests {
             volume_left: left,
         };
         let cases = [
-            (decision(allow(Some(8_500_000)), Some(10_000_000), 1_500_000), "1.5 MB / 8.5 MB"),
+            (
+                decision(allow(Some(8_500_000)), Some(10_000_000), 1_500_000),
+                "1.5 MB / 8.5 MB",
+            ),
             (decision(allow(None), None, 1_500_000), "1.5 MB / unlimited"),
-            (decision(Enforce::Floor { rate_bps: 0 }, Some(10_000_000), 10_000_000), "10 MB / 0 B"),
+            (
+                decision(Enforce::Floor { rate_bps: 0 }, Some(10_000_000), 10_000_000),
+                "10 MB / 0 B",
+            ),
         ];
         for (d, want) in cases {
             assert_eq!(fmt_volume(&d), want);
@@ -238,7 +271,16 @@ mod tests {
         let text = render(&st);
         assert!(text.contains("DISCONNECTED (connection refused)"), "{text}");
         let row = text.lines().last().expect("a row");
-        for want in ["egress", "active", "allow 200 Mbit/s", "7", "12", "28.5s", "0 B / unlimited", "lease 7 active"] {
+        for want in [
+            "egress",
+            "active",
+            "allow 200 Mbit/s",
+            "7",
+            "12",
+            "28.5s",
+            "0 B / unlimited",
+            "lease 7 active",
+        ] {
             assert!(row.contains(want), "{want:?} not in {row:?}");
         }
     }

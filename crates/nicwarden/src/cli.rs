@@ -300,6 +300,8 @@ pub struct AgentStatusArgs {
     pub watch: bool,
 }
 
+const API_HEADING: &str = "Operator API";
+
 /// How to reach the operator API; accepted before or after the subcommand.
 #[derive(Clone, Debug, Args)]
 pub struct ClientOpts {
@@ -309,7 +311,8 @@ pub struct ClientOpts {
         global = true,
         env = "NICWARDEN_API",
         value_name = "URL",
-        default_value = "http://127.0.0.1:7080"
+        default_value = "http://127.0.0.1:7080",
+        help_heading = API_HEADING
     )]
     pub api: String,
     /// Operator bearer token (takes precedence over --token-file)
@@ -318,16 +321,22 @@ pub struct ClientOpts {
         global = true,
         env = "NICWARDEN_TOKEN",
         value_name = "TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        help_heading = API_HEADING
     )]
     pub token: Option<String>,
-    /// File holding the operator token (the controller writes <data_dir>/operator.token;
-    /// with neither --token nor --token-file, /var/lib/nicwarden/controller/operator.token
-    /// is tried)
-    #[arg(long, global = true, env = "NICWARDEN_TOKEN_FILE", value_name = "FILE")]
+    /// File holding the operator token, <data_dir>/operator.token on the controller
+    /// [default: /var/lib/nicwarden/controller/operator.token if readable]
+    #[arg(
+        long,
+        global = true,
+        env = "NICWARDEN_TOKEN_FILE",
+        value_name = "FILE",
+        help_heading = API_HEADING
+    )]
     pub token_file: Option<PathBuf>,
     /// Print the API's JSON instead of a table
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = API_HEADING)]
     pub json: bool,
 }
 
@@ -389,7 +398,11 @@ pub struct NodeTokenArgs {
 pub struct AgentHint {
     /// Agent endpoint of the controller to show in the printed agent command
     /// [default: the --api host, port 7443]
-    #[arg(long = "agent-endpoint", env = "NICWARDEN_CONTROLLER", value_name = "URL")]
+    #[arg(
+        long = "agent-endpoint",
+        env = "NICWARDEN_CONTROLLER",
+        value_name = "URL"
+    )]
     pub agent_endpoint: Option<String>,
 }
 
@@ -517,8 +530,9 @@ pub struct QuotaSetArgs {
     pub group: Option<String>,
 }
 
+/// `--from`/`--limit` only apply without a subcommand. (Not `args_conflicts_with_subcommands`:
+/// that would also refuse the global `--api`/`--token` before `verify`.)
 #[derive(Debug, Args)]
-#[command(args_conflicts_with_subcommands = true)]
 pub struct AuditCmd {
     #[command(flatten)]
     pub client: ClientOpts,
@@ -619,13 +633,31 @@ mod tests {
     #[test]
     fn bad_values_name_the_flag() {
         let cases: &[(&[&str], &str)] = &[
-            (&["lease", "grant", "n1", "--rate", "fast"], "`fast` is not a rate"),
-            (&["lease", "grant", "n1", "--rate", "1G", "--scope", "north"], "peer:NODE"),
-            (&["lease", "grant", "n1", "--rate", "1G", "--ttl", "soon"], "is not a duration"),
-            (&["lease", "grant", "n1", "--rate", "1G", "--volume", "10Mb"], "ambiguous"),
+            (
+                &["lease", "grant", "n1", "--rate", "fast"],
+                "`fast` is not a rate",
+            ),
+            (
+                &["lease", "grant", "n1", "--rate", "1G", "--scope", "north"],
+                "peer:NODE",
+            ),
+            (
+                &["lease", "grant", "n1", "--rate", "1G", "--ttl", "soon"],
+                "is not a duration",
+            ),
+            (
+                &["lease", "grant", "n1", "--rate", "1G", "--volume", "10Mb"],
+                "ambiguous",
+            ),
             (&["lease", "list", "--state", "sleepy"], "sleepy"),
-            (&["quota", "set", "fabric", "--capacity", "1GB"], "looks like bytes"),
-            (&["controller", "--fabric-capacity", "lots"], "--fabric-capacity"),
+            (
+                &["quota", "set", "fabric", "--capacity", "1GB"],
+                "looks like bytes",
+            ),
+            (
+                &["controller", "--fabric-capacity", "lots"],
+                "--fabric-capacity",
+            ),
         ];
         for (args, want) in cases {
             let err = parse(args).expect_err("must fail").to_string();
@@ -646,6 +678,7 @@ mod tests {
             panic!("not audit")
         };
         assert!(matches!(a.command, Some(AuditSub::Verify)));
-        assert!(parse(&["audit", "--from", "5", "verify"]).is_err());
+        // Global options may come before the subcommand.
+        assert!(parse(&["audit", "--api", "http://h:1", "verify"]).is_ok());
     }
 }

@@ -52,9 +52,10 @@ impl fmt::Display for ApiError {
                             "\n  no operator token was given: pass --token, --token-file or set \
                              NICWARDEN_TOKEN / NICWARDEN_TOKEN_FILE"
                         )?,
-                        TokenSource::Flag => {
-                            write!(f, "\n  the operator token (--token / NICWARDEN_TOKEN) is wrong")?
-                        }
+                        TokenSource::Flag => write!(
+                            f,
+                            "\n  the operator token (--token / NICWARDEN_TOKEN) is wrong"
+                        )?,
                         TokenSource::File(p) => write!(
                             f,
                             "\n  the operator token in {} is wrong (or from another controller)",
@@ -218,7 +219,10 @@ impl Client {
         Ok((typed, raw))
     }
 
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<(T, serde_json::Value)> {
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> anyhow::Result<(T, serde_json::Value)> {
         self.call_as(Method::GET, path, None::<&()>).await
     }
 }

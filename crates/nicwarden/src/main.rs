@@ -32,6 +32,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -127,7 +128,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: start the async runtime: {e}");
@@ -149,7 +153,9 @@ mod tests {
 
     fn controller_args(args: &[&str]) -> ControllerArgs {
         let cli = Cli::try_parse_from(
-            ["nicwarden", "controller"].into_iter().chain(args.iter().copied()),
+            ["nicwarden", "controller"]
+                .into_iter()
+                .chain(args.iter().copied()),
         )
         .expect("parses");
         match cli.command {
@@ -159,8 +165,12 @@ mod tests {
     }
 
     fn agent_args(args: &[&str]) -> AgentRunArgs {
-        let cli = Cli::try_parse_from(["nicwarden", "agent"].into_iter().chain(args.iter().copied()))
-            .expect("parses");
+        let cli = Cli::try_parse_from(
+            ["nicwarden", "agent"]
+                .into_iter()
+                .chain(args.iter().copied()),
+        )
+        .expect("parses");
         match cli.command {
             Command::Agent(a) => a.run,
             _ => panic!("not agent"),
@@ -203,7 +213,10 @@ mod tests {
             "127.0.0.1:7443",
         ]))
         .expect_err("same address twice");
-        assert!(format!("{err:#}").contains("agent_listen and api_listen"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("agent_listen and api_listen"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::cli::{
-    AgentHint, AuditCmd, AuditSub, LeaseCmd, LeaseSub, NodeCmd, NodeSub, QuotaCmd,
-    QuotaSub, TermsArgs,
+    AgentHint, AuditCmd, AuditSub, LeaseCmd, LeaseSub, NodeCmd, NodeSub, QuotaCmd, QuotaSub,
+    TermsArgs,
 };
 use crate::client::{encode, Client};
 use crate::table::{fields, Table};
@@ -42,7 +42,10 @@ pub struct AuditVerify {
 }
 
 fn print_json(raw: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(raw).context("format JSON")?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(raw).context("format JSON")?
+    );
     Ok(())
 }
 
@@ -141,8 +144,14 @@ fn node_fields(n: &NodeView) -> String {
         ("group", n.group.clone()),
         ("capacity", fmt_rate(n.capacity_bps)),
         ("state", node_state(n).to_string()),
-        ("enrolled at", opt_or(n.enrolled_at_unix_ms, fmt_unix_ms, "-")),
-        ("certificate", opt_or(n.cert_fingerprint.clone(), |f| f, "-")),
+        (
+            "enrolled at",
+            opt_or(n.enrolled_at_unix_ms, fmt_unix_ms, "-"),
+        ),
+        (
+            "certificate",
+            opt_or(n.cert_fingerprint.clone(), |f| f, "-"),
+        ),
         ("active leases", n.active_leases.to_string()),
         ("last seq", n.last_seq.to_string()),
     ])
@@ -175,7 +184,8 @@ pub async fn node(cmd: NodeCmd) -> anyhow::Result<()> {
             print!("{}", node_table(&nodes));
         }
         NodeSub::Show { name } => {
-            let (n, raw): (NodeView, _) = client.get(&format!("/v1/nodes/{}", encode(&name))).await?;
+            let (n, raw): (NodeView, _) =
+                client.get(&format!("/v1/nodes/{}", encode(&name))).await?;
             if json {
                 return print_json(&raw);
             }
@@ -183,7 +193,11 @@ pub async fn node(cmd: NodeCmd) -> anyhow::Result<()> {
         }
         NodeSub::Remove { name } => {
             let (n, raw): (NodeView, _) = client
-                .call_as(Method::DELETE, &format!("/v1/nodes/{}", encode(&name)), None::<&()>)
+                .call_as(
+                    Method::DELETE,
+                    &format!("/v1/nodes/{}", encode(&name)),
+                    None::<&()>,
+                )
                 .await?;
             if json {
                 return print_json(&raw);
@@ -255,7 +269,11 @@ fn fmt_lease_rate(r: &LeaseRecord) -> String {
     if r.rate_bps == r.terms.want_bps {
         fmt_rate(r.rate_bps)
     } else {
-        format!("{} (wants {})", fmt_rate(r.rate_bps), fmt_rate(r.terms.want_bps))
+        format!(
+            "{} (wants {})",
+            fmt_rate(r.rate_bps),
+            fmt_rate(r.terms.want_bps)
+        )
     }
 }
 
@@ -278,7 +296,14 @@ fn fmt_state(v: &LeaseView) -> String {
 
 pub fn lease_table(leases: &[LeaseView]) -> String {
     let mut t = Table::new(&[
-        "ID", "NODE", "SCOPE", "STATE", "RATE", "VOLUME", "EXPIRES IN", "SEQ",
+        "ID",
+        "NODE",
+        "SCOPE",
+        "STATE",
+        "RATE",
+        "VOLUME",
+        "EXPIRES IN",
+        "SEQ",
     ]);
     for v in leases {
         let r = &v.record;
@@ -299,7 +324,7 @@ pub fn lease_table(leases: &[LeaseView]) -> String {
 pub fn lease_fields(v: &LeaseView) -> String {
     let r = &v.record;
     let state = match &r.status {
-        LeaseStatus::Active => v.state.clone(),
+        LeaseStatus::Active => fmt_state(v),
         LeaseStatus::Revoked { at, reason } => {
             format!("{} at {} ({reason})", v.state, fmt_unix_ms(at.as_millis()))
         }
@@ -315,7 +340,10 @@ pub fn lease_fields(v: &LeaseView) -> String {
         ("volume used", fmt_volume(r)),
         (
             "packets",
-            format!("{} sent, {} dropped", r.usage.packets, r.usage.dropped_packets),
+            format!(
+                "{} sent, {} dropped",
+                r.usage.packets, r.usage.dropped_packets
+            ),
         ),
         ("ttl", fmt_millis(r.terms.ttl_ms)),
         ("renew every", fmt_millis(r.terms.renew_interval_ms)),
@@ -334,7 +362,9 @@ pub async fn lease(cmd: LeaseCmd) -> anyhow::Result<()> {
     let (view, raw, verb): (LeaseView, _, &str) = match cmd.command {
         LeaseSub::Grant(g) => {
             let req = grant_request(g.node, g.rate, &g.terms);
-            let (v, raw) = client.call_as(Method::POST, "/v1/leases", Some(&req)).await?;
+            let (v, raw) = client
+                .call_as(Method::POST, "/v1/leases", Some(&req))
+                .await?;
             (v, raw, "granted")
         }
         LeaseSub::List(l) => {
@@ -372,7 +402,11 @@ pub async fn lease(cmd: LeaseCmd) -> anyhow::Result<()> {
         LeaseSub::Revoke(r) => {
             let req = RevokeRequest { reason: r.reason };
             let (v, raw) = client
-                .call_as(Method::POST, &format!("/v1/leases/{}/revoke", r.id), Some(&req))
+                .call_as(
+                    Method::POST,
+                    &format!("/v1/leases/{}/revoke", r.id),
+                    Some(&req),
+                )
                 .await?;
             (v, raw, "revoked")
         }
@@ -451,7 +485,11 @@ pub async fn quota(cmd: QuotaCmd) -> anyhow::Result<()> {
                 group: s.group,
             };
             client
-                .call_as(Method::PUT, &format!("/v1/quota/{}", encode(&s.name)), Some(&req))
+                .call_as(
+                    Method::PUT,
+                    &format!("/v1/quota/{}", encode(&s.name)),
+                    Some(&req),
+                )
                 .await?
         }
     };
@@ -491,11 +529,19 @@ pub async fn audit(cmd: AuditCmd) -> anyhow::Result<()> {
     let client = Client::new(&cmd.client)?;
     match cmd.command {
         Some(AuditSub::Verify) => {
+            if cmd.from.is_some() || cmd.limit.is_some() {
+                anyhow::bail!(
+                    "--from and --limit list entries; `audit verify` checks the whole log"
+                );
+            }
             let (v, raw): (AuditVerify, _) = client.get("/v1/audit/verify").await?;
             if cmd.client.json {
                 print_json(&raw)?;
             } else if v.ok {
-                println!("audit log intact: {} entries, hash chain verified", v.entries);
+                println!(
+                    "audit log intact: {} entries, hash chain verified",
+                    v.entries
+                );
             }
             if !v.ok {
                 let at = v
@@ -548,7 +594,9 @@ mod tests {
                 volume_bytes: Some(10_000_000_000),
                 ttl_ms: 30_000,
                 renew_interval_ms: 10_000,
-                floor: Floor { rate_bps: 1_000_000 },
+                floor: Floor {
+                    rate_bps: 1_000_000,
+                },
             },
             rate_bps: 200_000_000,
             seq: 12,
@@ -594,7 +642,10 @@ mod tests {
         let mut t = terms();
         t.ttl = Some(Duration::from_secs(120));
         let req = amend_request(&record(), None, &t);
-        assert_eq!(req.rate_bps, 300_000_000, "keeps the wanted rate, not the granted one");
+        assert_eq!(
+            req.rate_bps, 300_000_000,
+            "keeps the wanted rate, not the granted one"
+        );
         assert_eq!(req.ttl_s, Some(120.0));
         assert_eq!(req.renew_s, None);
         t.renew = Some(Duration::from_secs(40));
@@ -644,6 +695,38 @@ mod tests {
         };
         assert_eq!(fmt_state(&v), "revoked (maintenance)");
         assert!(lease_fields(&v).contains("revoked at 2023-11-14T22:14:10Z (maintenance)"));
+    }
+
+    #[test]
+    fn quota_rendering() {
+        let q: QuotaView = serde_json::from_str(
+            r#"{"tree":{"fabric":{"capacity_bps":100000000000,"algorithm":"static"},
+                "groups":{"default":{"capacity_bps":10000000000,"algorithm":"fair_share"},
+                          "rack-a":{"capacity_bps":40000000000,"algorithm":"static"}},
+                "nodes":{"n1":{"group":"rack-a","capacity_bps":1000000000,"algorithm":"static"}}},
+                "allocated_bps":{"fabric":200000000,"rack-a":200000000,"n1":200000000}}"#,
+        )
+        .expect("decodes");
+        let t = quota_table(&q);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 5, "{t}");
+        assert!(
+            lines[1].starts_with("fabric") && lines[1].ends_with("200 Mbit/s"),
+            "{t}"
+        );
+        assert!(
+            lines[2].contains("default") && lines[2].ends_with("0 bit/s"),
+            "{t}"
+        );
+        assert!(lines[2].contains("fair_share"), "{t}");
+        assert!(
+            lines[3].contains("rack-a") && lines[3].contains("40 Gbit/s"),
+            "{t}"
+        );
+        assert!(
+            lines[4].starts_with("    n1") && lines[4].contains("1 Gbit/s"),
+            "{t}"
+        );
     }
 
     #[test]

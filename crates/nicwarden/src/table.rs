@@ -52,10 +52,14 @@ impl Table {
 
 /// Key/value lines for `show` commands: keys padded to the same width.
 pub fn fields(pairs: &[(&str, String)]) -> String {
-    let width = pairs.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    let width = pairs
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
     let mut out = String::new();
     for (k, v) in pairs {
-        out.push_str(&format!("{k:<width$}  {v}").trim_end().to_string());
+        out.push_str(format!("{k:<width$}  {v}").trim_end());
         out.push('\n');
     }
     out
@@ -92,7 +96,11 @@ mod tests {
     #[test]
     fn key_values() {
         assert_eq!(
-            fields(&[("id", "7".into()), ("node", "n1".into()), ("reason", String::new())]),
+            fields(&[
+                ("id", "7".into()),
+                ("node", "n1".into()),
+                ("reason", String::new())
+            ]),
             "id      7\nnode    n1\nreason\n"
         );
     }

@@ -48,7 +48,9 @@ fn scale(number: &str, multiplier: u64) -> Option<u64> {
     let frac = &frac[..frac.len().min(24)];
     let mut mantissa: u128 = 0;
     for c in int.chars().chain(frac.chars()) {
-        mantissa = mantissa.checked_mul(10)?.checked_add(u128::from(c as u8 - b'0'))?;
+        mantissa = mantissa
+            .checked_mul(10)?
+            .checked_add(u128::from(c as u8 - b'0'))?;
     }
     let divisor = 10u128.checked_pow(u32::try_from(frac.len()).ok()?)?;
     let value = mantissa
@@ -102,7 +104,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     }
     let lower = unit.to_ascii_lowercase();
     if lower.ends_with("bit") || lower.ends_with("bits") || lower.ends_with("bps") {
-        return Err(format!("`{s}` looks like bits, but this is a byte count; {BYTES_EXAMPLES}"));
+        return Err(format!(
+            "`{s}` looks like bits, but this is a byte count; {BYTES_EXAMPLES}"
+        ));
     }
     let (prefix, suffix) = match unit.char_indices().next() {
         Some((_, c)) if "kKmMgGtT".contains(c) => unit.split_at(1),
@@ -131,7 +135,10 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         if !is_decimal(&number) {
             not_bytes()
         } else {
-            format!("`{s}` is too large a byte count (at most {} bytes)", u64::MAX)
+            format!(
+                "`{s}` is too large a byte count (at most {} bytes)",
+                u64::MAX
+            )
         }
     })
 }
@@ -148,7 +155,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .and_then(|v| Duration::try_from_secs_f64(v).ok())
             .ok_or_else(|| format!("`{s}` is not a duration; {DURATION_EXAMPLES}"));
     }
-    humantime::parse_duration(t).map_err(|_| format!("`{s}` is not a duration; {DURATION_EXAMPLES}"))
+    humantime::parse_duration(t)
+        .map_err(|_| format!("`{s}` is not a duration; {DURATION_EXAMPLES}"))
 }
 
 /// Formats `value / unit` with up to three decimals, trailing zeros removed.
@@ -253,7 +261,10 @@ mod tests {
         let got = parse_rate(input);
         match (got, expect) {
             (Ok(v), Ok(e)) => assert_eq!(v, e, "parse_rate({input:?})"),
-            (Err(m), Err(e)) => assert!(m.contains(e), "parse_rate({input:?}) error {m:?} lacks {e:?}"),
+            (Err(m), Err(e)) => assert!(
+                m.contains(e),
+                "parse_rate({input:?}) error {m:?} lacks {e:?}"
+            ),
             (got, expect) => panic!("parse_rate({input:?}) = {got:?}, expected {expect:?}"),
         }
     }
@@ -282,7 +293,10 @@ mod tests {
         check_rate("1.0005k", Ok(1001));
         check_rate("100bit", Ok(100));
         check_rate("100bps", Ok(100));
-        check_rate("fast", Err("`fast` is not a rate; examples: 200Mbit, 1.5G, 500k"));
+        check_rate(
+            "fast",
+            Err("`fast` is not a rate; examples: 200Mbit, 1.5G, 500k"),
+        );
         check_rate("", Err("is not a rate"));
         check_rate("M", Err("is not a rate"));
         check_rate("-5M", Err("is not a rate"));
@@ -301,7 +315,10 @@ mod tests {
         let got = parse_bytes(input);
         match (got, expect) {
             (Ok(v), Ok(e)) => assert_eq!(v, e, "parse_bytes({input:?})"),
-            (Err(m), Err(e)) => assert!(m.contains(e), "parse_bytes({input:?}) error {m:?} lacks {e:?}"),
+            (Err(m), Err(e)) => assert!(
+                m.contains(e),
+                "parse_bytes({input:?}) error {m:?} lacks {e:?}"
+            ),
             (got, expect) => panic!("parse_bytes({input:?}) = {got:?}, expected {expect:?}"),
         }
     }
@@ -326,7 +343,10 @@ mod tests {
         check_bytes("2GB", Ok(2_000_000_000));
         check_bytes("1TiB", Ok(1 << 40));
         check_bytes("1.3KiB", Ok(1331));
-        check_bytes("lots", Err("`lots` is not a byte count; examples: 10MB, 200MiB"));
+        check_bytes(
+            "lots",
+            Err("`lots` is not a byte count; examples: 10MB, 200MiB"),
+        );
         check_bytes("", Err("is not a byte count"));
         check_bytes("10XB", Err("is not a byte count"));
         check_bytes("10Bi", Err("is not a byte count"));
@@ -342,7 +362,10 @@ mod tests {
         let got = parse_duration(input);
         match (got, expect) {
             (Ok(v), Ok(e)) => assert_eq!(v, e, "parse_duration({input:?})"),
-            (Err(m), Err(e)) => assert!(m.contains(e), "parse_duration({input:?}) error {m:?} lacks {e:?}"),
+            (Err(m), Err(e)) => assert!(
+                m.contains(e),
+                "parse_duration({input:?}) error {m:?} lacks {e:?}"
+            ),
             (got, expect) => panic!("parse_duration({input:?}) = {got:?}, expected {expect:?}"),
         }
     }
@@ -387,7 +410,15 @@ mod tests {
 
     #[test]
     fn rate_display_round_trips() {
-        for bps in [1, 999, 1_000, 1_500, 200_000_000, 1_500_000_000, 10_000_000_000] {
+        for bps in [
+            1,
+            999,
+            1_000,
+            1_500,
+            200_000_000,
+            1_500_000_000,
+            10_000_000_000,
+        ] {
             assert_eq!(parse_rate(&fmt_rate(bps)), Ok(bps), "round trip {bps}");
         }
     }
@@ -419,8 +450,21 @@ mod tests {
 
     #[test]
     fn byte_display_round_trips() {
-        for bytes in [0, 999, 1_000, 1_500, 16_384, 10_000_000, 200 * 1024 * 1024, 1 << 40] {
-            assert_eq!(parse_bytes(&fmt_bytes(bytes)), Ok(bytes), "round trip {bytes}");
+        for bytes in [
+            0,
+            999,
+            1_000,
+            1_500,
+            16_384,
+            10_000_000,
+            200 * 1024 * 1024,
+            1 << 40,
+        ] {
+            assert_eq!(
+                parse_bytes(&fmt_bytes(bytes)),
+                Ok(bytes),
+                "round trip {bytes}"
+            );
         }
     }
 

@@ -62,6 +62,7 @@ pub fn directive_to_pb(d: &core::Directive) -> pb::Directive {
             renew_interval_ms: l.renew_interval_ms,
             floor_bps: l.floor.rate_bps,
             issued_at_unix_ms: l.issued_at.0,
+            used_bytes: l.used_bytes,
         }),
         core::Directive::Revoke(r) => pb::directive::Kind::Revocation(pb::Revocation {
             lease_id: r.lease_id.0,
@@ -107,6 +108,7 @@ pub fn directive_from_pb(d: pb::Directive) -> Result<core::Directive, WireError>
                 ttl_ms: l.ttl_ms,
                 renew_interval_ms: l.renew_interval_ms,
                 floor: floor(l.floor_bps),
+                used_bytes: l.used_bytes,
                 issued_at: core::Time(l.issued_at_unix_ms),
             }))
         }
@@ -185,6 +187,7 @@ mod tests {
             ttl_ms: 30_000,
             renew_interval_ms: 5_000,
             floor: core::Floor::BLOCKED,
+            used_bytes: 1234,
             issued_at: core::Time(1_700_000_000_000),
         })
     }
@@ -270,17 +273,50 @@ mod tests {
                 directive: body,
             };
             let err = verify_directive(&sd, &pk).expect_err("must be rejected");
-            assert!(err.to_string().contains(want), "{err} should mention {want}");
+            assert!(
+                err.to_string().contains(want),
+                "{err} should mention {want}"
+            );
         };
         let good = match directive_to_pb(&lease(1)).kind {
             Some(pb::directive::Kind::Lease(l)) => l,
             _ => unreachable!(),
         };
-        check(pb::Lease { rate_bps: 0, ..good.clone() }, "rate_bps");
-        check(pb::Lease { seq: 0, ..good.clone() }, "seq");
-        check(pb::Lease { node: String::new(), ..good.clone() }, "node");
-        check(pb::Lease { scope: "everything".into(), ..good.clone() }, "scope");
-        check(pb::Lease { renew_interval_ms: 30_000, ..good.clone() }, "renew_interval_ms");
+        check(
+            pb::Lease {
+                rate_bps: 0,
+                ..good.clone()
+            },
+            "rate_bps",
+        );
+        check(
+            pb::Lease {
+                seq: 0,
+                ..good.clone()
+            },
+            "seq",
+        );
+        check(
+            pb::Lease {
+                node: String::new(),
+                ..good.clone()
+            },
+            "node",
+        );
+        check(
+            pb::Lease {
+                scope: "everything".into(),
+                ..good.clone()
+            },
+            "scope",
+        );
+        check(
+            pb::Lease {
+                renew_interval_ms: 30_000,
+                ..good.clone()
+            },
+            "renew_interval_ms",
+        );
         check(pb::Lease { ttl_ms: 0, ..good }, "ttl_ms");
     }
 }

@@ -18,9 +18,16 @@ struct Running {
 
 impl Running {
     async fn start(dir: &Path) -> Running {
-        let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let agent = format!("https://127.0.0.1:{}", agent_l.local_addr().expect("addr").port());
+        let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let api_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let agent = format!(
+            "https://127.0.0.1:{}",
+            agent_l.local_addr().expect("addr").port()
+        );
         let api = format!("http://{}", api_l.local_addr().expect("addr"));
         let cfg = ControllerConfig {
             data_dir: dir.to_path_buf(),
@@ -59,14 +66,20 @@ impl Running {
 
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut rb = self.http.request(m, format!("{}{path}", self.api)).bearer_auth(self.token());
+        let mut rb = self
+            .http
+            .request(m, format!("{}{path}", self.api))
+            .bearer_auth(self.token());
         if let Some(b) = body {
             rb = rb.json(&b);
         }
         let r = rb.send().await.expect("request");
         let st = r.status().as_u16();
         let text = r.text().await.expect("text");
-        (st, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            st,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn stop(mut self) {
@@ -97,14 +110,19 @@ async fn every_documented_route_is_served() {
         .json()
         .await
         .expect("openapi is JSON");
-    assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
+    assert_eq!(
+        doc["openapi"].as_str().map(|v| v.starts_with("3.")),
+        Some(true)
+    );
     let paths = doc["paths"].as_object().expect("paths");
-    assert!(paths.len() >= 10, "the document lists the API: {}", paths.len());
+    assert!(
+        paths.len() >= 10,
+        "the document lists the API: {}",
+        paths.len()
+    );
     let mut checked = 0;
     for (path, ops) in paths {
-        let concrete = path
-            .replace("{name}", "node-x")
-            .replace("{id}", "999");
+        let concrete = path.replace("{name}", "node-x").replace("{id}", "999");
         for method in ops.as_object().expect("ops").keys() {
             if !["get", "post", "put", "delete"].contains(&method.as_str()) {
                 continue;
@@ -112,8 +130,13 @@ async fn every_documented_route_is_served() {
             let body = matches!(method.as_str(), "post" | "put").then(|| json!({}));
             let (st, v) = c.call(&method.to_uppercase(), &concrete, body).await;
             // Served: anything but "no such route" (our fallback) or 405.
-            let fallback = v["error"].as_str().is_some_and(|e| e.contains("no such route"));
-            assert!(!fallback && st != 405, "{method} {path} is documented but not served: {st} {v}");
+            let fallback = v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("no such route"));
+            assert!(
+                !fallback && st != 405,
+                "{method} {path} is documented but not served: {st} {v}"
+            );
             checked += 1;
         }
     }
@@ -130,40 +153,90 @@ async fn bad_requests_get_clear_errors() {
         let e = v["error"].as_str().unwrap_or_default();
         assert!(e.contains(want), "`{e}` should mention `{want}`");
     };
-    let (st, v) = c.call("POST", "/v1/nodes", Some(json!({"name": "node1"}))).await;
+    let (st, v) = c
+        .call("POST", "/v1/nodes", Some(json!({"name": "node1"})))
+        .await;
     assert_eq!(st, 201, "{v}");
-    let (st, v) = c.call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": 0}))).await;
+    let (st, v) = c
+        .call(
+            "POST",
+            "/v1/leases",
+            Some(json!({"node": "node1", "rate_bps": 0})),
+        )
+        .await;
     check(st, &v, 422, "rate must be > 0");
-    let (st, v) = c.call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": "fast"}))).await;
+    let (st, v) = c
+        .call(
+            "POST",
+            "/v1/leases",
+            Some(json!({"node": "node1", "rate_bps": "fast"})),
+        )
+        .await;
     check(st, &v, 422, "rate_bps");
     let (st, v) = c
-        .call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": 1000, "colour": "red"})))
+        .call(
+            "POST",
+            "/v1/leases",
+            Some(json!({"node": "node1", "rate_bps": 1000, "colour": "red"})),
+        )
         .await;
     check(st, &v, 422, "colour");
     let (st, v) = c
-        .call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": 1000, "scope": "sideways"})))
+        .call(
+            "POST",
+            "/v1/leases",
+            Some(json!({"node": "node1", "rate_bps": 1000, "scope": "sideways"})),
+        )
         .await;
     check(st, &v, 422, "scope");
     let (st, v) = c
-        .call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": 1000, "ttl_s": -1})))
+        .call(
+            "POST",
+            "/v1/leases",
+            Some(json!({"node": "node1", "rate_bps": 1000, "ttl_s": -1})),
+        )
         .await;
     check(st, &v, 422, "ttl_s");
-    let (st, v) = c.call("POST", "/v1/leases", Some(json!({"node": "ghost", "rate_bps": 1000}))).await;
+    let (st, v) = c
+        .call(
+            "POST",
+            "/v1/leases",
+            Some(json!({"node": "ghost", "rate_bps": 1000})),
+        )
+        .await;
     check(st, &v, 404, "ghost");
     let (st, v) = c.call("GET", "/v1/leases/abc", None).await;
     check(st, &v, 422, "lease id");
     let (st, v) = c.call("GET", "/v1/leases?state=sideways", None).await;
     check(st, &v, 422, "state");
-    let (st, v) = c.call("POST", "/v1/nodes", Some(json!({"name": "Bad Name!"}))).await;
+    let (st, v) = c
+        .call("POST", "/v1/nodes", Some(json!({"name": "Bad Name!"})))
+        .await;
     check(st, &v, 422, "name");
-    let (st, v) = c.call("POST", "/v1/nodes", Some(json!({"name": "node1"}))).await;
+    let (st, v) = c
+        .call("POST", "/v1/nodes", Some(json!({"name": "node1"})))
+        .await;
     check(st, &v, 409, "node1");
-    let (st, v) = c.call("PUT", "/v1/quota/fabric", Some(json!({"capacity_bps": 0}))).await;
+    let (st, v) = c
+        .call("PUT", "/v1/quota/fabric", Some(json!({"capacity_bps": 0})))
+        .await;
     check(st, &v, 422, "capacity");
     // Oversubscription of a static fabric is refused with numbers.
-    let (st, _) = c.call("PUT", "/v1/quota/fabric", Some(json!({"capacity_bps": 1000}))).await;
+    let (st, _) = c
+        .call(
+            "PUT",
+            "/v1/quota/fabric",
+            Some(json!({"capacity_bps": 1000})),
+        )
+        .await;
     assert_eq!(st, 200);
-    let (st, v) = c.call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": 2000}))).await;
+    let (st, v) = c
+        .call(
+            "POST",
+            "/v1/leases",
+            Some(json!({"node": "node1", "rate_bps": 2000})),
+        )
+        .await;
     check(st, &v, 409, "oversubscribed");
     // Not JSON at all.
     let r = c
@@ -177,7 +250,12 @@ async fn bad_requests_get_clear_errors() {
         .expect("send");
     assert_eq!(r.status().as_u16(), 422);
     // No token, wrong token.
-    let r = c.http.get(format!("{}/v1/nodes", c.api)).send().await.expect("send");
+    let r = c
+        .http
+        .get(format!("{}/v1/nodes", c.api))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status().as_u16(), 401);
     let r = c
         .http
@@ -194,7 +272,11 @@ async fn bad_requests_get_clear_errors() {
 }
 
 /// Opens a session with the given TLS config and Hello; returns the gRPC status if refused.
-async fn session_with(agent: &str, tls: rustls::ClientConfig, node: &str) -> Result<(), tonic::Status> {
+async fn session_with(
+    agent: &str,
+    tls: rustls::ClientConfig,
+    node: &str,
+) -> Result<(), tonic::Status> {
     let ch = match nicwarden_agent::transport::connect(agent, tls).await {
         Ok(ch) => ch,
         Err(e) => return Err(tonic::Status::unavailable(format!("{e:#}"))),
@@ -227,10 +309,14 @@ async fn session_with(agent: &str, tls: rustls::ClientConfig, node: &str) -> Res
 async fn mutual_tls_refusals() {
     let d = tmp();
     let c = Running::start(d.path()).await;
-    let (st, v) = c.call("POST", "/v1/nodes", Some(json!({"name": "node1"}))).await;
+    let (st, v) = c
+        .call("POST", "/v1/nodes", Some(json!({"name": "node1"})))
+        .await;
     assert_eq!(st, 201);
     let token = v["join_token"].as_str().expect("token").to_string();
-    let (st, _) = c.call("POST", "/v1/nodes", Some(json!({"name": "node2"}))).await;
+    let (st, _) = c
+        .call("POST", "/v1/nodes", Some(json!({"name": "node2"})))
+        .await;
     assert_eq!(st, 201);
     let agent_dir = d.path().join("agent1");
     let ident = nicwarden_agent::identity::enroll(&agent_dir, "node1", &c.agent, &token)
@@ -241,36 +327,53 @@ async fn mutual_tls_refusals() {
             .expect("client config")
     };
     // The enrolled identity is accepted.
-    session_with(&c.agent, good(), "node1").await.expect("accepted");
+    session_with(&c.agent, good(), "node1")
+        .await
+        .expect("accepted");
 
     // No client certificate: refused.
     let tok = nicwarden_pki::JoinToken::parse(&token).expect("token");
     let nocert = nicwarden_pki::enrollment_client_config(tok.ca_fingerprint).expect("config");
-    let e = session_with(&c.agent, nocert, "node1").await.expect_err("refused");
+    let e = session_with(&c.agent, nocert, "node1")
+        .await
+        .expect_err("refused");
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
-    assert!(e.message().contains("client certificate is required"), "{e:?}");
+    assert!(
+        e.message().contains("client certificate is required"),
+        "{e:?}"
+    );
 
     // Presenting node1's certificate while claiming to be node2: refused.
-    let e = session_with(&c.agent, good(), "node2").await.expect_err("refused");
+    let e = session_with(&c.agent, good(), "node2")
+        .await
+        .expect_err("refused");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-    assert!(e.message().contains("certificate is for node node1"), "{e:?}");
+    assert!(
+        e.message().contains("certificate is for node node1"),
+        "{e:?}"
+    );
 
     // A certificate from another CA: the TLS handshake itself fails.
     let other = tmp();
-    let rogue_ca = nicwarden_pki::ControllerIdentity::load_or_create(other.path(), &["localhost".into()])
-        .expect("rogue CA");
+    let rogue_ca =
+        nicwarden_pki::ControllerIdentity::load_or_create(other.path(), &["localhost".into()])
+            .expect("rogue CA");
     let key = nicwarden_pki::NodeKey::generate().expect("key");
     let (cert, _) = rogue_ca
         .issue_node_cert("node1", &key.csr_pem("node1").expect("csr"), 1)
         .expect("rogue cert");
     let rogue = nicwarden_pki::agent_client_config(&ident.ca_pem, &cert, &key).expect("config");
-    let e = session_with(&c.agent, rogue, "node1").await.expect_err("refused");
+    let e = session_with(&c.agent, rogue, "node1")
+        .await
+        .expect_err("refused");
     assert_ne!(e.code(), tonic::Code::Ok);
 
     // After the node is removed its certificate no longer opens a session.
     let (st, _) = c.call("DELETE", "/v1/nodes/node1", None).await;
     assert_eq!(st, 200);
-    let e = session_with(&c.agent, good(), "node1").await.expect_err("refused");
+    let e = session_with(&c.agent, good(), "node1")
+        .await
+        .expect_err("refused");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     c.stop().await;
 }
@@ -279,8 +382,12 @@ async fn mutual_tls_refusals() {
 async fn second_controller_on_same_data_dir_is_refused() {
     let d = tmp();
     let c = Running::start(d.path()).await;
-    let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let api_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let cfg = ControllerConfig {
         data_dir: d.path().to_path_buf(),
         ..ControllerConfig::default()

@@ -15,6 +15,7 @@ fn lease(id: u64, scope: &str, seq: u64) -> Lease {
         ttl_ms: 10_000,
         renew_interval_ms: 3_000,
         floor: Floor { rate_bps: 7 },
+        used_bytes: 0,
         issued_at: Time(0),
     }
 }
@@ -354,4 +355,27 @@ fn restarted_agent_rejects_old_seqs() {
         "reject directive: seq 41 is not greater than the last accepted seq 41 (replayed or reordered)",
     );
     check(&mut a, 0, Directive::Lease(lease(1, "egress", 42)), "ok");
+}
+
+#[test]
+fn restarted_agent_resumes_volume_from_the_controllers_record() {
+    // A fresh core (agent restarted) receives its lease re-issued with the usage the
+    // controller recorded: the volume stays spent.
+    let mut a = AgentCore::new(NODE, 0, Floor::BLOCKED);
+    let mut l = lease(1, "egress", 1);
+    l.volume_bytes = Some(1000);
+    l.used_bytes = 1000;
+    a.handle_directive(Time(0), Directive::Lease(l.clone()))
+        .unwrap();
+    let d = a.decision_for(Time(1), &Scope::Egress);
+    assert_eq!(d.state, SlotState::Exhausted);
+    assert!(!d.enforce.is_allow());
+    // A renewal carrying a lower figure never refills it.
+    l.seq = 2;
+    l.used_bytes = 10;
+    a.handle_directive(Time(2), Directive::Lease(l)).unwrap();
+    assert_eq!(
+        a.decision_for(Time(3), &Scope::Egress).state,
+        SlotState::Exhausted
+    );
 }

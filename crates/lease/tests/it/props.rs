@@ -221,7 +221,7 @@ proptest! {
                     let l = Lease {
                         id: LeaseId(id), node: "n".into(), scope: scopes[scope].clone(), seq,
                         rate_bps: 100, burst_bytes: 10, volume_bytes: volume, ttl_ms: ttl,
-                        renew_interval_ms: ttl / 2, floor: Floor { rate_bps: 1 }, issued_at: Time(0),
+                        renew_interval_ms: ttl / 2, floor: Floor { rate_bps: 1 }, used_bytes: 0, issued_at: Time(0),
                     };
                     let expect_ok = seq > model_seq && !revoked.contains(&id);
                     let got = a.handle_directive(Time(now), Directive::Lease(l));

@@ -11,7 +11,8 @@ fn tmp() -> tempfile::TempDir {
 }
 
 async fn connected(a: &Agent) {
-    a.wait_status("connected", T, |s| s["connected"] == true).await;
+    a.wait_status("connected", T, |s| s["connected"] == true)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,8 +46,10 @@ async fn enroll_grant_renew_revoke() {
     assert_eq!(d["enforce"]["rate_bps"], 200_000_000u64);
     let seq0 = s["last_seq"].as_u64().expect("seq");
     // Renewals keep it active past its 3 s TTL with growing sequence numbers.
-    a1.wait_status("two renewals", T, |s| s["last_seq"].as_u64().unwrap_or(0) >= seq0 + 2)
-        .await;
+    a1.wait_status("two renewals", T, |s| {
+        s["last_seq"].as_u64().unwrap_or(0) >= seq0 + 2
+    })
+    .await;
     let s = a1
         .wait_status("still active after ttl", T, |s| {
             state_of(s, "egress") == "active" && s["last_seq"].as_u64().unwrap_or(0) >= seq0 + 3
@@ -54,25 +57,42 @@ async fn enroll_grant_renew_revoke() {
         .await;
     assert_eq!(state_of(&s, "egress"), "active");
     // node2 is untouched.
-    assert_eq!(state_of(&a2.status().await.expect("status"), "egress"), "pending");
+    assert_eq!(
+        state_of(&a2.status().await.expect("status"), "egress"),
+        "pending"
+    );
 
     // Revoke: node1 at its floor within one second of the API call returning.
     let t0 = Instant::now();
     let (st, v) = ctl
-        .call("POST", &format!("/v1/leases/{id}/revoke"), Some(json!({"reason": "test"})))
+        .call(
+            "POST",
+            &format!("/v1/leases/{id}/revoke"),
+            Some(json!({"reason": "test"})),
+        )
         .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["state"], "revoked");
     let s = a1
-        .wait_status("revoked", Duration::from_secs(1), |s| state_of(s, "egress") == "revoked")
+        .wait_status("revoked", Duration::from_secs(1), |s| {
+            state_of(s, "egress") == "revoked"
+        })
         .await;
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(1), "revocation took {took:?}");
-    assert_eq!(Agent::scope(&s, "egress").expect("egress")["enforce"]["mode"], "floor");
+    assert_eq!(
+        Agent::scope(&s, "egress").expect("egress")["enforce"]["mode"],
+        "floor"
+    );
     // Revoking again is a clear conflict.
-    let (st, v) = ctl.call("POST", &format!("/v1/leases/{id}/revoke"), None).await;
+    let (st, v) = ctl
+        .call("POST", &format!("/v1/leases/{id}/revoke"), None)
+        .await;
     assert_eq!(st, 409, "{v}");
-    assert!(v["error"].as_str().unwrap_or("").contains("not active"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("not active"),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,21 +104,39 @@ async fn tokens_are_one_time_and_expire() {
     connected(&a1).await;
 
     // The same token again, from another data dir: refused, and the agent exits with why.
-    let mut again = Agent::start_in(&ctl, root.path().join("again"), "node1", Some(&tok), free_port());
+    let mut again = Agent::start_in(
+        &ctl,
+        root.path().join("again"),
+        "node1",
+        Some(&tok),
+        free_port(),
+    );
     let st = again.proc.wait_exit(T).await;
     assert!(!st.success());
-    assert!(again.proc.log_text().contains("already used"), "{}", again.proc.log_text());
+    assert!(
+        again.proc.log_text().contains("already used"),
+        "{}",
+        again.proc.log_text()
+    );
 
     // A token for node2 cannot enroll node3.
     let tok2 = ctl.add_node("node2").await;
     let _ = ctl.add_node("node3").await;
     let mut wrong = Agent::start(&ctl, root.path(), "node3", Some(&tok2));
     assert!(!wrong.proc.wait_exit(T).await.success());
-    assert!(wrong.proc.log_text().contains("is for node node2"), "{}", wrong.proc.log_text());
+    assert!(
+        wrong.proc.log_text().contains("is for node node2"),
+        "{}",
+        wrong.proc.log_text()
+    );
 
     // An expired token is refused.
     let (st, v) = ctl
-        .call("POST", "/v1/nodes", Some(json!({"name": "node4", "token_ttl_s": 1})))
+        .call(
+            "POST",
+            "/v1/nodes",
+            Some(json!({"name": "node4", "token_ttl_s": 1})),
+        )
         .await;
     assert_eq!(st, 201, "{v}");
     let tok4 = v["join_token"].as_str().expect("token").to_string();
@@ -115,12 +153,20 @@ async fn tokens_are_one_time_and_expire() {
     }
     let mut late = Agent::start(&ctl, root.path(), "node4", Some(&tok4));
     assert!(!late.proc.wait_exit(T).await.success());
-    assert!(late.proc.log_text().contains("expired"), "{}", late.proc.log_text());
+    assert!(
+        late.proc.log_text().contains("expired"),
+        "{}",
+        late.proc.log_text()
+    );
 
     // A garbage token is a clear local error.
     let mut bad = Agent::start(&ctl, root.path(), "node2", Some("not-a-token"));
     assert!(!bad.proc.wait_exit(T).await.success());
-    assert!(bad.proc.log_text().contains("join token"), "{}", bad.proc.log_text());
+    assert!(
+        bad.proc.log_text().contains("join token"),
+        "{}",
+        bad.proc.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,16 +178,25 @@ async fn controller_killed_agent_reaches_floor_at_its_deadline() {
     connected(&a1).await;
     ctl.grant(json!({"node": "node1", "rate_bps": 50_000_000u64, "ttl_s": 3, "renew_s": 1}))
         .await;
-    a1.wait_status("active", T, |s| state_of(s, "egress") == "active").await;
+    a1.wait_status("active", T, |s| state_of(s, "egress") == "active")
+        .await;
 
     ctl.kill9();
     // The agent notices, keeps its lease until its own deadline...
-    let s = a1.wait_status("disconnected", T, |s| s["connected"] == false).await;
+    let s = a1
+        .wait_status("disconnected", T, |s| s["connected"] == false)
+        .await;
     let seen = Instant::now();
     let d = Agent::scope(&s, "egress").expect("egress");
-    assert_eq!(d["state"], "active", "lease must survive the controller: {s}");
+    assert_eq!(
+        d["state"], "active",
+        "lease must survive the controller: {s}"
+    );
     let deadline_in = d["deadline_in_ms"].as_u64().expect("deadline_in_ms");
-    assert!(deadline_in <= 3000, "deadline beyond the ttl: {deadline_in}");
+    assert!(
+        deadline_in <= 3000,
+        "deadline beyond the ttl: {deadline_in}"
+    );
     let predicted = seen + Duration::from_millis(deadline_in);
     // ...then falls to the floor at it: never earlier, never (much) later.
     let mut last_active = seen;
@@ -153,7 +208,10 @@ async fn controller_killed_agent_reaches_floor_at_its_deadline() {
             "expired" => break now,
             other => panic!("unexpected state {other}: {s}"),
         }
-        assert!(now < predicted + Duration::from_secs(2), "still active long after the deadline");
+        assert!(
+            now < predicted + Duration::from_secs(2),
+            "still active long after the deadline"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert!(
@@ -169,7 +227,10 @@ async fn controller_killed_agent_reaches_floor_at_its_deadline() {
     let s = a1.status().await.expect("status");
     let d = Agent::scope(&s, "egress").expect("egress");
     assert_eq!(d["enforce"]["mode"], "floor");
-    assert!(a1.proc.log_text().contains("lease expired"), "the log says so");
+    assert!(
+        a1.proc.log_text().contains("lease expired"),
+        "the log says so"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,20 +244,31 @@ async fn controller_restart_keeps_state_and_never_double_grants() {
     let l1 = ctl
         .grant(json!({"node": "node1", "rate_bps": 10_000_000u64, "ttl_s": 30, "volume_bytes": 1_000_000u64}))
         .await;
-    let l2 = ctl.grant(json!({"node": "node2", "rate_bps": 20_000_000u64})).await;
-    let (_, v) = ctl.call("POST", &format!("/v1/leases/{}/revoke", l2["id"]), None).await;
+    let l2 = ctl
+        .grant(json!({"node": "node2", "rate_bps": 20_000_000u64}))
+        .await;
+    let (_, v) = ctl
+        .call("POST", &format!("/v1/leases/{}/revoke", l2["id"]), None)
+        .await;
     assert_eq!(v["state"], "revoked");
-    a1.wait_status("active", T, |s| state_of(s, "egress") == "active").await;
-    let seq_before = a1.status().await.expect("status")["last_seq"].as_u64().expect("seq");
+    a1.wait_status("active", T, |s| state_of(s, "egress") == "active")
+        .await;
+    let seq_before = a1.status().await.expect("status")["last_seq"]
+        .as_u64()
+        .expect("seq");
 
     ctl.kill9();
     ctl.restart().await;
 
     // Leases, the revocation and the nodes are all still there.
-    let (_, v) = ctl.call("GET", &format!("/v1/leases/{}", l1["id"]), None).await;
+    let (_, v) = ctl
+        .call("GET", &format!("/v1/leases/{}", l1["id"]), None)
+        .await;
     assert_eq!(v["state"], "active", "{v}");
     assert_eq!(v["terms"]["volume_bytes"], 1_000_000u64);
-    let (_, v) = ctl.call("GET", &format!("/v1/leases/{}", l2["id"]), None).await;
+    let (_, v) = ctl
+        .call("GET", &format!("/v1/leases/{}", l2["id"]), None)
+        .await;
     assert_eq!(v["state"], "revoked", "{v}");
     let (_, v) = ctl.call("GET", "/v1/nodes/node1", None).await;
     assert_eq!(v["enrolled"], true, "{v}");
@@ -207,11 +279,17 @@ async fn controller_restart_keeps_state_and_never_double_grants() {
     .await;
     // One active lease per scope still holds after restart: no double grant.
     let (st, v) = ctl
-        .call("POST", "/v1/leases", Some(json!({"node": "node1", "rate_bps": 1000})))
+        .call(
+            "POST",
+            "/v1/leases",
+            Some(json!({"node": "node1", "rate_bps": 1000})),
+        )
         .await;
     assert_eq!(st, 409, "{v}");
     // Lease ids continue; they are never reused.
-    let l3 = ctl.grant(json!({"node": "node2", "rate_bps": 1_000_000u64})).await;
+    let l3 = ctl
+        .grant(json!({"node": "node2", "rate_bps": 1_000_000u64}))
+        .await;
     assert!(l3["id"].as_u64() > l2["id"].as_u64(), "{l3}");
     // The audit chain survived the crash intact.
     let (_, v) = ctl.call("GET", "/v1/audit/verify", None).await;
@@ -232,12 +310,19 @@ async fn forged_leases_are_rejected() {
     std::fs::remove_file(&key).expect("remove lease key");
     ctl.restart().await; // creates a new, different lease key
     connected(&a1).await;
-    ctl.grant(json!({"node": "node1", "rate_bps": 1_000_000u64})).await;
+    ctl.grant(json!({"node": "node1", "rate_bps": 1_000_000u64}))
+        .await;
     let s = a1
-        .wait_status("rejection", T, |s| s["rejected_directives"].as_u64().unwrap_or(0) >= 1)
+        .wait_status("rejection", T, |s| {
+            s["rejected_directives"].as_u64().unwrap_or(0) >= 1
+        })
         .await;
     assert_eq!(state_of(&s, "egress"), "pending", "{s}");
-    assert!(a1.proc.log_text().contains("bad signature"), "{}", a1.proc.log_text());
+    assert!(
+        a1.proc.log_text().contains("bad signature"),
+        "{}",
+        a1.proc.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,9 +335,12 @@ async fn replayed_leases_are_rejected_even_after_agent_restart() {
     let tok = ctl.add_node("node1").await;
     let mut a1 = Agent::start(&ctl, root.path(), "node1", Some(&tok));
     connected(&a1).await;
-    ctl.grant(json!({"node": "node1", "rate_bps": 1_000_000u64, "ttl_s": 3, "renew_s": 1}))
+    // A long TTL, so the lease is still active in the old copy when it is restored;
+    // renewals every second move the sequence numbers on.
+    ctl.grant(json!({"node": "node1", "rate_bps": 1_000_000u64, "ttl_s": 60, "renew_s": 0.5}))
         .await;
-    a1.wait_status("active", T, |s| state_of(s, "egress") == "active").await;
+    a1.wait_status("active", T, |s| state_of(s, "egress") == "active")
+        .await;
     ctl.kill9();
     let snap = root.path().join("snap");
     std::fs::create_dir_all(&snap).expect("mkdir");
@@ -268,8 +356,10 @@ async fn replayed_leases_are_rejected_even_after_agent_restart() {
         .await["last_seq"]
         .as_u64()
         .expect("seq");
-    a1.wait_status("renewals", T, |s| s["last_seq"].as_u64().unwrap_or(0) >= seq_then + 4)
-        .await;
+    a1.wait_status("renewals", T, |s| {
+        s["last_seq"].as_u64().unwrap_or(0) >= seq_then + 4
+    })
+    .await;
     ctl.kill9();
     for f in ["nicwarden.db", "nicwarden.db-wal", "nicwarden.db-shm"] {
         let _ = std::fs::remove_file(ctl.dir.join(f));
@@ -280,8 +370,77 @@ async fn replayed_leases_are_rejected_even_after_agent_restart() {
     a1.restart(&ctl);
     ctl.restart().await;
     let s = a1
-        .wait_status("replay rejected", T, |s| s["rejected_directives"].as_u64().unwrap_or(0) >= 1)
+        .wait_status("replay rejected", T, |s| {
+            s["rejected_directives"].as_u64().unwrap_or(0) >= 1
+        })
         .await;
     assert_ne!(state_of(&s, "egress"), "active", "{s}");
-    assert!(a1.proc.log_text().contains("not greater than the last accepted"), "{}", a1.proc.log_text());
+    assert!(
+        a1.proc
+            .log_text()
+            .contains("not greater than the last accepted"),
+        "{}",
+        a1.proc.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spent_volume_stays_spent_across_agent_restart() {
+    let root = tmp();
+    let ctl = Ctl::start(&root.path().join("ctl")).await;
+    let tok = ctl.add_node("node1").await;
+    // Simulated counters: 80 Mbit/s offered, so a 1 MB volume is spent in about 0.1 s.
+    let dir = root.path().join("agent-node1");
+    let port = free_port();
+    let mut a1 = Agent::start_in(&ctl, dir.clone(), "node1", Some(&tok), port);
+    connected(&a1).await;
+    a1.proc.kill9();
+    // Enrolled; now run it with simulated counters.
+    let args: Vec<String> = [
+        "agent",
+        "--node",
+        "node1",
+        "--data-dir",
+        &dir.display().to_string(),
+        "--controller",
+        &ctl.agent_url(),
+        "--status-listen",
+        &format!("127.0.0.1:{port}"),
+        "--counters",
+        "simulated:80000000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a1.proc = Proc::spawn(&args, dir.with_extension("log-sim"));
+    connected(&a1).await;
+    let l = ctl
+        .grant(json!({"node": "node1", "rate_bps": 100_000_000u64, "volume_bytes": 1_000_000u64}))
+        .await;
+    a1.wait_status("exhausted", T, |s| state_of(s, "egress") == "exhausted")
+        .await;
+    // The controller learns the usage from the agent's reports.
+    let id = l["id"].as_u64().expect("id");
+    let mut used = 0;
+    for _ in 0..250 {
+        let (_, v) = ctl.call("GET", &format!("/v1/leases/{id}"), None).await;
+        used = v["usage"]["bytes"].as_u64().unwrap_or(0);
+        if v["volume_exhausted"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(used >= 1_000_000, "controller saw {used} bytes");
+    // Restart the agent (with the `none` counter source: it counts nothing itself).
+    a1.restart(&ctl);
+    let s = a1
+        .wait_status("resynced", T, |s| {
+            s["connected"] == true && state_of(s, "egress") != "pending"
+        })
+        .await;
+    assert_eq!(state_of(&s, "egress"), "exhausted", "{s}");
+    assert_eq!(
+        Agent::scope(&s, "egress").expect("egress")["enforce"]["mode"],
+        "floor"
+    );
 }

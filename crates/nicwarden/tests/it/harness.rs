@@ -55,7 +55,10 @@ impl Proc {
                 return st;
             }
             if start.elapsed() > limit {
-                panic!("process did not exit within {limit:?}; log:\n{}", self.log_text());
+                panic!(
+                    "process did not exit within {limit:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -116,7 +119,11 @@ impl Ctl {
             if let Some(st) = proc.child.try_wait().expect("try_wait") {
                 panic!("controller exited with {st}; log:\n{}", proc.log_text());
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "controller not ready; log:\n{}", proc.log_text());
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "controller not ready; log:\n{}",
+                proc.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -197,7 +204,13 @@ impl Agent {
         Self::start_in(ctl, dir, node, token, status_port)
     }
 
-    pub fn start_in(ctl: &Ctl, dir: PathBuf, node: &str, token: Option<&str>, status_port: u16) -> Agent {
+    pub fn start_in(
+        ctl: &Ctl,
+        dir: PathBuf,
+        node: &str,
+        token: Option<&str>,
+        status_port: u16,
+    ) -> Agent {
         let mut args: Vec<String> = vec![
             "agent".into(),
             "--node".into(),
@@ -226,7 +239,13 @@ impl Agent {
     /// Restarts the agent process on the same data directory (no token needed).
     pub fn restart(&mut self, ctl: &Ctl) {
         self.proc.kill9();
-        *self = Agent::start_in(ctl, self.dir.clone(), &self.node.clone(), None, self.status_port);
+        *self = Agent::start_in(
+            ctl,
+            self.dir.clone(),
+            &self.node.clone(),
+            None,
+            self.status_port,
+        );
     }
 
     pub async fn status(&self) -> Option<Value> {
@@ -251,7 +270,12 @@ impl Agent {
     }
 
     /// Waits until the status satisfies `pred`; returns that status.
-    pub async fn wait_status(&self, what: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let start = Instant::now();
         loop {
             if let Some(s) = self.status().await {

@@ -1,7 +1,10 @@
 //! Integration tests of the `nicwarden` binary that need no running controller: help texts,
 //! argument errors, config errors, and errors when nothing listens.
 //!
-//! End-to-end tests against a controller and agents live with the lead's test suite.
+//! End-to-end tests against a real controller and agents are in `e2e.rs`.
+
+mod e2e;
+mod harness;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -61,7 +64,10 @@ fn every_help_has_an_example_of_itself() {
         let out = nicwarden(&args);
         let text = stdout(&out);
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
-        assert!(text.contains("Example"), "{args:?} --help has no example:\n{text}");
+        assert!(
+            text.contains("Example"),
+            "{args:?} --help has no example:\n{text}"
+        );
         // The example runs this very command (`nicwarden lease grant ...`).
         let invocation = std::iter::once("nicwarden")
             .chain(path.iter().copied())
@@ -72,7 +78,9 @@ fn every_help_has_an_example_of_itself() {
             .skip_while(|l| !l.starts_with("Example"))
             .collect();
         assert!(
-            example_lines.iter().any(|l| l.trim_start().starts_with(&invocation)),
+            example_lines
+                .iter()
+                .any(|l| l.trim_start().starts_with(&invocation)),
             "{args:?} --help has no example starting with `{invocation}`:\n{text}"
         );
     }
@@ -106,9 +114,15 @@ fn version_prints() {
 const BAD_ARGS: &[(&[&str], &[&str])] = &[
     (
         &["lease", "grant", "node-1", "--rate", "fast"],
-        &["--rate", "`fast` is not a rate; examples: 200Mbit, 1.5G, 500k"],
+        &[
+            "--rate",
+            "`fast` is not a rate; examples: 200Mbit, 1.5G, 500k",
+        ],
     ),
-    (&["lease", "grant", "node-1", "--rate", "200MB"], &["--rate", "looks like bytes"]),
+    (
+        &["lease", "grant", "node-1", "--rate", "200MB"],
+        &["--rate", "looks like bytes"],
+    ),
     (&["lease", "grant", "node-1"], &["--rate"]),
     (
         &["lease", "grant", "node-1", "--rate", "1G", "--burst", "big"],
@@ -119,21 +133,49 @@ const BAD_ARGS: &[(&[&str], &[&str])] = &[
         &["--ttl", "`soon` is not a duration"],
     ),
     (
-        &["lease", "grant", "node-1", "--rate", "1G", "--scope", "north"],
+        &[
+            "lease", "grant", "node-1", "--rate", "1G", "--scope", "north",
+        ],
         &["--scope", "peer:NODE"],
     ),
     (&["lease", "change", "seven", "--rate", "1G"], &["seven"]),
-    (&["lease", "list", "--state", "sleepy"], &["sleepy", "active"]),
+    (
+        &["lease", "list", "--state", "sleepy"],
+        &["sleepy", "active"],
+    ),
     (&["quota", "set", "fabric"], &["--capacity"]),
     (
-        &["quota", "set", "fabric", "--capacity", "1G", "--algorithm", "random"],
+        &[
+            "quota",
+            "set",
+            "fabric",
+            "--capacity",
+            "1G",
+            "--algorithm",
+            "random",
+        ],
         &["random", "fair_share"],
     ),
-    (&["node", "add", "n1", "--capacity", "x"], &["--capacity", "is not a rate"]),
-    (&["node", "add", "n1", "--token-ttl", "x"], &["--token-ttl", "is not a duration"]),
-    (&["controller", "--fabric-capacity", "lots"], &["--fabric-capacity", "is not a rate"]),
-    (&["controller", "--api-listen", "nowhere"], &["--api-listen"]),
-    (&["agent", "--counters", "simulated:fast"], &["--counters", "is not a rate"]),
+    (
+        &["node", "add", "n1", "--capacity", "x"],
+        &["--capacity", "is not a rate"],
+    ),
+    (
+        &["node", "add", "n1", "--token-ttl", "x"],
+        &["--token-ttl", "is not a duration"],
+    ),
+    (
+        &["controller", "--fabric-capacity", "lots"],
+        &["--fabric-capacity", "is not a rate"],
+    ),
+    (
+        &["controller", "--api-listen", "nowhere"],
+        &["--api-listen"],
+    ),
+    (
+        &["agent", "--counters", "simulated:fast"],
+        &["--counters", "is not a rate"],
+    ),
     (&["agent", "--node", "n1", "status"], &["status"]),
     (&["audit", "--limit", "5", "verify"], &["verify"]),
     (&["frobnicate"], &["frobnicate"]),
@@ -146,7 +188,10 @@ fn bad_arguments_fail_clearly() {
         let err = stderr(&out);
         assert!(!out.status.success(), "{args:?} succeeded");
         for want in *wants {
-            assert!(err.contains(want), "{args:?}: stderr lacks {want:?}:\n{err}");
+            assert!(
+                err.contains(want),
+                "{args:?}: stderr lacks {want:?}:\n{err}"
+            );
         }
     }
 }
@@ -161,9 +206,21 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 fn controller_config_errors_name_the_file_and_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cases: &[(&str, &str, &[&str])] = &[
-        ("unknown.toml", "api_listn = \"127.0.0.1:7080\"\n", &["unknown.toml", "api_listn"]),
-        ("type.toml", "fabric_capacity_bps = \"lots\"\n", &["type.toml", "fabric_capacity_bps"]),
-        ("addr.toml", "api_listen = \"nowhere\"\n", &["addr.toml", "api_listen"]),
+        (
+            "unknown.toml",
+            "api_listn = \"127.0.0.1:7080\"\n",
+            &["unknown.toml", "api_listn"],
+        ),
+        (
+            "type.toml",
+            "fabric_capacity_bps = \"lots\"\n",
+            &["type.toml", "fabric_capacity_bps"],
+        ),
+        (
+            "addr.toml",
+            "api_listen = \"nowhere\"\n",
+            &["addr.toml", "api_listen"],
+        ),
         ("syntax.toml", "data_dir = \n", &["syntax.toml"]),
         (
             "algo.toml",
@@ -188,17 +245,28 @@ fn controller_config_errors_name_the_file_and_the_key() {
     }
     let out = nicwarden(&["controller", "--config", "/nonexistent/controller.toml"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("/nonexistent/controller.toml"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/controller.toml"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn agent_config_errors_are_clear() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = write(dir.path(), "agent.toml", "node = \"n1\"\ncontroler = \"x\"\n");
+    let path = write(
+        dir.path(),
+        "agent.toml",
+        "node = \"n1\"\ncontroler = \"x\"\n",
+    );
     let out = nicwarden(&["agent", "--config", &path]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("agent.toml") && err.contains("controler"), "{err}");
+    assert!(
+        err.contains("agent.toml") && err.contains("controler"),
+        "{err}"
+    );
 
     let out = nicwarden(&["agent"]);
     assert_eq!(out.status.code(), Some(1));
@@ -206,7 +274,11 @@ fn agent_config_errors_are_clear() {
 
     let out = nicwarden(&["agent", "--node", "n1", "--controller", "http://ctl:7443"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("https://HOST:PORT"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("https://HOST:PORT"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// A local port with nothing listening on it (bound, then released).
@@ -228,7 +300,12 @@ fn unreachable_api_names_the_url_and_the_controller() {
 
 #[test]
 fn unreadable_token_file_names_the_file() {
-    let out = nicwarden(&["quota", "show", "--token-file", "/nonexistent/operator.token"]);
+    let out = nicwarden(&[
+        "quota",
+        "show",
+        "--token-file",
+        "/nonexistent/operator.token",
+    ]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("/nonexistent/operator.token"), "{err}");
