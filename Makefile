@@ -1,5 +1,7 @@
 # nicwarden: the two commands are `make demo` and `make test` (see README.md).
 SHELL := /bin/bash
+# rustup installs cargo under ~/.cargo/bin, which a non-login shell may not have on PATH.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
 .PHONY: all deps build test demo lint fmt clean

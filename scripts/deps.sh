@@ -9,6 +9,7 @@ have cc || need+=(gcc)
 have make || need+=(make)
 have curl || need+=(curl)
 have ip || need+=(iproute2)
+have python3 || need+=(python3)
 
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then

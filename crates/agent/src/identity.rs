@@ -141,27 +141,3 @@ pub fn save_state(dir: &Path, st: &PersistedState) -> anyhow::Result<()> {
     nicwarden_pki::write_private(&p, &b).with_context(|| format!("write {}", p.display()))?;
     Ok(())
 }
-
-/// Takes an exclusive lock on the data directory for the life of the process: two agents
-/// sharing one replay guard could each accept what the other already saw.
-pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
-    let path = dir.join("agent.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("open lock file {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            bail!(
-                "another agent is already running with data directory {}",
-                dir.display()
-            )
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("lock {}", path.display()))
-        }
-    }
-}

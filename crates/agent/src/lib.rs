@@ -62,7 +62,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let counters = counters::CounterSpec::parse(&cfg.counters).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
-    let _lock = identity::lock_data_dir(&cfg.data_dir)?;
+    let _lock = nicwarden_process::lock_data_dir(&cfg.data_dir, "agent")?;
     let ident = match identity::load(&cfg.data_dir)? {
         Some(i) => i,
         None => {
@@ -142,7 +142,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     tokio::select! {
         r = lp.run(ev_rx) => r,
-        _ = shutdown_signal() => {
+        _ = nicwarden_process::shutdown_signal() => {
             tracing::info!("agent stopping");
             Ok(())
         }
@@ -410,21 +410,4 @@ async fn session_once(
         }
     }
     Ok(true)
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = ctrl_c.await;
 }

@@ -45,13 +45,8 @@ impl Default for ControllerConfig {
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("parse config {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] nicwarden_process::ConfigFileError),
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -59,14 +54,7 @@ pub enum ConfigError {
 impl ControllerConfig {
     /// Reads a TOML file; unknown keys and wrong types are errors naming the key.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        nicwarden_process::read_toml(path).map_err(ConfigError::File)
     }
 
     /// Checks everything that can be checked before binding a port.

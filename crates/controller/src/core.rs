@@ -217,6 +217,9 @@ impl Controller {
     /// Persists what the ledger changed, plus `extra` ops, in one transaction.
     fn persist(&self, inner: &mut Inner, op: &str, extra: Vec<Op>) -> Result<(), ApiError> {
         let dirty = inner.ledger.take_dirty();
+        if dirty.is_empty() && extra.is_empty() {
+            return Ok(());
+        }
         let mut txn = Txn::new();
         for n in &dirty.nodes {
             let v = serde_json::to_vec(n).map_err(|e| persist_err(op, e))?;
@@ -313,6 +316,20 @@ impl Controller {
             self.dispatch(&mut inner, effects);
         }
         inner.ledger.poll_timeout()
+    }
+
+    /// Applies one ledger operation at the current time: persist what changed, then
+    /// dispatch its effects. Nothing is sent if persisting fails.
+    fn mutate<R>(
+        &self,
+        op: &str,
+        f: impl FnOnce(&mut Ledger, Time) -> Result<(R, Vec<Effect>), LedgerError>,
+    ) -> Result<R, ApiError> {
+        let mut inner = self.lock();
+        let (r, effects) = f(&mut inner.ledger, Time(now_ms()))?;
+        self.persist(&mut inner, op, vec![])?;
+        self.dispatch(&mut inner, effects);
+        Ok(r)
     }
 
     // ---- nodes -------------------------------------------------------------------------
@@ -661,11 +678,7 @@ impl Controller {
     }
 
     pub fn renew(&self, node: &str, id: LeaseId) -> Result<(), ApiError> {
-        let mut inner = self.lock();
-        let effects = inner.ledger.renew(Time(now_ms()), node, id)?;
-        self.persist(&mut inner, "renew", vec![])?;
-        self.dispatch(&mut inner, effects);
-        Ok(())
+        self.mutate("renew", |l, now| Ok(((), l.renew(now, node, id)?)))
     }
 
     pub fn record_usage(&self, node: &str, report: &pb::UsageReport) {
@@ -747,17 +760,8 @@ impl Controller {
     pub fn grant(&self, req: GrantRequest) -> Result<LeaseView, ApiError> {
         let started = std::time::Instant::now();
         let terms = Self::terms(&req)?;
-        let mut inner = self.lock();
-        let now = now_ms();
-        let (id, effects) = inner.ledger.grant(Time(now), &req.node, terms)?;
-        self.persist(&mut inner, "grant", vec![])?;
-        self.dispatch(&mut inner, effects);
-        let view = inner
-            .ledger
-            .lease(id)
-            .map(|r| Self::lease_view(r, now))
-            .ok_or_else(|| ApiError::new(ApiErrorKind::Internal, "grant: lease vanished"))?;
-        drop(inner);
+        let id = self.mutate("grant", |l, now| l.grant(now, &req.node, terms))?;
+        let view = self.get_lease(id)?;
         self.metrics
             .grant_duration
             .observe(started.elapsed().as_secs_f64());
@@ -771,27 +775,15 @@ impl Controller {
 
     pub fn amend(&self, id: LeaseId, req: GrantRequest) -> Result<LeaseView, ApiError> {
         let terms = Self::terms(&req)?;
-        let mut inner = self.lock();
-        let now = now_ms();
-        match inner.ledger.lease(id) {
-            Some(l) if l.node == req.node => {}
-            Some(l) => {
-                return Err(ApiError::invalid(format!(
-                    "change lease {id}: it belongs to node {}, not {}",
-                    l.node, req.node
-                )))
-            }
-            None => return Err(ApiError::not_found(format!("lease {id} not found"))),
+        let current = self.get_lease(id)?;
+        if current.record.node != req.node {
+            return Err(ApiError::invalid(format!(
+                "change lease {id}: it belongs to node {}, not {}",
+                current.record.node, req.node
+            )));
         }
-        let effects = inner.ledger.amend(Time(now), id, terms)?;
-        self.persist(&mut inner, "change lease", vec![])?;
-        self.dispatch(&mut inner, effects);
-        let view = inner
-            .ledger
-            .lease(id)
-            .map(|r| Self::lease_view(r, now))
-            .ok_or_else(|| ApiError::not_found(format!("lease {id} not found")))?;
-        drop(inner);
+        self.mutate("change lease", |l, now| Ok(((), l.amend(now, id, terms)?)))?;
+        let view = self.get_lease(id)?;
         self.audit(
             "operator",
             "lease.change",
@@ -801,17 +793,8 @@ impl Controller {
     }
 
     pub fn revoke(&self, id: LeaseId, reason: &str) -> Result<LeaseView, ApiError> {
-        let mut inner = self.lock();
-        let now = now_ms();
-        let effects = inner.ledger.revoke(Time(now), id, reason)?;
-        self.persist(&mut inner, "revoke", vec![])?;
-        self.dispatch(&mut inner, effects);
-        let view = inner
-            .ledger
-            .lease(id)
-            .map(|r| Self::lease_view(r, now))
-            .ok_or_else(|| ApiError::not_found(format!("lease {id} not found")))?;
-        drop(inner);
+        self.mutate("revoke", |l, now| Ok(((), l.revoke(now, id, reason)?)))?;
+        let view = self.get_lease(id)?;
         self.audit(
             "operator",
             "lease.revoke",

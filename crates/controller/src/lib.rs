@@ -40,28 +40,6 @@ fn operator_token(dir: &std::path::Path) -> anyhow::Result<[u8; 32]> {
     Ok(sha2::Sha256::digest(token.as_bytes()).into())
 }
 
-/// Takes an exclusive lock on the data directory for the life of the process, so two
-/// controllers can never share (and corrupt) one store or race to create its CA.
-pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    let path = dir.join("controller.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("open lock file {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another controller is already running with data directory {}",
-            dir.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("lock {}", path.display()))
-        }
-    }
-}
-
 /// Runs the controller until Ctrl-C / SIGTERM.
 pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     cfg.validate()?;
@@ -73,7 +51,13 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
         .with_context(|| format!("bind operator API {}", cfg.api_listen))?;
-    serve(cfg, agent_listener, api_listener, shutdown_signal()).await
+    serve(
+        cfg,
+        agent_listener,
+        api_listener,
+        nicwarden_process::shutdown_signal(),
+    )
+    .await
 }
 
 /// Runs the controller on listeners the caller bound, until `shutdown` completes.
@@ -86,7 +70,7 @@ pub async fn serve(
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
-    let _lock = lock_data_dir(&cfg.data_dir)?;
+    let _lock = nicwarden_process::lock_data_dir(&cfg.data_dir, "controller")?;
     let identity = Arc::new(
         nicwarden_pki::ControllerIdentity::load_or_create(&cfg.data_dir, &cfg.server_names)
             .context("load controller identity")?,
@@ -177,21 +161,4 @@ pub async fn serve(
     g.context("agent gRPC server")?;
     a.context("operator API server")?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = ctrl_c.await;
 }
