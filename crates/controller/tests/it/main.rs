@@ -148,79 +148,88 @@ async fn every_documented_route_is_served() {
 async fn bad_requests_get_clear_errors() {
     let d = tmp();
     let c = Running::start(d.path()).await;
-    let check = |st: u16, v: &Value, want_st: u16, want: &str| {
-        assert_eq!(st, want_st, "{v}");
-        let e = v["error"].as_str().unwrap_or_default();
-        assert!(e.contains(want), "`{e}` should mention `{want}`");
-    };
     let (st, v) = c
         .call("POST", "/v1/nodes", Some(json!({"name": "node1"})))
         .await;
     assert_eq!(st, 201, "{v}");
-    let (st, v) = c
-        .call(
+    // (method, path, body, expected status, the error must mention)
+    let cases: &[(&str, &str, Option<Value>, u16, &str)] = &[
+        (
             "POST",
             "/v1/leases",
             Some(json!({"node": "node1", "rate_bps": 0})),
-        )
-        .await;
-    check(st, &v, 422, "rate must be > 0");
-    let (st, v) = c
-        .call(
+            422,
+            "rate must be > 0",
+        ),
+        (
             "POST",
             "/v1/leases",
             Some(json!({"node": "node1", "rate_bps": "fast"})),
-        )
-        .await;
-    check(st, &v, 422, "rate_bps");
-    let (st, v) = c
-        .call(
+            422,
+            "rate_bps",
+        ),
+        (
             "POST",
             "/v1/leases",
             Some(json!({"node": "node1", "rate_bps": 1000, "colour": "red"})),
-        )
-        .await;
-    check(st, &v, 422, "colour");
-    let (st, v) = c
-        .call(
+            422,
+            "colour",
+        ),
+        (
             "POST",
             "/v1/leases",
             Some(json!({"node": "node1", "rate_bps": 1000, "scope": "sideways"})),
-        )
-        .await;
-    check(st, &v, 422, "scope");
-    let (st, v) = c
-        .call(
+            422,
+            "scope",
+        ),
+        (
             "POST",
             "/v1/leases",
             Some(json!({"node": "node1", "rate_bps": 1000, "ttl_s": -1})),
-        )
-        .await;
-    check(st, &v, 422, "ttl_s");
-    let (st, v) = c
-        .call(
+            422,
+            "ttl_s",
+        ),
+        (
             "POST",
             "/v1/leases",
             Some(json!({"node": "ghost", "rate_bps": 1000})),
-        )
-        .await;
-    check(st, &v, 404, "ghost");
-    let (st, v) = c.call("GET", "/v1/leases/abc", None).await;
-    check(st, &v, 422, "lease id");
-    let (st, v) = c.call("GET", "/v1/leases?state=sideways", None).await;
-    check(st, &v, 422, "state");
-    let (st, v) = c
-        .call("POST", "/v1/nodes", Some(json!({"name": "Bad Name!"})))
-        .await;
-    check(st, &v, 422, "name");
-    let (st, v) = c
-        .call("POST", "/v1/nodes", Some(json!({"name": "node1"})))
-        .await;
-    check(st, &v, 409, "node1");
-    let (st, v) = c
-        .call("PUT", "/v1/quota/fabric", Some(json!({"capacity_bps": 0})))
-        .await;
-    check(st, &v, 422, "capacity");
+            404,
+            "ghost",
+        ),
+        ("GET", "/v1/leases/abc", None, 422, "lease id"),
+        ("GET", "/v1/leases?state=sideways", None, 422, "state"),
+        (
+            "POST",
+            "/v1/nodes",
+            Some(json!({"name": "Bad Name!"})),
+            422,
+            "name",
+        ),
+        (
+            "POST",
+            "/v1/nodes",
+            Some(json!({"name": "node1"})),
+            409,
+            "node1",
+        ),
+        (
+            "PUT",
+            "/v1/quota/fabric",
+            Some(json!({"capacity_bps": 0})),
+            422,
+            "capacity",
+        ),
+    ];
+    for (method, path, body, want_st, want) in cases {
+        let (st, v) = c.call(method, path, body.clone()).await;
+        assert_eq!(st, *want_st, "{method} {path}: {v}");
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains(want),
+            "{method} {path}: `{e}` should mention `{want}`"
+        );
+    }
+
     // Oversubscription of a static fabric is refused with numbers.
     let (st, _) = c
         .call(
@@ -237,7 +246,14 @@ async fn bad_requests_get_clear_errors() {
             Some(json!({"node": "node1", "rate_bps": 2000})),
         )
         .await;
-    check(st, &v, 409, "oversubscribed");
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("oversubscribed"),
+        "{v}"
+    );
     // Not JSON at all.
     let r = c
         .http
