@@ -198,6 +198,9 @@ async fn controller_killed_agent_reaches_floor_at_its_deadline() {
         "deadline beyond the ttl: {deadline_in}"
     );
     let predicted = seen + Duration::from_millis(deadline_in);
+    // Slack for the status round trips on a loaded 2-core machine; a lease lapsing a renewal
+    // interval (1 s) early or late would still fail by far.
+    let slack = Duration::from_millis(200);
     // ...then falls to the floor at it: never earlier, never (much) later.
     let mut last_active = seen;
     let flipped = loop {
@@ -215,12 +218,12 @@ async fn controller_killed_agent_reaches_floor_at_its_deadline() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert!(
-        last_active <= predicted + Duration::from_millis(50),
+        last_active <= predicted + slack,
         "reported active {:?} after its deadline",
         last_active.saturating_duration_since(predicted)
     );
     assert!(
-        flipped + Duration::from_millis(50) >= predicted,
+        flipped + slack >= predicted,
         "fell to the floor {:?} before its deadline",
         predicted.saturating_duration_since(flipped)
     );
