@@ -66,18 +66,8 @@ impl AgentConfig {
                 "node name is required (--node)".into(),
             ));
         }
-        let rest = self.controller.strip_prefix("https://").ok_or_else(|| {
-            ConfigError::Invalid(format!(
-                "controller must be https://HOST:PORT, got `{}`",
-                self.controller
-            ))
-        })?;
-        if rest.is_empty() || !rest.contains(':') {
-            return Err(ConfigError::Invalid(format!(
-                "controller must be https://HOST:PORT, got `{}`",
-                self.controller
-            )));
-        }
+        crate::transport::parse_controller(&self.controller)
+            .map_err(|e| ConfigError::Invalid(format!("{e:#}")))?;
         if self.report_interval_ms < 100 {
             return Err(ConfigError::Invalid(
                 "report_interval_ms must be >= 100".into(),

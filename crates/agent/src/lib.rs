@@ -194,9 +194,7 @@ impl Loop {
 
     fn on_timer(&mut self) {
         let now = self.clock.now();
-        for ev in self.core.handle_timeout(now) {
-            self.log_event(&ev);
-        }
+        self.expire(now);
         for id in self.core.due_renewals(now) {
             if self.connected {
                 tracing::debug!(lease = %id, "renewing");
@@ -210,9 +208,7 @@ impl Loop {
     fn on_report(&mut self) {
         let now = self.clock.now();
         // Expire first, so a report never shows a lapsed lease as active.
-        for ev in self.core.handle_timeout(now) {
-            self.log_event(&ev);
-        }
+        self.expire(now);
         let decisions = self.core.decision(now);
         for (scope, _id, usage) in self.counters.sample(now, &decisions) {
             self.core.record_usage(&scope, usage);
@@ -235,6 +231,13 @@ impl Loop {
             })
             .collect();
         self.send(pb::agent_message::Msg::Usage(pb::UsageReport { scopes }));
+    }
+
+    /// Moves lapsed leases to their floor and logs each one.
+    fn expire(&mut self, now: Time) {
+        for ev in self.core.handle_timeout(now) {
+            self.log_event(&ev);
+        }
     }
 
     fn log_event(&self, ev: &AgentEvent) {
@@ -281,9 +284,7 @@ impl Loop {
             Event::Message(m) => self.on_message(m)?,
             Event::Status(reply) => {
                 let now = self.clock.now();
-                for ev in self.core.handle_timeout(now) {
-                    self.log_event(&ev);
-                }
+                self.expire(now);
                 let _ = reply.send(AgentStatus {
                     node: self.cfg.node.clone(),
                     controller: self.cfg.controller.clone(),
