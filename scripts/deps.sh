@@ -9,6 +9,9 @@ have cc || need+=(gcc)
 have make || need+=(make)
 have curl || need+=(curl)
 have ip || need+=(iproute2)
+have tc || need+=(iproute2)
+# nftables: the agent's `tc` datapath counts and caps transfer volume with nft quotas.
+have nft || need+=(nftables)
 have python3 || need+=(python3)
 
 if ((${#need[@]})); then

@@ -1,7 +1,9 @@
 //! Agent configuration: a TOML file, overridable from the command line, validated before
 //! anything starts.
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -29,6 +31,44 @@ pub struct AgentConfig {
     /// `simulated:RATE_BPS` (pretend traffic is offered at RATE in every allowed scope,
     /// capped by the decision: used for tests and demos of volume and floors).
     pub counters: String,
+    /// Kernel enforcement on the fabric interface.
+    pub datapath: DatapathConfig,
+}
+
+/// `[datapath]`: how leases become kernel state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatapathConfig {
+    /// `none`: decisions are computed and reported but nothing is programmed (usage comes
+    /// from `counters`); `tc`: HTB shaping per scope plus nftables volume quotas on
+    /// `fabric_iface`, with usage read from the kernel.
+    pub backend: String,
+    /// The fabric interface to enforce on. The management interface (towards the
+    /// controller) must be another one: it is never touched.
+    pub fabric_iface: String,
+    /// Fabric addresses of the peers, for `peer:NODE` scopes:
+    /// `node2 = ["198.18.0.2/32"]`.
+    pub peers: BTreeMap<String, Vec<Ipv4Net>>,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            backend: "none".into(),
+            fabric_iface: "fab0".into(),
+            peers: BTreeMap::new(),
+        }
+    }
+}
+
+impl DatapathConfig {
+    pub fn peer_prefixes(&self, node: &str) -> Option<Vec<Ipv4Net>> {
+        self.peers.get(node).cloned()
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.backend != "none"
+    }
 }
 
 impl Default for AgentConfig {
@@ -43,6 +83,7 @@ impl Default for AgentConfig {
             report_interval_ms: 1000,
             max_backoff_ms: 5000,
             counters: "none".into(),
+            datapath: DatapathConfig::default(),
         }
     }
 }
@@ -74,6 +115,55 @@ impl AgentConfig {
             ));
         }
         crate::counters::CounterSpec::parse(&self.counters).map_err(ConfigError::Invalid)?;
+        match self.datapath.backend.as_str() {
+            "none" => {}
+            "tc" => {
+                if self.counters != "none" {
+                    return Err(ConfigError::Invalid(format!(
+                        "counters = `{}` cannot be used with datapath backend `tc`: usage then comes from the kernel",
+                        self.counters
+                    )));
+                }
+            }
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "datapath backend must be `none` or `tc`, got `{other}`"
+                )))
+            }
+        }
+        let iface = &self.datapath.fabric_iface;
+        if iface.is_empty()
+            || iface.len() > 15
+            || !iface
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "datapath.fabric_iface `{iface}` is not a valid interface name (1-15 of [A-Za-z0-9-_.])"
+            )));
+        }
+        let mut seen: Vec<(&str, Ipv4Net)> = Vec::new();
+        for (peer, nets) in &self.datapath.peers {
+            nicwarden_pki::validate_node_name(peer).map_err(|e| {
+                ConfigError::Invalid(format!("datapath.peers: bad node name `{peer}`: {e}"))
+            })?;
+            if peer == &self.node {
+                return Err(ConfigError::Invalid(format!(
+                    "datapath.peers: `{peer}` is this node itself"
+                )));
+            }
+            for n in nets {
+                if let Some((other, on)) = seen
+                    .iter()
+                    .find(|(_, o)| o.contains(&n.network()) || n.contains(&o.network()))
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "datapath.peers: {n} of `{peer}` overlaps {on} of `{other}`: a packet must belong to one peer scope"
+                    )));
+                }
+                seen.push((peer, *n));
+            }
+        }
         Ok(())
     }
 }

@@ -4,14 +4,18 @@
 //! ([`transport`]), verifies every signed directive against the controller key pinned at
 //! enrollment, feeds it to the pure lease state machine (`nicwarden_lease::agent`), persists
 //! the replay guard, renews before the deadline, reports usage every second
-//! ([`counters`]), and exposes its decision per scope on a local status endpoint
-//! ([`status`]). Without a valid lease it reports the floor: it never fails open.
+//! ([`counters`]), programs the decisions into the kernel through the `nicwarden_datapath`
+//! backend chosen in `[datapath]` ([`enforce`] maps one to the other), and exposes its
+//! decision per scope on a local status endpoint ([`status`]). Without a valid lease the
+//! floor applies: it never fails open. When the agent stops or dies, the kernel keeps the
+//! last state it was given (nothing is torn down on exit).
 //!
 //! The process is one event loop over [`Event`]; the session task and the status server
 //! only send events to it.
 
 pub mod config;
 pub mod counters;
+pub mod enforce;
 pub mod identity;
 pub mod status;
 pub mod transport;
@@ -19,6 +23,7 @@ pub mod transport;
 pub use config::AgentConfig;
 
 use anyhow::Context;
+use nicwarden_datapath::Datapath;
 use nicwarden_lease::agent::{AgentCore, AgentEvent};
 use nicwarden_lease::{Floor, Time};
 use nicwarden_proto::pb;
@@ -77,6 +82,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             identity::enroll(&cfg.data_dir, &cfg.node, &cfg.controller, token).await?
         }
     };
+    let datapath = open_datapath(&cfg.datapath)?;
     let tls = nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key)?;
     let persisted = identity::load_state(&cfg.data_dir)?;
     let status_listener = tokio::net::TcpListener::bind(cfg.status_listen)
@@ -126,6 +132,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             rate_bps: cfg.default_floor_bps,
         },
     );
+    let cfg_iface = cfg.datapath.fabric_iface.clone();
     let mut lp = Loop {
         cfg,
         core,
@@ -139,7 +146,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         rejected: 0,
         counters: counters.build(),
         last_seq,
+        dp_status: datapath.as_ref().map(|d| enforce::DatapathStatus {
+            backend: d.name().to_string(),
+            fabric_iface: cfg_iface.clone(),
+            ..Default::default()
+        }),
+        datapath,
+        enforcer: enforce::Enforcer::default(),
+        last_desired: None,
+        last_reconcile: Instant::now(),
     };
+    // Fail closed from the first moment: until leases arrive every scope is at its floor.
+    lp.enforce(lp.clock.now());
     tokio::select! {
         r = lp.run(ev_rx) => r,
         _ = nicwarden_process::shutdown_signal() => {
@@ -160,6 +178,52 @@ struct Loop {
     rejected: u64,
     counters: Box<dyn counters::UsageSource>,
     last_seq: Arc<std::sync::atomic::AtomicU64>,
+    datapath: Option<Box<dyn Datapath>>,
+    dp_status: Option<enforce::DatapathStatus>,
+    enforcer: enforce::Enforcer,
+    /// The desired state last applied successfully (None: apply at the next chance).
+    last_desired: Option<nicwarden_datapath::DesiredState>,
+    last_reconcile: Instant,
+}
+
+/// A full reconcile (kernel read back and compared) at least this often, even when the
+/// decisions did not change: repairs drift such as a rule deleted behind the agent's back.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+
+/// The datapath backend named in the config, checked usable before anything starts.
+pub fn open_datapath(cfg: &config::DatapathConfig) -> anyhow::Result<Option<Box<dyn Datapath>>> {
+    match cfg.backend.as_str() {
+        "none" => Ok(None),
+        "tc" => {
+            nicwarden_datapath::LinuxDatapath::check_available()
+                .context("datapath backend `tc`")?;
+            Ok(Some(Box::new(nicwarden_datapath::LinuxDatapath::new(
+                &cfg.fabric_iface,
+            ))))
+        }
+        other => anyhow::bail!("unknown datapath backend `{other}` (expected `none` or `tc`)"),
+    }
+}
+
+/// `nicwarden agent --cleanup`: removes everything the configured backend installed on
+/// the fabric interface. The agent itself never does this on exit (it would fail open).
+pub fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
+    match open_datapath(&cfg.datapath)? {
+        None => {
+            tracing::info!("datapath backend `none`: nothing to remove");
+            Ok(())
+        }
+        Some(mut dp) => {
+            dp.remove().with_context(|| {
+                format!(
+                    "remove {} state from {}",
+                    dp.name(),
+                    cfg.datapath.fabric_iface
+                )
+            })?;
+            Ok(())
+        }
+    }
 }
 
 impl Loop {
@@ -210,9 +274,15 @@ impl Loop {
         // Expire first, so a report never shows a lapsed lease as active.
         self.expire(now);
         let decisions = self.core.decision(now);
-        for (scope, _id, usage) in self.counters.sample(now, &decisions) {
-            self.core.record_usage(&scope, usage);
+        if self.datapath.is_some() {
+            self.sample_kernel(now);
+        } else {
+            for (scope, _id, usage) in self.counters.sample(now, &decisions) {
+                self.core.record_usage(&scope, usage);
+            }
         }
+        // Usage may have spent a volume (exhausted: floor), and drift is repaired here.
+        self.enforce(now);
         if !self.connected {
             return;
         }
@@ -233,10 +303,78 @@ impl Loop {
         self.send(pb::agent_message::Msg::Usage(pb::UsageReport { scopes }));
     }
 
-    /// Moves lapsed leases to their floor and logs each one.
+    /// Moves lapsed leases to their floor, logs each one, and programs the floor at once.
     fn expire(&mut self, now: Time) {
-        for ev in self.core.handle_timeout(now) {
-            self.log_event(&ev);
+        let events = self.core.handle_timeout(now);
+        for ev in &events {
+            self.log_event(ev);
+        }
+        if !events.is_empty() {
+            self.enforce(now);
+        }
+    }
+
+    /// Brings the kernel to the current decisions. Cheap when nothing changed: the kernel
+    /// is only read back every [`RECONCILE_EVERY`]. A failure is logged, shown on
+    /// `/status`, and retried at the next report tick.
+    fn enforce(&mut self, now: Time) {
+        let Some(dp) = self.datapath.as_mut() else {
+            return;
+        };
+        let decisions = self.core.decision(now);
+        let (desired, unresolved) = self.enforcer.desired(&self.cfg.datapath, &decisions);
+        if self.last_desired.as_ref() == Some(&desired)
+            && self.last_reconcile.elapsed() < RECONCILE_EVERY
+        {
+            return;
+        }
+        let result = tokio::task::block_in_place(|| dp.reconcile(&desired));
+        self.last_reconcile = Instant::now();
+        let status = self.dp_status.get_or_insert_with(Default::default);
+        if unresolved != status.unresolved_peers {
+            for peer in &unresolved {
+                tracing::warn!(%peer, "lease for peer:{peer} but no fabric address configured in [datapath.peers]: its traffic is enforced under egress");
+            }
+            status.unresolved_peers = unresolved;
+        }
+        match result {
+            Ok(changes) => {
+                if !changes.is_empty() {
+                    status.changes_applied += 1;
+                    for c in &changes {
+                        tracing::info!(change = %c, "datapath");
+                    }
+                }
+                status.last_error = None;
+                self.last_desired = Some(desired);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "datapath reconcile failed; retrying at the next tick");
+                status.last_error = Some(format!("reconcile: {e}"));
+                self.last_desired = None;
+            }
+        }
+    }
+
+    /// Reads the kernel counters into per-lease usage.
+    fn sample_kernel(&mut self, now: Time) {
+        let Some(dp) = self.datapath.as_mut() else {
+            return;
+        };
+        let result = tokio::task::block_in_place(|| dp.counters());
+        let status = self.dp_status.get_or_insert_with(Default::default);
+        match result {
+            Ok(counters) => {
+                let (usage, kernel) = self.enforcer.usage(now, &counters);
+                for (scope, _id, u) in usage {
+                    self.core.record_usage(&scope, u);
+                }
+                status.scopes = kernel;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading datapath counters failed");
+                status.last_error = Some(format!("counters: {e}"));
+            }
         }
     }
 
@@ -293,6 +431,7 @@ impl Loop {
                     last_error: self.last_error.clone(),
                     rejected_directives: self.rejected,
                     scopes: self.core.decision(now),
+                    datapath: self.dp_status.clone(),
                 });
             }
         }
@@ -324,6 +463,7 @@ impl Loop {
                             &identity::PersistedState { last_seq: seq },
                         )
                         .context("persist the replay guard")?;
+                        self.enforce(now);
                     }
                     Err(e) => {
                         self.rejected += 1;

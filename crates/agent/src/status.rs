@@ -18,4 +18,7 @@ pub struct AgentStatus {
     pub rejected_directives: u64,
     /// The decision per scope: what the datapath would enforce now.
     pub scopes: Vec<ScopeDecision>,
+    /// The kernel side (absent with datapath backend `none`).
+    #[serde(default)]
+    pub datapath: Option<crate::enforce::DatapathStatus>,
 }

@@ -683,6 +683,7 @@ impl Controller {
 
     pub fn record_usage(&self, node: &str, report: &pb::UsageReport) {
         let mut inner = self.lock();
+        let mut exhausted = Vec::new();
         for s in &report.scopes {
             if s.lease_id == 0 {
                 continue;
@@ -692,12 +693,32 @@ impl Controller {
                 packets: s.packets,
                 dropped_packets: s.dropped_packets,
             };
-            if let Err(e) = inner.ledger.record_usage(node, LeaseId(s.lease_id), usage) {
+            let id = LeaseId(s.lease_id);
+            let was_exhausted = inner.ledger.lease(id).is_some_and(|r| r.volume_exhausted());
+            if let Err(e) = inner.ledger.record_usage(node, id, usage) {
                 tracing::debug!(%node, error = %e, "usage report ignored");
+                continue;
+            }
+            // The agent's datapath reached the lease's volume (its kernel quota now drops):
+            // record the event once, when the reported usage first reaches the volume.
+            if let Some(rec) = inner.ledger.lease(id) {
+                if !was_exhausted && rec.volume_exhausted() {
+                    exhausted.push((id, rec.terms.scope.to_string(), rec.usage.bytes));
+                }
             }
         }
         if let Err(e) = self.persist(&mut inner, "record usage", vec![]) {
             tracing::error!(%node, error = %e, "persisting usage failed");
+        }
+        drop(inner);
+        for (id, scope, bytes) in exhausted {
+            tracing::info!(%node, lease = %id, %scope, bytes, "lease volume exhausted: the node's datapath now drops this scope");
+            self.metrics.volume_exhausted.inc();
+            self.audit(
+                node,
+                "lease.exhausted",
+                serde_json::json!({"lease": id.0, "node": node, "scope": scope, "used_bytes": bytes}),
+            );
         }
     }
 

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub grant_duration: Histogram,
     pub directives_sent: Counter,
     pub lease_expirations: Counter,
+    /// Leases whose reported usage reached their volume.
+    pub volume_exhausted: Counter,
     pub enrollments: Family<ResultLabel, Counter>,
     pub session_refusals: Counter,
 }
@@ -59,6 +61,12 @@ impl Metrics {
             "Leases that lapsed without renewal",
             lease_expirations.clone(),
         );
+        let volume_exhausted = Counter::default();
+        registry.register(
+            "lease_volume_exhausted",
+            "Leases whose reported usage reached their transfer volume",
+            volume_exhausted.clone(),
+        );
         let enrollments = Family::<ResultLabel, Counter>::default();
         registry.register(
             "enrollments",
@@ -78,6 +86,7 @@ impl Metrics {
             grant_duration,
             directives_sent,
             lease_expirations,
+            volume_exhausted,
             enrollments,
             session_refusals,
         }

@@ -85,6 +85,45 @@ pub fn render(st: &AgentStatus) -> String {
         ]);
     }
     out.push_str(&t.render());
+    match &st.datapath {
+        None => out.push_str("\ndatapath: none (decisions are not programmed into the kernel)\n"),
+        Some(dp) => {
+            out.push_str(&format!(
+                "\ndatapath: {} on {}, {} reconciles changed the kernel{}\n",
+                dp.backend,
+                dp.fabric_iface,
+                dp.changes_applied,
+                dp.last_error
+                    .as_ref()
+                    .map(|e| format!("; LAST ERROR: {e}"))
+                    .unwrap_or_default()
+            ));
+            for p in &dp.unresolved_peers {
+                out.push_str(&format!(
+                    "  peer {p}: no fabric address configured; its traffic counts as egress\n"
+                ));
+            }
+            let mut k = Table::new(&[
+                "SCOPE",
+                "MEASURED",
+                "SENT",
+                "PACKETS",
+                "DROPPED",
+                "VOLUME DROPS",
+            ]);
+            for s in &dp.scopes {
+                k.row(vec![
+                    s.scope.clone(),
+                    fmt_rate(s.rate_bps),
+                    fmt_bytes(s.bytes),
+                    s.packets.to_string(),
+                    s.drops.to_string(),
+                    s.volume_drops.to_string(),
+                ]);
+            }
+            out.push_str(&k.render());
+        }
+    }
     out
 }
 
@@ -267,8 +306,34 @@ mod tests {
                 None,
                 0,
             )],
+            datapath: Some(nicwarden_agent::enforce::DatapathStatus {
+                backend: "tc".into(),
+                fabric_iface: "fab0".into(),
+                changes_applied: 3,
+                last_error: None,
+                unresolved_peers: vec![],
+                scopes: vec![nicwarden_agent::enforce::ScopeKernel {
+                    scope: "egress".into(),
+                    bytes: 1_000_000,
+                    packets: 700,
+                    drops: 5,
+                    rate_bps: 199_000_000,
+                    volume_drops: 0,
+                }],
+            }),
         };
         let text = render(&st);
+        assert!(text.contains("datapath: tc on fab0"), "{text}");
+        let kernel_row = text.lines().last().expect("a kernel row");
+        assert!(
+            kernel_row.contains("199 Mbit/s") && kernel_row.contains("700"),
+            "{kernel_row}"
+        );
+        let text = text
+            .split("\ndatapath:")
+            .next()
+            .unwrap_or_default()
+            .to_string();
         assert!(text.contains("DISCONNECTED (connection refused)"), "{text}");
         let row = text.lines().last().expect("a row");
         for want in [

@@ -5,16 +5,22 @@
 //! - `nicwarden agent status` reads the local agent's status endpoint.
 //! - `nicwarden node|lease|quota|audit` drive the controller's operator API (HTTP/JSON with
 //!   a bearer token) and print tables, or the raw JSON with `--json`.
+//! - `nicwarden demo` / `nicwarden bench` build a namespaced testbed (root) and run the
+//!   whole system / the shaping benchmark on it; `nicwarden traffic` is the bounded
+//!   traffic generator and sink.
 //!
 //! Errors print as `error: ...` on stderr with exit status 1; usage errors exit with 2.
 
 #![forbid(unsafe_code)]
 
 mod agent_status;
+mod bench;
 mod cli;
 mod client;
+mod demo;
 mod ops;
 mod table;
+mod traffic;
 mod units;
 
 use anyhow::Context as _;
@@ -88,6 +94,15 @@ pub fn agent_config(args: &AgentRunArgs) -> anyhow::Result<AgentConfig> {
     if let Some(c) = &args.counters {
         cfg.counters = c.clone();
     }
+    if let Some(d) = &args.datapath {
+        cfg.datapath.backend = d.clone();
+    }
+    if let Some(i) = &args.fabric_iface {
+        cfg.datapath.fabric_iface = i.clone();
+    }
+    for (node, nets) in &args.peers {
+        cfg.datapath.peers.insert(node.clone(), nets.clone());
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -107,6 +122,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Agent(agent) => match agent.command {
             Some(AgentSub::Status(args)) => agent_status::run(args).await,
+            None if agent.run.cleanup => {
+                let cfg = agent_config(&agent.run)?;
+                init_tracing();
+                nicwarden_agent::cleanup(&cfg).context("agent --cleanup")
+            }
             None => {
                 let cfg = agent_config(&agent.run)?;
                 init_tracing();
@@ -123,7 +143,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lease(cmd) => ops::lease(cmd).await,
         Command::Quota(cmd) => ops::quota(cmd).await,
         Command::Audit(cmd) => ops::audit(cmd).await,
+        // These run their own threads in network namespaces (and their own runtimes there).
+        Command::Demo(args) => blocking(move || demo::run(args)).await,
+        Command::Bench(args) => blocking(move || bench::run(args)).await,
+        Command::Traffic(cmd) => blocking(move || traffic::run(cmd)).await,
     }
+}
+
+async fn blocking(f: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("the command's thread panicked")?
 }
 
 fn main() -> ExitCode {

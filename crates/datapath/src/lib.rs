@@ -1,0 +1,338 @@
+//! The nicwarden datapath: turns the agent's per-scope decisions into Linux kernel state on
+//! the fabric interface, and reads the kernel's counters back.
+//!
+//! This crate owns everything nicwarden installs in the kernel of a node: the HTB qdisc tree
+//! with its u32 classifiers on the fabric interface (shaping, floors, fail-closed drop class)
+//! and the nftables table `inet nicwarden` (per-lease volume quotas and counters). The agent
+//! describes *what* to enforce as a [`DesiredState`]; a [`Datapath`] makes the kernel match it
+//! ([`Datapath::reconcile`], idempotent, repairing partial state) and reports
+//! [`ScopeCounters`]. [`LinuxDatapath`] is the tc + nftables backend.
+//!
+//! Kernel state outlives the agent on purpose: the agent never removes it on exit, so a node
+//! whose agent died keeps enforcing its last state (fail closed), and a restarted agent
+//! reconciles against what it finds, without resetting counters or volume accounting.
+//!
+//! Layering: [`plan`] validates a desired state and lays it out (class minors, filter
+//! preferences, burst and quantum); `tc.rs` and `nft.rs` parse what the kernel shows and
+//! compute the difference (`nft.rs` documents the nftables table); `ops.rs` is the only place
+//! that runs `tc` and `nft`, behind the narrow [`TcOps`] / [`NftOps`] traits, with an in-memory
+//! fake kernel in [`fake`].
+
+mod error;
+pub mod fake;
+mod nft;
+mod ops;
+pub mod plan;
+mod tc;
+#[cfg(test)]
+mod tests;
+
+pub use error::DatapathError;
+pub use ops::{NftOps, RealNft, RealTc, TcOps};
+
+use ipnet::Ipv4Net;
+use nft::{NftDesired, NftKernel};
+use nicwarden_lease::{LeaseId, Scope};
+use plan::Plan;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use tc::TcKernel;
+
+/// What the kernel should enforce on the fabric interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// One entry per scope, sorted by scope; [`Scope::Egress`] is always present (everything
+    /// the peer scopes do not match). (The datapath sorts a copy itself; duplicates are
+    /// rejected.)
+    pub scopes: Vec<ScopeSpec>,
+}
+
+/// One scope of a [`DesiredState`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopeSpec {
+    pub scope: Scope,
+    /// Destination prefixes classified into this scope (peer scopes); empty for Egress.
+    /// Overlaps between different peer scopes are rejected.
+    pub destinations: Vec<Ipv4Net>,
+    pub enforce: ScopeEnforce,
+}
+
+/// How a scope is enforced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScopeEnforce {
+    /// A valid lease: shape to `rate_bps` (HTB rate = ceil, burst = `burst_bytes`, 0 = a default
+    /// derived from the rate; see [`plan`]), and if `volume` is `Some`, drop once `volume`
+    /// bytes have been counted against the lease; counting starts at `start_used_bytes` (what
+    /// the controller already recorded), so a fresh kernel does not reset it.
+    Lease {
+        lease: LeaseId,
+        rate_bps: u64,
+        burst_bytes: u64,
+        volume: Option<u64>,
+        start_used_bytes: u64,
+    },
+    /// No valid lease: the floor rate (0 = drop everything in this scope).
+    Floor { rate_bps: u64 },
+}
+
+/// Statistics of a scope's HTB class (from its leaf qdisc). Bytes include link-layer headers.
+/// They belong to the class *slot* (see [`plan`] for numbering) and are reset when the slot
+/// is re-created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassStats {
+    pub bytes: u64,
+    pub packets: u64,
+    pub drops: u64,
+}
+
+/// The nftables accounting of one lease. Bytes are IP packet lengths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseCounters {
+    pub lease: LeaseId,
+    /// Counted against the volume, including `start_used_bytes`; never above the volume.
+    pub used_bytes: u64,
+    pub passed_packets: u64,
+    /// Packets dropped because the volume was spent.
+    pub volume_drops: u64,
+    /// The volume is spent (always false without a volume).
+    pub exhausted: bool,
+}
+
+/// Kernel counters of one scope.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopeCounters {
+    pub scope: Scope,
+    pub class: ClassStats,
+    /// `Some` when the scope is enforcing a lease.
+    pub lease: Option<LeaseCounters>,
+}
+
+/// One applied change, human-readable (e.g. "tc: class 1:10 (egress) rate 50000000 -> 100000000 bit/s").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change(pub String);
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A kernel enforcement backend.
+pub trait Datapath: Send {
+    fn name(&self) -> &'static str;
+    /// Brings the kernel to `desired`, changing only what differs; returns the changes (empty =
+    /// already there). Idempotent: applying the same DesiredState twice returns no changes the
+    /// second time and resets no counters. After a crash mid-update (partial kernel state), the
+    /// next reconcile repairs it. An invalid `desired` is rejected before anything is changed.
+    fn reconcile(&mut self, desired: &DesiredState) -> Result<Vec<Change>, DatapathError>;
+    /// Kernel counters per scope of the current desired state (the last valid one passed to
+    /// `reconcile`; empty before the first).
+    fn counters(&mut self) -> Result<Vec<ScopeCounters>, DatapathError>;
+    /// Removes everything this backend installed. Only for an explicit operator cleanup; the
+    /// agent never calls it on exit (the kernel keeps enforcing when the agent dies).
+    fn remove(&mut self) -> Result<(), DatapathError>;
+}
+
+/// The "tc" backend: HTB shaping (tc) + volume quotas (nftables) on one fabric interface.
+///
+/// tc: an HTB root `1: default 3` whose default class drops (fail closed), an ARP class, one
+/// class per scope with u32 filters by destination; layout, numbering, burst and quantum: see
+/// [`plan`]. nftables: table `inet nicwarden`, chain `postrouting`, per lease `L` a quota `qL`
+/// (`over` = the volume, or [`plan::UNLIMITED_VOLUME`]) and counters `dL` (volume drops) and `pL`
+/// (passed), matched by destination prefixes for peer scopes; the table is replaced atomically
+/// when it differs, carrying quota usage over. Only the fabric interface
+/// is touched (tc objects live on it, nft rules match `oifname` = it), so the management
+/// interface keeps working whatever the leases say.
+pub struct LinuxDatapath {
+    dev: String,
+    tc: Box<dyn TcOps>,
+    nft: Box<dyn NftOps>,
+    /// The plan of the last reconcile that completed: what the kernel is known to hold. `None`
+    /// after a failure or in a fresh process (then the kernel is read and compared).
+    applied: Option<Plan>,
+    /// The last valid desired state: what `counters` reports on.
+    current: Option<Plan>,
+}
+
+impl LinuxDatapath {
+    /// The real backend on `fabric_iface` in this process's network namespace.
+    pub fn new(fabric_iface: &str) -> Self {
+        Self::with_ops(
+            fabric_iface,
+            Box::new(RealTc::new()),
+            Box::new(RealNft::new()),
+        )
+    }
+
+    /// The real backend on `fabric_iface` inside the named network namespace `netns`
+    /// (`/run/netns/NETNS`): tc runs as `tc -n NETNS`, nft as `ip netns exec NETNS nft`.
+    pub fn in_netns(netns: &str, fabric_iface: &str) -> Self {
+        Self::with_ops(
+            fabric_iface,
+            Box::new(RealTc::in_netns(netns)),
+            Box::new(RealNft::in_netns(netns)),
+        )
+    }
+
+    /// The backend over the given kernel interfaces (fakes in tests).
+    pub fn with_ops(fabric_iface: &str, tc: Box<dyn TcOps>, nft: Box<dyn NftOps>) -> Self {
+        LinuxDatapath {
+            dev: fabric_iface.to_string(),
+            tc,
+            nft,
+            applied: None,
+            current: None,
+        }
+    }
+
+    /// Checks that this host can run the backend: root, `tc` (iproute2) and `nft`
+    /// (nftables) installed. The error says what to install.
+    pub fn check_available() -> Result<(), DatapathError> {
+        ops::check_available()
+    }
+
+    /// The fabric interface this backend programs.
+    pub fn fabric_iface(&self) -> &str {
+        &self.dev
+    }
+
+    fn read_tc(&mut self) -> Result<TcKernel, DatapathError> {
+        let qdiscs = self.tc.qdiscs_json(&self.dev)?;
+        let (root, _) = tc::parse_qdiscs(&qdiscs)?;
+        // Classes and filters only matter under our root; skip two tool runs otherwise.
+        if root.is_some_and(|r| r.kind == "htb" && r.handle == "1:") {
+            let filters = self.tc.filters_json(&self.dev)?;
+            let classes = self.tc.classes_text(&self.dev)?;
+            TcKernel::parse(&qdiscs, &filters, &classes)
+        } else {
+            TcKernel::parse(&qdiscs, "[]", "")
+        }
+    }
+
+    fn read_nft(&mut self) -> Result<Option<NftKernel>, DatapathError> {
+        self.nft
+            .list_table_json()?
+            .map(|json| NftKernel::parse(&json))
+            .transpose()
+    }
+
+    fn reconcile_nft(&mut self, plan: &Plan) -> Result<Vec<Change>, DatapathError> {
+        let want = NftDesired::from_plan(plan);
+        let kernel = self.read_nft()?;
+        if kernel.as_ref().is_some_and(|k| want.matches(k)) {
+            return Ok(Vec::new());
+        }
+        self.nft.apply(&want.script(kernel.as_ref()))?;
+        Ok(want.describe(kernel.as_ref()))
+    }
+
+    fn reconcile_tc(
+        &mut self,
+        plan: &Plan,
+        last: Option<&Plan>,
+    ) -> Result<Vec<Change>, DatapathError> {
+        let kernel = self.read_tc()?;
+        let diff = tc::diff(plan, &kernel, last);
+        if !diff.cmds.is_empty() {
+            self.tc.batch(&diff.cmds)?;
+        }
+        Ok(diff.changes)
+    }
+}
+
+impl Datapath for LinuxDatapath {
+    fn name(&self) -> &'static str {
+        "tc"
+    }
+
+    fn reconcile(&mut self, desired: &DesiredState) -> Result<Vec<Change>, DatapathError> {
+        let plan = Plan::build(&self.dev, desired)?;
+        self.current = Some(plan.clone());
+        // Until this completes, what the kernel holds is only known by reading it.
+        let last = self.applied.take();
+        // nftables first, so that a scope opening up in tc is already counted against its
+        // volume. A failure of one half does not stop the other: the kernel gets as close to
+        // the desired state as it can, and the next reconcile retries the rest.
+        let nft = self.reconcile_nft(&plan);
+        let tc = self.reconcile_tc(&plan, last.as_ref());
+        let mut changes = Vec::new();
+        let mut failure = None;
+        for result in [nft, tc] {
+            match result {
+                Ok(c) => changes.extend(c),
+                Err(e) if failure.is_none() => failure = Some(e),
+                Err(e) => {
+                    tracing::warn!(dev = %self.dev, error = %e, "datapath reconcile: second failure")
+                }
+            }
+        }
+        match failure {
+            None => {
+                self.applied = Some(plan);
+                Ok(changes)
+            }
+            Some(e) => {
+                for c in &changes {
+                    tracing::info!(dev = %self.dev, change = %c, "applied before the reconcile failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn counters(&mut self) -> Result<Vec<ScopeCounters>, DatapathError> {
+        let Some(plan) = self.current.clone() else {
+            return Ok(Vec::new());
+        };
+        let (_, leaves) = tc::parse_qdiscs(&self.tc.qdiscs_json(&self.dev)?)?;
+        let nft = if plan.scopes.iter().any(|s| s.lease.is_some()) {
+            self.read_nft()?
+        } else {
+            None
+        };
+        Ok(plan
+            .scopes
+            .iter()
+            .map(|s| ScopeCounters {
+                scope: s.scope.clone(),
+                class: leaves
+                    .get(&s.class_minor)
+                    .map(|l| l.stats)
+                    .unwrap_or_default(),
+                lease: s.lease.as_ref().map(|l| {
+                    let quota = nft
+                        .as_ref()
+                        .and_then(|k| k.quotas.get(&nft::quota_name(l.id)));
+                    let counter = |name: String| {
+                        nft.as_ref()
+                            .and_then(|k| k.counters.get(&name))
+                            .copied()
+                            .unwrap_or_default()
+                    };
+                    let used = quota.map_or(0, |q| q.used).max(l.start_used);
+                    LeaseCounters {
+                        lease: l.id,
+                        used_bytes: l.volume.map_or(used, |v| used.min(v)),
+                        passed_packets: counter(nft::passed_name(l.id)).packets,
+                        volume_drops: counter(nft::drops_name(l.id)).packets,
+                        exhausted: l.volume.is_some_and(|v| used >= v),
+                    }
+                }),
+            })
+            .collect())
+    }
+
+    fn remove(&mut self) -> Result<(), DatapathError> {
+        self.applied = None;
+        self.current = None;
+        let (root, _) = tc::parse_qdiscs(&self.tc.qdiscs_json(&self.dev)?)?;
+        if root.is_some_and(|r| r.kind == "htb" && r.handle == "1:") {
+            self.tc
+                .batch(&[format!("qdisc del dev {} root", self.dev)])?;
+        }
+        if self.nft.list_table_json()?.is_some() {
+            self.nft.apply(&nft::delete_script())?;
+        }
+        Ok(())
+    }
+}

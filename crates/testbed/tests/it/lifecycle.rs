@@ -1,0 +1,228 @@
+//! Creation, teardown (explicit, on drop, on panic), spawned processes, stale cleanup.
+
+use crate::{eventually, netns_list, require_root};
+use nicwarden_testbed::{cleanup_stale, live_testbeds, Testbed, TestbedError, TestbedSpec};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn one_node() -> TestbedSpec {
+    TestbedSpec {
+        nodes: 1,
+        ..TestbedSpec::default()
+    }
+}
+
+#[test]
+fn not_root_error_says_what_to_do() {
+    assert_eq!(
+        TestbedError::NotRoot.to_string(),
+        "creating network namespaces needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN): run as root or with sudo"
+    );
+}
+
+#[test]
+fn invalid_specs_are_refused() {
+    require_root!();
+    for spec in [
+        TestbedSpec {
+            nodes: 0,
+            ..TestbedSpec::default()
+        },
+        TestbedSpec {
+            nodes: 254,
+            ..TestbedSpec::default()
+        },
+        TestbedSpec {
+            nodes: 1,
+            fabric_mtu: 20,
+        },
+    ] {
+        assert!(
+            matches!(Testbed::create(spec), Err(TestbedError::InvalidSpec(_))),
+            "{spec:?}"
+        );
+    }
+}
+
+#[test]
+fn drop_and_teardown_remove_every_namespace() {
+    require_root!();
+    let tb = Testbed::create(TestbedSpec::default()).unwrap();
+    let names = tb.namespaces();
+    assert_eq!(names.len(), 5);
+    assert!(live_testbeds().contains(&tb.id().to_string()));
+    let listed = netns_list();
+    assert!(names.iter().all(|n| listed.contains(n)));
+    let id = tb.id().to_string();
+    drop(tb);
+    let listed = netns_list();
+    assert!(names.iter().all(|n| !listed.contains(n)), "{listed:?}");
+    assert!(!live_testbeds().contains(&id));
+
+    let tb = Testbed::create(one_node()).unwrap();
+    let names = tb.namespaces();
+    tb.teardown().unwrap();
+    let listed = netns_list();
+    assert!(names.iter().all(|n| !listed.contains(n)), "{listed:?}");
+}
+
+#[test]
+fn a_panicking_test_body_still_removes_its_namespaces() {
+    require_root!();
+    let created = std::sync::Mutex::new(Vec::new());
+    let result = std::panic::catch_unwind(|| {
+        let tb = Testbed::create(one_node()).unwrap();
+        created.lock().unwrap().extend(tb.namespaces());
+        panic!("test body fails while the testbed is up");
+    });
+    assert!(result.is_err());
+    let names = created.into_inner().unwrap();
+    assert_eq!(names.len(), 3);
+    let listed = netns_list();
+    assert!(names.iter().all(|n| !listed.contains(n)), "{listed:?}");
+}
+
+#[test]
+fn teardown_stops_spawned_processes_gracefully_then_by_force() {
+    require_root!();
+    let tb = Testbed::create(one_node()).unwrap();
+    let node = &tb.nodes()[0];
+    // A well-behaved process, started with a builder chain.
+    let polite = tb
+        .spawn(node.netns.command("sleep").arg("60").stdout(Stdio::null()))
+        .unwrap();
+    // One that ignores SIGTERM, with a child (untracked) that inherits that.
+    let stubborn = tb
+        .spawn(
+            tb.switch()
+                .command("sh")
+                .args(["-c", "trap '' TERM; sleep 60 & wait"]),
+        )
+        .unwrap();
+    assert_eq!(polite.label(), "sleep");
+    assert_eq!(polite.netns(), node.netns.name());
+    assert!(polite.try_wait().unwrap().is_none());
+    // The process really is in the namespace: `ip netns pids` lists it (once `ip netns exec`
+    // has entered the namespace and exec'd the program).
+    let pids_in = |ns: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "pids", ns])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .collect::<Vec<_>>()
+    };
+    let polite_in_node = || pids_in(node.netns.name()).contains(&polite.pid().to_string());
+    assert!(eventually(Duration::from_secs(5), polite_in_node));
+    // Make sure the shell has installed its trap (and started its child) before teardown
+    // signals it.
+    let shell_and_child = || pids_in(tb.switch().name()).len() >= 2;
+    assert!(eventually(Duration::from_secs(5), shell_and_child));
+
+    let started = Instant::now();
+    tb.teardown().unwrap();
+    let took = started.elapsed();
+    // SIGTERM grace (2 s) for the stubborn one, then SIGKILL.
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(polite.try_wait().unwrap().unwrap().signal(), Some(15));
+    assert_eq!(stubborn.try_wait().unwrap().unwrap().signal(), Some(9));
+}
+
+#[test]
+fn spawn_refuses_commands_outside_the_testbed() {
+    require_root!();
+    let tb = Testbed::create(one_node()).unwrap();
+    let other = Testbed::create(one_node()).unwrap();
+    assert!(matches!(
+        tb.spawn(&mut Command::new("sleep")),
+        Err(TestbedError::ForeignCommand { .. })
+    ));
+    assert!(matches!(
+        tb.spawn(&mut other.nodes()[0].netns.command("true")),
+        Err(TestbedError::ForeignCommand { .. })
+    ));
+    // A process can be stopped before teardown and reports its status.
+    let p = tb.spawn(tb.mgmt().command("sleep").arg("60")).unwrap();
+    let status = p.terminate(Duration::from_secs(2)).unwrap();
+    assert!(!status.success());
+    assert!(p.try_wait().unwrap().is_some());
+}
+
+/// Deletes a namespace on drop, so a failing test leaves nothing behind.
+struct NsGuard(String);
+
+impl NsGuard {
+    fn add(name: String) -> NsGuard {
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip netns add {name}");
+        NsGuard(name)
+    }
+}
+
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A pid no process can have.
+fn dead_pid() -> u64 {
+    let max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    max + 1000
+}
+
+#[test]
+fn cleanup_stale_removes_dead_owners_namespaces_and_leaves_live_ones() {
+    require_root!();
+    let live = Testbed::create(one_node()).unwrap();
+    // Distinct per test process, also between concurrent runs of this binary.
+    let seq = u64::from(std::process::id()) * 2;
+    let stale = NsGuard::add(format!("nwtb{}x{seq}-sw", dead_pid()));
+    let stale_node = NsGuard::add(format!("nwtb{}x{seq}-node1", dead_pid()));
+    // A leftover process inside the stale namespace is killed.
+    let mut orphan = Command::new("ip")
+        .args(["netns", "exec", &stale.0, "sleep", "60"])
+        .spawn()
+        .unwrap();
+    // pid 1 is alive and never ours: without an owner marker its namespace is left alone...
+    let foreign_live = NsGuard::add(format!("nwtb1x{seq}-sw"));
+    // ...but with a marker whose start time is not pid 1's, the pid was reused: stale.
+    let reused = NsGuard::add(format!("nwtb1x{}-sw", seq + 1));
+    std::fs::create_dir_all("/run/nicwarden-testbed").unwrap();
+    let marker = format!("/run/nicwarden-testbed/nwtb1x{}", seq + 1);
+    std::fs::write(&marker, format!("1 {}\n", u64::MAX)).unwrap();
+
+    let removed = cleanup_stale().unwrap();
+    let listed = netns_list();
+    // Another test's Testbed::create may have run the cleanup first; either way they are gone.
+    for gone in [&stale.0, &stale_node.0, &reused.0] {
+        assert!(!listed.contains(gone), "{gone} still listed: {listed:?}");
+    }
+    assert!(removed.iter().all(|n| n.starts_with("nwtb")), "{removed:?}");
+    assert!(listed.contains(&foreign_live.0), "{listed:?}");
+    assert!(live.namespaces().iter().all(|n| listed.contains(n)));
+    assert!(!std::path::Path::new(&marker).exists());
+    assert!(eventually(Duration::from_secs(5), || orphan
+        .try_wait()
+        .unwrap()
+        .is_some()));
+    // A second run finds nothing of these.
+    let again = cleanup_stale().unwrap();
+    assert!(!again.contains(&stale.0));
+    // The live testbed still works after all that.
+    live.nodes()[0].netns.ip(&["link", "show", "fab0"]).unwrap();
+}
