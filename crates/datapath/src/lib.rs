@@ -76,6 +76,7 @@ pub enum ScopeEnforce {
 }
 
 /// Statistics of a scope's HTB class (from its leaf qdisc). Bytes include link-layer headers.
+/// `drops` of a blocked scope also counts what nftables dropped before tc (counter `bM`).
 /// They belong to the class *slot* (see [`plan`] for numbering) and are reset when the slot
 /// is re-created.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,7 +286,7 @@ impl Datapath for LinuxDatapath {
             return Ok(Vec::new());
         };
         let (_, leaves) = tc::parse_qdiscs(&self.tc.qdiscs_json(&self.dev)?)?;
-        let nft = if plan.scopes.iter().any(|s| s.lease.is_some()) {
+        let nft = if plan.scopes.iter().any(|s| s.lease.is_some() || s.blocked) {
             self.read_nft()?
         } else {
             None
@@ -295,10 +296,20 @@ impl Datapath for LinuxDatapath {
             .iter()
             .map(|s| ScopeCounters {
                 scope: s.scope.clone(),
-                class: leaves
-                    .get(&s.class_minor)
-                    .map(|l| l.stats)
-                    .unwrap_or_default(),
+                class: {
+                    let mut c = leaves
+                        .get(&s.class_minor)
+                        .map(|l| l.stats)
+                        .unwrap_or_default();
+                    // A blocked scope's packets are dropped by nftables before tc sees them.
+                    if s.blocked {
+                        c.drops += nft
+                            .as_ref()
+                            .and_then(|k| k.counters.get(&nft::blocked_name(s.class_minor)))
+                            .map_or(0, |k| k.packets);
+                    }
+                    c
+                },
                 lease: s.lease.as_ref().map(|l| {
                     let quota = nft
                         .as_ref()

@@ -12,14 +12,22 @@
 //!         # peer scopes, in scope order: a lease ...
 //!         oifname "fab0" ip daddr { PREFIXES } quota name "qL" counter name "dL" drop
 //!         oifname "fab0" ip daddr { PREFIXES } counter name "pL" accept
-//!         # ... or a floor (keeps its traffic out of the egress quota; tc limits it)
+//!         # ... or a floor above 0 (keeps its traffic out of the egress quota; tc limits it)
 //!         oifname "fab0" ip daddr { PREFIXES } accept
-//!         # egress with a lease (nothing at a floor)
+//!         # ... or blocked (floor 0): dropped here as well as by tc; counter bM (M = the
+//!         # scope's class minor, hex) counts those drops
+//!         oifname "fab0" ip daddr { PREFIXES } counter name "bM" drop
+//!         # egress with a lease (nothing at a floor above 0; `counter name "b10" drop` when blocked)
 //!         oifname "fab0" quota name "qE" counter name "dE" drop
 //!         oifname "fab0" counter name "pE" accept
 //!     }
 //! }
 //! ```
+//!
+//! Why blocked scopes are dropped here too: a reconcile applies nftables first, then tc. When
+//! a lease ends (revoked, expired, volume spent) its quota rule goes away with the nft
+//! transaction while tc still shapes at the lease's rate until its batch lands; the `drop`
+//! rule closes that window atomically. (A floor above 0 has that window at the old rate.)
 //!
 //! The kernel's quota counts every packet that reaches its rule, so `used` can exceed the
 //! volume once packets are being dropped; the kernel also refuses `used > over` when a quota is
@@ -56,6 +64,10 @@ pub fn drops_name(id: LeaseId) -> String {
 }
 pub fn passed_name(id: LeaseId) -> String {
     format!("p{id}")
+}
+/// Packets of a blocked scope dropped here, named by the scope's class minor (hex).
+pub fn blocked_name(class_minor: u16) -> String {
+    format!("b{class_minor:x}")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -329,6 +341,15 @@ impl NftDesired {
                     .push((rule(Some(q), Some(dn), Verdict::Drop), s.prefixes.clone()));
                 self.rules
                     .push((rule(None, Some(pn), Verdict::Accept), s.prefixes.clone()));
+            }
+            // Blocked: dropped here too, so the moment this table replaces one that let
+            // the scope through (a revocation, a spent volume), nothing passes, even before
+            // tc's half of the same reconcile lands.
+            None if s.blocked => {
+                let bn = blocked_name(s.class_minor);
+                self.counters.push(bn.clone());
+                self.rules
+                    .push((rule(None, Some(bn), Verdict::Drop), s.prefixes.clone()));
             }
             None if is_peer => self
                 .rules

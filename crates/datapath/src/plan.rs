@@ -153,6 +153,8 @@ pub struct ScopePlan {
     /// Aggregated, sorted destination prefixes (empty for egress).
     pub prefixes: Vec<Ipv4Net>,
     pub lease: Option<LeasePlan>,
+    /// At a floor of 0: nftables drops the scope's traffic as well as tc (see `nft.rs`).
+    pub blocked: bool,
 }
 
 /// The whole kernel layout for one desired state on one device.
@@ -337,6 +339,7 @@ impl Plan {
                 class_minor,
                 prefixes,
                 lease,
+                blocked: spec.enforce == ScopeEnforce::Floor { rate_bps: 0 },
             });
         }
         plan.classes.sort_by_key(|c| c.minor);

@@ -103,7 +103,7 @@ fn renders_first_install() {
         v
     };
 
-    // Everything blocked: egress at floor 0, no nft rules at all.
+    // Everything blocked: egress at floor 0, dropped by nft and by tc.
     check(
         state(vec![egress(floor(0))]),
         &with(
@@ -116,8 +116,10 @@ fn renders_first_install() {
         "add table inet nicwarden
 delete table inet nicwarden
 table inet nicwarden {
+\tcounter b10 { packets 0 bytes 0 }
 \tchain postrouting {
 \t\ttype filter hook postrouting priority 0; policy accept;
+\t\toifname \"fab0\" counter name \"b10\" drop
 \t}
 }
 ",
@@ -167,13 +169,14 @@ table inet nicwarden {
 \tquota q7 { over 1000000 bytes used 500 bytes }
 \tcounter d9 { packets 0 bytes 0 }
 \tcounter p9 { packets 0 bytes 0 }
+\tcounter b101 { packets 0 bytes 0 }
 \tcounter d7 { packets 0 bytes 0 }
 \tcounter p7 { packets 0 bytes 0 }
 \tchain postrouting {
 \t\ttype filter hook postrouting priority 0; policy accept;
 \t\toifname \"fab0\" ip daddr { 198.18.0.2/32 } quota name \"q9\" counter name \"d9\" drop
 \t\toifname \"fab0\" ip daddr { 198.18.0.2/32 } counter name \"p9\" accept
-\t\toifname \"fab0\" ip daddr { 198.18.0.3/32 } accept
+\t\toifname \"fab0\" ip daddr { 198.18.0.3/32 } counter name \"b101\" drop
 \t\toifname \"fab0\" quota name \"q7\" counter name \"d7\" drop
 \t\toifname \"fab0\" counter name \"p7\" accept
 \t}
@@ -216,10 +219,12 @@ table inet nicwarden {
 \tquota q3 { over 10000 bytes used 10000 bytes }
 \tcounter d3 { packets 0 bytes 0 }
 \tcounter p3 { packets 0 bytes 0 }
+\tcounter b10 { packets 0 bytes 0 }
 \tchain postrouting {
 \t\ttype filter hook postrouting priority 0; policy accept;
 \t\toifname \"fab0\" ip daddr { 198.19.0.0/23, 198.19.8.8/32 } quota name \"q3\" counter name \"d3\" drop
 \t\toifname \"fab0\" ip daddr { 198.19.0.0/23, 198.19.8.8/32 } counter name \"p3\" accept
+\t\toifname \"fab0\" counter name \"b10\" drop
 \t}
 }
 ",
@@ -327,12 +332,12 @@ fn changes_only_what_differs() {
         state(vec![egress(floor(0))]),
         &[
             "nft: quota q7 removed (used 0 of 1000000 bytes)",
-            "nft: chain postrouting rewritten (2 -> 0 rules)",
+            "nft: chain postrouting rewritten (2 -> 1 rules)",
             "tc: class 1:10 (egress) rate 100000000 -> 8 bit/s, burst 65536 -> 10 B, quantum 200000 -> 1514",
             "tc: class 1:10 (egress) leaf pfifo 10: limit 1000 -> pfifo 10: limit 0",
         ],
         &[
-            "add table inet nicwarden\ndelete table inet nicwarden\ntable inet nicwarden {\n\tchain postrouting {\n\t\ttype filter hook postrouting priority 0; policy accept;\n\t}\n}\n",
+            "add table inet nicwarden\ndelete table inet nicwarden\ntable inet nicwarden {\n\tcounter b10 { packets 0 bytes 0 }\n\tchain postrouting {\n\t\ttype filter hook postrouting priority 0; policy accept;\n\t\toifname \"fab0\" counter name \"b10\" drop\n\t}\n}\n",
             "class change dev fab0 parent 1: classid 1:10 htb rate 8bit ceil 8bit burst 10 cburst 10 quantum 1514",
             "qdisc replace dev fab0 parent 1:10 handle 10: pfifo limit 0",
         ],
@@ -348,12 +353,12 @@ fn changes_only_what_differs() {
             peer("b", &["198.18.0.9/32"], floor(0)),
         ]),
         &[
-            "nft: chain postrouting rewritten (1 -> 1 rules)",
+            "nft: chain postrouting rewritten (2 -> 2 rules)",
             "tc: filter pref 100 801::2 removed",
             "tc: filter pref 100 ::1 (peer:b) ip match ip dst 198.18.0.9/32 -> 1:100 replaced",
         ],
         &[
-            "add table inet nicwarden\ndelete table inet nicwarden\ntable inet nicwarden {\n\tchain postrouting {\n\t\ttype filter hook postrouting priority 0; policy accept;\n\t\toifname \"fab0\" ip daddr { 198.18.0.9/32 } accept\n\t}\n}\n",
+            "add table inet nicwarden\ndelete table inet nicwarden\ntable inet nicwarden {\n\tcounter b100 { packets 0 bytes 0 }\n\tcounter b10 { packets 0 bytes 0 }\n\tchain postrouting {\n\t\ttype filter hook postrouting priority 0; policy accept;\n\t\toifname \"fab0\" ip daddr { 198.18.0.9/32 } counter name \"b100\" drop\n\t\toifname \"fab0\" counter name \"b10\" drop\n\t}\n}\n",
             "filter del dev fab0 parent 1: protocol ip pref 100 handle 801::2 u32",
             "filter replace dev fab0 parent 1: protocol ip pref 100 handle 801::1 u32 match ip dst 198.18.0.9/32 classid 1:100",
         ],
@@ -367,12 +372,12 @@ fn changes_only_what_differs() {
         ]),
         state(vec![egress(floor(0)), peer("b", &["198.18.0.2/32"], floor(0))]),
         &[
-            "nft: chain postrouting rewritten (2 -> 1 rules)",
+            "nft: chain postrouting rewritten (3 -> 2 rules)",
             "tc: filter pref 101 (ip u32, 1 filters) removed",
             "tc: class 1:101 removed",
         ],
         &[
-            "add table inet nicwarden\ndelete table inet nicwarden\ntable inet nicwarden {\n\tchain postrouting {\n\t\ttype filter hook postrouting priority 0; policy accept;\n\t\toifname \"fab0\" ip daddr { 198.18.0.2/32 } accept\n\t}\n}\n",
+            "add table inet nicwarden\ndelete table inet nicwarden\ntable inet nicwarden {\n\tcounter b100 { packets 0 bytes 0 }\n\tcounter b10 { packets 0 bytes 0 }\n\tchain postrouting {\n\t\ttype filter hook postrouting priority 0; policy accept;\n\t\toifname \"fab0\" ip daddr { 198.18.0.2/32 } counter name \"b100\" drop\n\t\toifname \"fab0\" counter name \"b10\" drop\n\t}\n}\n",
             "filter del dev fab0 parent 1: pref 101",
             "class del dev fab0 classid 1:101",
         ],
@@ -708,7 +713,7 @@ fn adding_a_peer_renumbers_the_ones_after_it() {
     assert_eq!(
         changes,
         [
-            "nft: chain postrouting rewritten (1 -> 2 rules)",
+            "nft: chain postrouting rewritten (2 -> 3 rules)",
             "tc: class 1:100 (peer:a) rate 1000000 -> 8 bit/s, burst 65536 -> 10 B, quantum 12500 -> 1514",
             "tc: class 1:100 (peer:a) leaf pfifo 100: limit 1000 -> pfifo 100: limit 0",
             "tc: class 1:101 (peer:m) added: rate 1000000 bit/s, burst 65536 B, quantum 12500, leaf pfifo limit 1000",

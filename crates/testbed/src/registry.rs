@@ -124,6 +124,9 @@ pub fn cleanup_stale() -> Result<Vec<String>, TestbedError> {
     let _one_at_a_time = CLEANUP
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // And one at a time across processes, so that one cleanup's scan for processes and its
+    // deletions are not interleaved with another's.
+    let _across_processes = sys::lock_cleanup();
     let names = sys::list_namespaces()?;
     let stale = names::stale_namespaces(names.iter().map(String::as_str), owner_alive);
     let mut failures = Vec::new();

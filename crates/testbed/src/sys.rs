@@ -3,6 +3,8 @@
 
 use crate::error::TestbedError;
 use crate::names::TestbedId;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::collections::HashMap;
@@ -10,6 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Where `ip netns` keeps its namespace files.
 pub(crate) const NETNS_DIR: &str = "/run/netns";
@@ -173,6 +176,36 @@ pub(crate) fn parse_stat_start_time(stat: &str) -> Option<u64> {
     let after_comm = &stat[stat.rfind(')')? + 1..];
     // After the command come field 3 (state) onwards; starttime is field 22.
     after_comm.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// How long stale cleanup waits for another process's cleanup to finish.
+const CLEANUP_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Takes the cross-process stale-cleanup lock (`flock` on a file in [`MARKER_DIR`]), waiting
+/// at most [`CLEANUP_LOCK_WAIT`]. `None` if it cannot be had: cleanup then proceeds without it
+/// (it is only a courtesy between concurrent cleanups; each step tolerates the others).
+pub(crate) fn lock_cleanup() -> Option<Flock<std::fs::File>> {
+    std::fs::create_dir_all(MARKER_DIR).ok()?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(Path::new(MARKER_DIR).join(".cleanup.lock"))
+        .ok()?;
+    let deadline = Instant::now() + CLEANUP_LOCK_WAIT;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Some(lock),
+            Err((f, Errno::EWOULDBLOCK | Errno::EINTR)) if Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((_, e)) => {
+                tracing::warn!(error = %e, "stale cleanup proceeds without the cleanup lock");
+                return None;
+            }
+        }
+    }
 }
 
 fn marker_path(id: TestbedId) -> PathBuf {

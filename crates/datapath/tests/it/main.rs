@@ -123,7 +123,7 @@ fn installs_the_layout_and_reapplying_changes_nothing() {
     let table = tb.nft(&["list", "table", "inet", "nicwarden"]).unwrap();
     assert!(table.contains("quota q9"), "{table}");
     assert!(
-        table.contains("oifname \"fab0\" ip daddr 198.18.0.3 accept"),
+        table.contains("oifname \"fab0\" ip daddr 198.18.0.3 counter name \"b101\" drop"),
         "{table}"
     );
 
@@ -211,10 +211,20 @@ fn arp_passes_when_everything_is_blocked() {
     .unwrap();
     let got = tb.send_and_count(OTHER, 3, 100);
     assert_eq!(got.packets, 0, "{got:?}");
-    // The ARP exchange went through the control class: the neighbour is resolved.
+    // IP is dropped before it could ask for a neighbour, so let the peer ask: the node's ARP
+    // reply leaves through the control class and the peer resolves the node.
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let neigh = testbed::sh(&["ip", "-n", &tb.node, "neigh", "show", &OTHER.to_string()]);
+        testbed::sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &tb.peer,
+            "bash",
+            "-c",
+            "echo probe > /dev/udp/198.18.0.1/9",
+        ]);
+        let neigh = testbed::sh(&["ip", "-n", &tb.peer, "neigh", "show", "198.18.0.1"]);
         if neigh.contains("lladdr") {
             break;
         }

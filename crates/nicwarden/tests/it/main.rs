@@ -1,9 +1,11 @@
 //! Integration tests of the `nicwarden` binary that need no running controller: help texts,
 //! argument errors, config errors, and errors when nothing listens.
 //!
-//! End-to-end tests against a real controller and agents are in `e2e.rs`.
+//! End-to-end tests against a real controller and agents are in `e2e.rs`; privileged tests
+//! of enforcement on real packets in a namespaced testbed are in `enforce.rs`.
 
 mod e2e;
+mod enforce;
 mod harness;
 
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! Creation, teardown (explicit, on drop, on panic), spawned processes, stale cleanup.
 
-use crate::{eventually, netns_list, require_root};
+use crate::{eventually, netns_list, netns_pids, require_root};
 use nicwarden_testbed::{cleanup_stale, live_testbeds, Testbed, TestbedError, TestbedSpec};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -104,16 +104,7 @@ fn teardown_stops_spawned_processes_gracefully_then_by_force() {
     assert!(polite.try_wait().unwrap().is_none());
     // The process really is in the namespace: `ip netns pids` lists it (once `ip netns exec`
     // has entered the namespace and exec'd the program).
-    let pids_in = |ns: &str| {
-        let out = Command::new("ip")
-            .args(["netns", "pids", ns])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().to_string())
-            .collect::<Vec<_>>()
-    };
+    let pids_in = netns_pids;
     let polite_in_node = || pids_in(node.netns.name()).contains(&polite.pid().to_string());
     assert!(eventually(Duration::from_secs(5), polite_in_node));
     // Make sure the shell has installed its trap (and started its child) before teardown
@@ -156,13 +147,19 @@ fn spawn_refuses_commands_outside_the_testbed() {
 struct NsGuard(String);
 
 impl NsGuard {
+    /// Adds namespace `name`. A stale-looking name can be deleted by a concurrent cleanup
+    /// (another test's `Testbed::create`) while `ip netns add` is still mounting it, so retry.
     fn add(name: String) -> NsGuard {
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(st.success(), "ip netns add {name}");
-        NsGuard(name)
+        for _ in 0..5 {
+            let st = Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .unwrap();
+            if st.success() {
+                return NsGuard(name);
+            }
+        }
+        panic!("ip netns add {name} keeps failing");
     }
 }
 
@@ -198,6 +195,13 @@ fn cleanup_stale_removes_dead_owners_namespaces_and_leaves_live_ones() {
         .args(["netns", "exec", &stale.0, "sleep", "60"])
         .spawn()
         .unwrap();
+    let orphan_pid = orphan.id().to_string();
+    // Wait until it is inside (or has failed to get in because a concurrent cleanup already
+    // removed the namespace).
+    let settled = eventually(Duration::from_secs(5), || {
+        netns_pids(&stale.0).contains(&orphan_pid) || orphan.try_wait().unwrap().is_some()
+    });
+    assert!(settled || !crate::netns_list().contains(&stale.0));
     // pid 1 is alive and never ours: without an owner marker its namespace is left alone...
     let foreign_live = NsGuard::add(format!("nwtb1x{seq}-sw"));
     // ...but with a marker whose start time is not pid 1's, the pid was reused: stale.
@@ -216,10 +220,18 @@ fn cleanup_stale_removes_dead_owners_namespaces_and_leaves_live_ones() {
     assert!(listed.contains(&foreign_live.0), "{listed:?}");
     assert!(live.namespaces().iter().all(|n| listed.contains(n)));
     assert!(!std::path::Path::new(&marker).exists());
-    assert!(eventually(Duration::from_secs(5), || orphan
-        .try_wait()
-        .unwrap()
-        .is_some()));
+    if removed.contains(&stale.0) {
+        // This cleanup deleted the namespace while the orphan was inside: it killed it.
+        assert!(eventually(Duration::from_secs(5), || orphan
+            .try_wait()
+            .unwrap()
+            .is_some()));
+    } else {
+        // A concurrent cleanup (another test process) got there first, possibly between the
+        // orphan's `ip netns exec` opening the namespace and entering it.
+        let _ = orphan.kill();
+        let _ = orphan.wait();
+    }
     // A second run finds nothing of these.
     let again = cleanup_stale().unwrap();
     assert!(!again.contains(&stale.0));

@@ -35,6 +35,18 @@ pub fn netns_list() -> Vec<String> {
         .collect()
 }
 
+/// Pids in namespace `name`, as `ip netns pids` lists them.
+pub fn netns_pids(name: &str) -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", name])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
 pub fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }

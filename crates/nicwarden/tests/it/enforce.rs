@@ -1,0 +1,488 @@
+//! Privileged end-to-end tests of enforcement on real packets: a testbed of network
+//! namespaces, the controller and agents as real processes (datapath `tc`), and the
+//! testbed's traffic generator and sink. They run as root (as in CI) and say they are
+//! skipped otherwise.
+
+use nicwarden_lab::{in_mgmt, Lab, LabSpec};
+use nicwarden_lease::agent::SlotState;
+use nicwarden_testbed::traffic::{self, Proto, Report, SendSpec, SinkSpec};
+use nicwarden_testbed::{Node, Testbed, TestbedSpec};
+use serde_json::json;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::harness::BIN;
+
+/// Builds a testbed of `nodes`, starts the controller and enrolls an agent per node, then
+/// runs `body` inside the management namespace. Everything is removed afterwards, also
+/// when `body` panics.
+fn with_lab<F, Fut>(nodes: usize, body: F)
+where
+    F: FnOnce(Lab) -> Fut + Send,
+    Fut: Future<Output = ()>,
+{
+    if !nicwarden_testbed::has_privileges() {
+        eprintln!("skipped: needs root (network namespaces, tc, nftables)");
+        return;
+    }
+    let tb = Arc::new(
+        Testbed::create(TestbedSpec {
+            nodes,
+            ..TestbedSpec::default()
+        })
+        .expect("create the testbed"),
+    );
+    let tb2 = tb.clone();
+    in_mgmt(&tb, move || async move {
+        let mut lab = Lab::new(tb2, LabSpec::new(BIN)).expect("lab");
+        lab.start_controller().await.expect("start the controller");
+        lab.enroll_all().await.expect("enroll the agents");
+        body(lab).await
+    })
+    .expect("run in the management namespace");
+}
+
+fn node(lab: &Lab, name: &str) -> Node {
+    lab.testbed().node(name).expect("testbed node").clone()
+}
+
+/// A sink started on `to`'s fabric address, and the instant its clock started.
+struct RunningSink {
+    handle:
+        JoinHandle<Result<Result<Report, traffic::TrafficError>, nicwarden_testbed::TestbedError>>,
+    progress: Arc<std::sync::atomic::AtomicU64>,
+    started: Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl RunningSink {
+    fn start(to: &Node, proto: Proto, port: u16, limit: Duration, idle: Duration) -> RunningSink {
+        let listen = SocketAddr::from((to.fabric_ip, port));
+        let mut spec = SinkSpec::new(proto, listen);
+        spec.duration = limit;
+        spec.idle_timeout = idle;
+        let sink = to
+            .netns
+            .run(move || traffic::Sink::bind(spec))
+            .expect("enter the receiver's namespace")
+            .expect("bind the sink");
+        let progress = sink.progress();
+        let started = Arc::new(std::sync::Mutex::new(None));
+        let s2 = started.clone();
+        let handle = to
+            .netns
+            .spawn_thread(move || {
+                *s2.lock().expect("lock") = Some(Instant::now());
+                sink.run()
+            })
+            .expect("start the sink thread");
+        RunningSink {
+            handle,
+            progress,
+            started,
+        }
+    }
+
+    /// Waits (bounded) until at least `bytes` arrived.
+    async fn wait_bytes(&self, bytes: u64, limit: Duration) {
+        let end = Instant::now() + limit;
+        while self.progress.load(Ordering::SeqCst) < bytes {
+            assert!(
+                Instant::now() < end,
+                "only {} bytes arrived within {limit:?}",
+                self.progress.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The report and the instant the last byte arrived.
+    fn finish(self) -> (Report, Option<Instant>) {
+        let r = self
+            .handle
+            .join()
+            .expect("sink thread")
+            .expect("enter the namespace")
+            .expect("sink");
+        let start = self.started.lock().expect("lock").expect("sink started");
+        let last = r.last_byte_at.map(|d| start + d);
+        (r, last)
+    }
+}
+
+fn start_sender(
+    from: &Node,
+    spec: SendSpec,
+) -> JoinHandle<Result<Result<Report, traffic::TrafficError>, nicwarden_testbed::TestbedError>> {
+    from.netns
+        .spawn_thread(move || traffic::send(&spec))
+        .expect("start the sender thread")
+}
+
+fn udp(dst: &Node, port: u16, secs: u64, rate: Option<u64>) -> SendSpec {
+    let mut s = SendSpec::new(Proto::Udp, SocketAddr::from((dst.fabric_ip, port)));
+    s.duration = Duration::from_secs(secs);
+    s.rate_bps = rate;
+    s.payload = 8000;
+    s
+}
+
+async fn wait_active(lab: &Lab, node: &str, lease: u64) {
+    lab.wait_status(
+        node,
+        "the lease active in its datapath",
+        Duration::from_secs(10),
+        |s| {
+            nicwarden_lab::scope(s, "egress").is_some_and(|d| {
+                d.state == SlotState::Active && d.lease.map(|l| l.0) == Some(lease)
+            }) && s.datapath.as_ref().is_some_and(|d| d.last_error.is_none())
+        },
+    )
+    .await
+    .expect("lease active");
+}
+
+async fn grant(lab: &Lab, req: serde_json::Value) -> u64 {
+    let node = req["node"].as_str().expect("node").to_string();
+    let v = lab.grant(req).await.expect("grant");
+    let id = v["id"].as_u64().expect("lease id");
+    wait_active(lab, &node, id).await;
+    id
+}
+
+#[test]
+fn tcp_goodput_under_a_50_mbit_lease_is_within_5_percent() {
+    with_lab(2, |lab| async move {
+        grant(&lab, json!({"node": "node1", "rate_bps": 50_000_000u64})).await;
+        // The receiver must be allowed to send its ACKs.
+        grant(&lab, json!({"node": "node2", "rate_bps": 1_000_000_000u64})).await;
+        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
+        let sink = RunningSink::start(
+            &n2,
+            Proto::Tcp,
+            5201,
+            Duration::from_secs(20),
+            Duration::from_secs(2),
+        );
+        let mut spec = SendSpec::new(Proto::Tcp, SocketAddr::from((n2.fabric_ip, 5201)));
+        spec.duration = Duration::from_secs(5);
+        let sent = start_sender(&n1, spec)
+            .join()
+            .expect("sender")
+            .expect("ns")
+            .expect("send");
+        let (got, _) = sink.finish();
+        let err = (got.rate_bps() - 50e6) / 50e6 * 100.0;
+        eprintln!("sent {sent}\nreceived {got}\ngoodput error {err:+.2}%");
+        assert!(
+            err.abs() < 5.0,
+            "goodput {:.0} bit/s is {err:+.2}% off a 50 Mbit/s lease",
+            got.rate_bps()
+        );
+    });
+}
+
+#[test]
+fn a_10_mb_volume_lets_10_mb_through_then_nothing() {
+    with_lab(2, |lab| async move {
+        let volume = 10_000_000u64;
+        let lease = grant(
+            &lab,
+            json!({"node": "node1", "rate_bps": 1_000_000_000u64, "volume_bytes": volume}),
+        )
+        .await;
+        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
+        let sink = RunningSink::start(
+            &n2,
+            Proto::Udp,
+            5202,
+            Duration::from_secs(20),
+            Duration::from_secs(1),
+        );
+        // Paced below the lease's rate, so nothing is lost to shaping: every datagram the
+        // volume admits arrives. 15 MB offered, 10 MB allowed.
+        let mut spec = udp(&n2, 5202, 10, Some(200_000_000));
+        spec.max_bytes = Some(15_000_000);
+        let sent = start_sender(&n1, spec)
+            .join()
+            .expect("sender")
+            .expect("ns")
+            .expect("send");
+        let (got, _) = sink.finish();
+        // What the volume counts: IP packets (payload + 8 bytes UDP + 20 bytes IP).
+        let packet = 8000 + 28;
+        let delivered_ip = got.bytes + got.packets * 28;
+        eprintln!("sent {sent}\nreceived {got}\nIP bytes delivered {delivered_ip} of a {volume}-byte volume");
+        // The excess was refused at the node (nftables' drop answers a local sender EPERM).
+        assert!(sent.send_errors > 0, "the sender was never refused: {sent}");
+        assert!(
+            delivered_ip <= volume + packet,
+            "{delivered_ip} IP bytes delivered: more than the volume plus one packet\nagent log:\n{}",
+            lab.log_tail("node1", 40)
+        );
+        assert!(
+            delivered_ip + 2 * packet > volume,
+            "{delivered_ip} IP bytes delivered: the volume ({volume}) was not used up"
+        );
+        let st = lab
+            .wait_status(
+                "node1",
+                "the lease exhausted",
+                Duration::from_secs(5),
+                |s| {
+                    nicwarden_lab::scope(s, "egress")
+                        .is_some_and(|d| d.state == SlotState::Exhausted)
+                },
+            )
+            .await
+            .expect("exhausted");
+        let dp = st.datapath.as_ref().expect("datapath status");
+        let k = dp
+            .scopes
+            .iter()
+            .find(|k| k.scope == "egress")
+            .expect("egress counters");
+        // The quota dropped the excess, then the spent lease put the scope at its floor.
+        assert!(k.volume_drops + k.drops > 0, "nothing dropped: {k:?}");
+        let d = nicwarden_lab::scope(&st, "egress").expect("egress");
+        assert_eq!(
+            d.usage.bytes, volume,
+            "the lease's usage is its whole volume"
+        );
+        // The controller heard of it.
+        let (code, audit) = lab
+            .call("GET", "/v1/audit?limit=1000", None)
+            .await
+            .expect("audit");
+        assert_eq!(code, 200, "{audit}");
+        let text = audit.to_string();
+        assert!(
+            text.contains("lease.exhausted") && text.contains(&format!("\"lease\":{lease}")),
+            "no lease.exhausted audit entry for lease {lease}: {text}"
+        );
+    });
+}
+
+#[test]
+fn a_revoked_lease_stops_traffic_within_a_second() {
+    with_lab(2, |lab| async move {
+        let lease = grant(&lab, json!({"node": "node1", "rate_bps": 100_000_000u64})).await;
+        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
+        let sink = RunningSink::start(
+            &n2,
+            Proto::Udp,
+            5203,
+            Duration::from_secs(20),
+            Duration::from_secs(8),
+        );
+        let sender = start_sender(&n1, udp(&n2, 5203, 6, Some(20_000_000)));
+        sink.wait_bytes(1_000_000, Duration::from_secs(5)).await;
+        let revoked_at = Instant::now();
+        lab.revoke(lease, "test").await.expect("revoke");
+        let sent = sender.join().expect("sender").expect("ns").expect("send");
+        let (got, last) = sink.finish();
+        let last = last.expect("traffic arrived");
+        let after = last.saturating_duration_since(revoked_at);
+        eprintln!(
+            "sent {sent}\nreceived {got}\nlast datagram {after:?} after the revocation was sent"
+        );
+        assert!(
+            after < Duration::from_secs(1),
+            "traffic went on {after:?} after the revocation"
+        );
+        assert!(
+            sent.elapsed > Duration::from_secs(5),
+            "the sender kept offering traffic"
+        );
+    });
+}
+
+#[test]
+fn a_lapsed_lease_stops_traffic_at_its_deadline_when_the_controller_is_gone() {
+    with_lab(2, |mut lab| async move {
+        grant(
+            &lab,
+            json!({"node": "node1", "rate_bps": 100_000_000u64, "ttl_s": 3, "renew_s": 1}),
+        )
+        .await;
+        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
+        let sink = RunningSink::start(
+            &n2,
+            Proto::Udp,
+            5204,
+            Duration::from_secs(20),
+            Duration::from_secs(8),
+        );
+        let sender = start_sender(&n1, udp(&n2, 5204, 8, Some(20_000_000)));
+        sink.wait_bytes(1_000_000, Duration::from_secs(5)).await;
+        lab.kill_controller();
+        // The deadline the agent holds now that no renewal can come.
+        let asked = Instant::now();
+        let st = lab.status("node1").await.expect("status");
+        let d = nicwarden_lab::scope(&st, "egress").expect("egress");
+        assert_eq!(d.state, SlotState::Active);
+        let deadline = asked + Duration::from_millis(d.deadline_in_ms.expect("deadline"));
+        let _ = sender.join().expect("sender").expect("ns").expect("send");
+        let (got, last) = sink.finish();
+        let last = last.expect("traffic arrived");
+        eprintln!("received {got}");
+        let early = deadline.saturating_duration_since(last);
+        let late = last.saturating_duration_since(deadline);
+        eprintln!("last datagram: {early:?} before / {late:?} after the deadline");
+        assert!(
+            late < Duration::from_millis(250),
+            "traffic went on {late:?} past the deadline"
+        );
+        assert!(
+            early < Duration::from_millis(250),
+            "traffic stopped {early:?} before the deadline"
+        );
+        let st = lab.status("node1").await.expect("status");
+        assert_eq!(
+            nicwarden_lab::scope(&st, "egress").map(|d| d.state),
+            Some(SlotState::Expired)
+        );
+    });
+}
+
+#[test]
+fn killing_the_agent_leaves_enforcement_in_place_until_cleanup() {
+    with_lab(3, |mut lab| async move {
+        grant(&lab, json!({"node": "node1", "rate_bps": 50_000_000u64})).await;
+        lab.kill_agent("node1");
+        lab.kill_agent("node3");
+        let (n1, n2, n3) = (
+            node(&lab, "node1"),
+            node(&lab, "node2"),
+            node(&lab, "node3"),
+        );
+        // node1 is still shaped to its lease: not blocked, not unlimited.
+        let sink = RunningSink::start(
+            &n2,
+            Proto::Udp,
+            5205,
+            Duration::from_secs(20),
+            Duration::from_secs(2),
+        );
+        let _ = start_sender(&n1, udp(&n2, 5205, 3, Some(400_000_000))).join();
+        let (got, _) = sink.finish();
+        let err = (got.rate_bps() - 50e6) / 50e6 * 100.0;
+        eprintln!("node1 without its agent: {got} ({err:+.2}%)");
+        assert!(
+            err.abs() < 5.0,
+            "node1 not held to its 50 Mbit/s lease: {err:+.2}%"
+        );
+        // node3 (no lease) is still blocked.
+        let sink = RunningSink::start(
+            &n2,
+            Proto::Udp,
+            5206,
+            Duration::from_secs(4),
+            Duration::from_secs(4),
+        );
+        let sent = start_sender(&n3, udp(&n2, 5206, 2, Some(50_000_000)))
+            .join()
+            .expect("sender")
+            .expect("ns")
+            .expect("send");
+        let (got, _) = sink.finish();
+        assert!(
+            sent.send_errors > 0,
+            "node3's sends were not refused: {sent}"
+        );
+        assert_eq!(got.bytes, 0, "node3 has no lease and no agent, yet {got}");
+        // An explicit cleanup removes the enforcement (the agent never does it on exit).
+        let out = n1
+            .netns
+            .command(BIN)
+            .args([
+                "agent",
+                "--cleanup",
+                "--node",
+                "node1",
+                "--datapath",
+                "tc",
+                "--fabric-iface",
+                "fab0",
+            ])
+            .env("RUST_LOG", "off")
+            .output()
+            .expect("run agent --cleanup");
+        assert!(
+            out.status.success(),
+            "cleanup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nft = n1
+            .netns
+            .command("nft")
+            .args(["list", "tables"])
+            .output()
+            .expect("nft");
+        assert!(
+            !String::from_utf8_lossy(&nft.stdout).contains("nicwarden"),
+            "nft table left"
+        );
+        let sink = RunningSink::start(
+            &n2,
+            Proto::Udp,
+            5207,
+            Duration::from_secs(20),
+            Duration::from_secs(2),
+        );
+        let _ = start_sender(&n1, udp(&n2, 5207, 2, Some(200_000_000))).join();
+        let (got, _) = sink.finish();
+        assert!(
+            got.rate_bps() > 100e6,
+            "after cleanup node1 is unshaped: {got}"
+        );
+    });
+}
+
+#[test]
+fn the_management_channel_works_while_the_fabric_is_blocked() {
+    with_lab(2, |lab| async move {
+        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
+        // node1 has no lease: its fabric is blocked.
+        let probe = n1
+            .netns
+            .run(move || {
+                traffic::probe_tcp(
+                    SocketAddr::from((n2.fabric_ip, 22)),
+                    Duration::from_millis(500),
+                )
+            })
+            .expect("ns");
+        assert!(
+            !probe.is_reachable(),
+            "fabric open without a lease: {probe:?}"
+        );
+        // Its agent is connected and answers over management.
+        let st = lab.status("node1").await.expect("status over management");
+        assert!(st.connected, "agent not connected: {st:?}");
+        assert_eq!(
+            nicwarden_lab::scope(&st, "egress").map(|d| d.state),
+            Some(SlotState::Pending)
+        );
+        // Bulk traffic over management is not touched by the fabric's enforcement.
+        let ctl = lab.testbed().controller_ip();
+        let mut spec = SinkSpec::new(Proto::Tcp, SocketAddr::from((ctl, 0)));
+        spec.duration = Duration::from_secs(20);
+        let sink = traffic::Sink::bind(spec).expect("sink in the management namespace");
+        let addr = sink.local_addr().expect("addr");
+        let sink = std::thread::spawn(move || sink.run());
+        let mut send = SendSpec::new(Proto::Tcp, addr);
+        send.max_bytes = Some(5_000_000);
+        let sent = n1
+            .netns
+            .run(move || traffic::send(&send))
+            .expect("ns")
+            .expect("send");
+        let got = sink.join().expect("sink thread").expect("sink");
+        assert_eq!(sent.bytes, 5_000_000);
+        assert_eq!(got.bytes, 5_000_000, "management transfer: {got}");
+    });
+}
