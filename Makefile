@@ -4,7 +4,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: all deps build test demo lint fmt clean
+.PHONY: all deps build test demo tour lint fmt clean
 
 all: build
 
@@ -18,7 +18,12 @@ build: deps
 test: deps
 	$(CARGO) test --workspace --all-targets --no-fail-fast
 
+# The whole system on real packets in network namespaces (needs root).
 demo: build
+	target/release/nicwarden demo
+
+# The control plane on loopback, command by command (no root needed).
+tour: build
 	scripts/demo.sh
 
 lint:

@@ -209,9 +209,9 @@ its kernel counters), volume and time to expiry. It then revokes node1's lease a
 the controller so node2's lease lapses, and checks that traffic stopped both times: the
 exit status is 1 if enforcement did not do what the leases say. Ctrl-C removes everything.
 
-Examples:
-  sudo nicwarden demo
-  sudo nicwarden demo --nodes 4 --phase-secs 10 --no-live";
+Examples (as root):
+  nicwarden demo
+  nicwarden demo --nodes 4 --phase-secs 10 --no-live";
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -236,9 +236,9 @@ node2 for --secs and measures the goodput at the receiver and the rate the kerne
 counted; then sends the same from node3, whose fabric has no enforcement, as the
 unenforced reference of the same run. Prints leased vs achieved and the error in %.
 
-Examples:
-  sudo nicwarden bench
-  sudo nicwarden bench --rates 10M,100M,1G --secs 10 --reps 3";
+Examples (as root):
+  nicwarden bench
+  nicwarden bench --rates 10M,100M,1G --secs 10 --reps 3 --json";
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -262,9 +262,26 @@ Bounded test traffic between hosts you own (e.g. namespaced test nodes). The sin
 is the authority on what was delivered. Run each side inside its namespace:
 
 Examples:
-  ip netns exec node2 nicwarden traffic sink --listen 198.18.0.2:5201 --duration 20s
-  ip netns exec node1 nicwarden traffic send --dst 198.18.0.2:5201 --duration 10s
+  nicwarden traffic sink --listen 198.18.0.2:5201 --duration 20s
+  nicwarden traffic send --dst 198.18.0.2:5201 --duration 10s
+  # inside test namespaces
   ip netns exec node1 nicwarden traffic send --udp --dst 198.18.0.2:5201 --rate 50M --bytes 10MB";
+
+const SINK_HELP: &str = "\
+Prints what arrived: bytes, datagrams or reads, the rate while data flowed, and for UDP the
+datagrams lost and reordered (each datagram carries a sequence number).
+
+Examples:
+  nicwarden traffic sink --listen 198.18.0.2:5201
+  nicwarden traffic sink --udp --listen 0.0.0.0:5201 --duration 60s --json";
+
+const SEND_HELP: &str = "\
+Prints what the kernel accepted (the sink's report is the authority on delivery). Sends that
+fail (a firewall drop answers EPERM) are retried until --duration.
+
+Examples:
+  nicwarden traffic send --dst 198.18.0.2:5201 --duration 10s
+  nicwarden traffic send --udp --dst 198.18.0.2:5201 --rate 50M --bytes 10MB --payload 8000";
 
 #[derive(Debug, Args)]
 pub struct TrafficCmd {
@@ -275,8 +292,10 @@ pub struct TrafficCmd {
 #[derive(Debug, Subcommand)]
 pub enum TrafficSub {
     /// Receive and count traffic until the sender finishes, the idle timeout or --duration
+    #[command(after_help = SINK_HELP)]
     Sink(SinkArgs),
     /// Send traffic for --duration or until --bytes, optionally paced at --rate
+    #[command(after_help = SEND_HELP)]
     Send(SendArgs),
 }
 

@@ -108,10 +108,17 @@ fn owner_alive(id: TestbedId) -> bool {
     if id.pid == std::process::id() {
         return is_live(&id.to_string());
     }
-    let Some(start) = sys::process_start_time(id.pid) else {
-        return false;
-    };
-    sys::read_marker(id).is_none_or(|recorded| recorded == start)
+    is_owner(sys::process_start_time(id.pid), sys::read_marker(id))
+}
+
+/// Whether a process with start time `current` (`None`: no such process) is the owner that
+/// recorded `recorded` in its marker (`None`: no marker, so only the pid can be checked).
+fn is_owner(current: Option<u64>, recorded: Option<u64>) -> bool {
+    match (current, recorded) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(now), Some(then)) => now == then,
+    }
 }
 
 /// Removes the namespaces `nwtb*` whose creating process is gone (see the naming scheme in
@@ -143,8 +150,14 @@ pub fn cleanup_stale() -> Result<Vec<String>, TestbedError> {
             Err(_) => {}
         }
     }
+    // A dead owner's marker goes once none of its namespaces is left (one that appeared after
+    // the listing above keeps its marker, so the next cleanup still recognises it).
+    let remaining: Vec<TestbedId> = sys::list_namespaces()?
+        .iter()
+        .filter_map(|name| names::parse_namespace(name).map(|(id, _)| id))
+        .collect();
     for id in sys::list_markers() {
-        if !owner_alive(id) {
+        if !remaining.contains(&id) && !owner_alive(id) {
             if let Err(e) = sys::remove_marker(id) {
                 failures.push(e.to_string());
             }
@@ -157,5 +170,22 @@ pub fn cleanup_stale() -> Result<Vec<String>, TestbedError> {
             what: "stale testbed namespaces".to_string(),
             failures,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_is_the_live_pid_with_the_recorded_start_time() {
+        // No such process: dead, whatever the marker says.
+        assert!(!is_owner(None, None));
+        assert!(!is_owner(None, Some(5)));
+        // Alive and no marker: only the pid can be checked; assume it is the owner.
+        assert!(is_owner(Some(5), None));
+        // Alive with a marker: the owner only if it started when the marker says.
+        assert!(is_owner(Some(5), Some(5)));
+        assert!(!is_owner(Some(9), Some(5)), "a reused pid is not the owner");
     }
 }

@@ -56,6 +56,11 @@ const COMMANDS: &[&[&str]] = &[
     &["quota", "set"],
     &["audit"],
     &["audit", "verify"],
+    &["demo"],
+    &["bench"],
+    &["traffic"],
+    &["traffic", "sink"],
+    &["traffic", "send"],
 ];
 
 #[test]
@@ -281,6 +286,71 @@ fn agent_config_errors_are_clear() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn agent_datapath_settings_are_checked_before_start() {
+    let check = |args: &[&str], want: &str| {
+        let mut all = vec!["agent", "--node", "n1"];
+        all.extend(args);
+        let out = nicwarden(&all);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {want:?} not in {err}");
+    };
+    check(
+        &["--datapath", "bpf"],
+        "datapath backend must be `none` or `tc`",
+    );
+    check(
+        &["--datapath", "tc", "--counters", "simulated:1G"],
+        "cannot be used with datapath backend `tc`",
+    );
+    check(
+        &["--peer", "n2=198.18.0.0/24", "--peer", "n3=198.18.0.3"],
+        "overlaps",
+    );
+    check(&["--peer", "n1=198.18.0.2"], "is this node itself");
+    check(
+        &["--fabric-iface", "a-very-long-interface-name"],
+        "not a valid interface name",
+    );
+    let out = nicwarden(&["agent", "--node", "n1", "--peer", "n2=198.18.0.300"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not an IPv4 prefix"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `demo` and `bench` say what privilege they need, and why, when they lack it.
+#[test]
+fn demo_without_privileges_says_what_it_needs() {
+    for cmd in ["demo", "bench"] {
+        let bin = env!("CARGO_BIN_EXE_nicwarden");
+        // As root (CI), drop the two capabilities; otherwise we lack them already.
+        let out = if Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| stdout(&o).trim() == "0")
+            .unwrap_or(false)
+        {
+            Command::new("setpriv")
+                .args(["--bounding-set=-net_admin,-sys_admin", "--", bin, cmd])
+                .env("RUST_LOG", "off")
+                .output()
+                .expect("run setpriv (util-linux)")
+        } else {
+            nicwarden(&[cmd])
+        };
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        assert!(
+            err.contains(&format!("{cmd} needs root")) && err.contains("CAP_NET_ADMIN"),
+            "{cmd}: {err}"
+        );
+    }
 }
 
 /// A local port with nothing listening on it (bound, then released).
