@@ -115,10 +115,33 @@ pub async fn enroll(
     })
 }
 
-/// The persisted replay guard.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+/// What the agent persists before it acts on a directive: the replay guard, and the leases
+/// it holds (as the controller signed them), so a restarted agent enforces them again at
+/// once instead of falling to the floor until the controller re-sends them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PersistedState {
     pub last_seq: u64,
+    #[serde(default)]
+    pub leases: Vec<HeldLease>,
+}
+
+/// A lease as received: the signed directive, re-verified on restore, and when it arrived on
+/// the boot-time clock (`CLOCK_BOOTTIME`, which keeps counting across process restarts, not
+/// across reboots: a lease never outlives a reboot).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLease {
+    pub lease_id: u64,
+    pub scope: String,
+    pub directive_hex: String,
+    pub signature_hex: String,
+    pub received_boot_ms: u64,
+}
+
+/// Milliseconds on `CLOCK_BOOTTIME`.
+pub fn boot_ms() -> anyhow::Result<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .context("read CLOCK_BOOTTIME")?;
+    Ok(t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
 }
 
 pub fn load_state(dir: &Path) -> anyhow::Result<PersistedState> {

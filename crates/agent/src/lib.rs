@@ -28,6 +28,7 @@ use nicwarden_lease::agent::{AgentCore, AgentEvent};
 use nicwarden_lease::{Floor, Time};
 use nicwarden_proto::pb;
 use status::AgentStatus;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -124,22 +125,25 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             tracing::error!(error = %e, "status endpoint failed");
         }
     });
-    tracing::info!(node = %cfg.node, controller = %cfg.controller, status = %cfg.status_listen, last_seq = persisted.last_seq, "agent started: at the floor until a lease arrives");
-    let core = AgentCore::new(
+    tracing::info!(node = %cfg.node, controller = %cfg.controller, status = %cfg.status_listen, last_seq = persisted.last_seq, "agent started: scopes without a lease are at their floor");
+    let mut core = AgentCore::new(
         &cfg.node,
         persisted.last_seq,
         Floor {
             rate_bps: cfg.default_floor_bps,
         },
     );
+    let clock = Clock {
+        start: Instant::now(),
+    };
+    let held = restore_leases(&mut core, clock.now(), &ident.lease_key, &persisted.leases);
     let cfg_iface = cfg.datapath.fabric_iface.clone();
     let mut lp = Loop {
         cfg,
         core,
         ident_key: ident.lease_key,
-        clock: Clock {
-            start: Instant::now(),
-        },
+        clock,
+        held,
         to_controller: None,
         connected: false,
         last_error: None,
@@ -184,6 +188,65 @@ struct Loop {
     /// The desired state last applied successfully (None: apply at the next chance).
     last_desired: Option<nicwarden_datapath::DesiredState>,
     last_reconcile: Instant,
+    /// The leases held, as signed by the controller (persisted with the replay guard).
+    held: BTreeMap<u64, identity::HeldLease>,
+}
+
+/// Re-installs the leases persisted before a restart that still have time left (their
+/// signatures verified again); returns the ones restored.
+fn restore_leases(
+    core: &mut AgentCore,
+    now: Time,
+    key: &[u8; 32],
+    leases: &[identity::HeldLease],
+) -> BTreeMap<u64, identity::HeldLease> {
+    let mut held = BTreeMap::new();
+    let boot_now = match identity::boot_ms() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot restore held leases; waiting for the controller");
+            return held;
+        }
+    };
+    for h in leases {
+        let signed = match (hex::decode(&h.directive_hex), hex::decode(&h.signature_hex)) {
+            (Ok(directive), Ok(signature)) => pb::SignedDirective {
+                directive,
+                signature,
+            },
+            _ => {
+                tracing::warn!(
+                    lease = h.lease_id,
+                    "held lease is not readable; not restored"
+                );
+                continue;
+            }
+        };
+        let lease = match nicwarden_proto::verify_directive(&signed, key) {
+            Ok(nicwarden_lease::Directive::Lease(l)) => l,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(lease = h.lease_id, error = %e, "held lease fails verification; not restored");
+                continue;
+            }
+        };
+        let left = (h.received_boot_ms + lease.ttl_ms).saturating_sub(boot_now);
+        if left == 0 {
+            tracing::info!(
+                lease = h.lease_id,
+                "held lease lapsed while the agent was down"
+            );
+            continue;
+        }
+        match core.restore(now, lease, left) {
+            Ok(_) => {
+                tracing::info!(lease = h.lease_id, scope = %h.scope, left_ms = left, "restored a lease held before the restart");
+                held.insert(h.lease_id, h.clone());
+            }
+            Err(e) => tracing::warn!(lease = h.lease_id, error = %e, "held lease not restored"),
+        }
+    }
+    held
 }
 
 /// A full reconcile (kernel read back and compared) at least this often, even when the
@@ -301,6 +364,36 @@ impl Loop {
             })
             .collect();
         self.send(pb::agent_message::Msg::Usage(pb::UsageReport { scopes }));
+    }
+
+    /// Keeps the held-lease set in step with an accepted directive: a lease replaces what
+    /// its scope held; a revocation drops the lease.
+    fn hold(
+        &mut self,
+        ev: &AgentEvent,
+        lease: Option<(nicwarden_lease::LeaseId, String)>,
+        sd: &pb::SignedDirective,
+        received_boot_ms: u64,
+    ) {
+        match (ev, lease) {
+            (AgentEvent::Accepted { .. }, Some((id, scope))) => {
+                self.held.retain(|k, h| *k != id.0 && h.scope != scope);
+                self.held.insert(
+                    id.0,
+                    identity::HeldLease {
+                        lease_id: id.0,
+                        scope,
+                        directive_hex: hex::encode(&sd.directive),
+                        signature_hex: hex::encode(&sd.signature),
+                        received_boot_ms,
+                    },
+                );
+            }
+            (AgentEvent::Revoked { lease, .. }, _) => {
+                self.held.remove(&lease.0);
+            }
+            _ => {}
+        }
     }
 
     /// Moves lapsed leases to their floor, logs each one, and programs the floor at once.
@@ -450,9 +543,15 @@ impl Loop {
                         return Ok(());
                     }
                 };
+                let received_boot_ms = identity::boot_ms().unwrap_or(0);
+                let lease = match &d {
+                    nicwarden_lease::Directive::Lease(l) => Some((l.id, l.scope.to_string())),
+                    nicwarden_lease::Directive::Revoke(_) => None,
+                };
                 match self.core.handle_directive(now, d) {
                     Ok(ev) => {
                         self.log_event(&ev);
+                        self.hold(&ev, lease, &sd, received_boot_ms);
                         let seq = self.core.last_seq();
                         self.last_seq
                             .store(seq, std::sync::atomic::Ordering::SeqCst);
@@ -460,7 +559,10 @@ impl Loop {
                         // replayed lease: stop rather than carry on unguarded.
                         identity::save_state(
                             &self.cfg.data_dir,
-                            &identity::PersistedState { last_seq: seq },
+                            &identity::PersistedState {
+                                last_seq: seq,
+                                leases: self.held.values().cloned().collect(),
+                            },
                         )
                         .context("persist the replay guard")?;
                         self.enforce(now);

@@ -294,6 +294,65 @@ impl AgentCore {
         event
     }
 
+    /// Re-installs a lease this agent had accepted before it restarted (read back from its
+    /// own persisted copy, signature already verified by the shell), with the time it has
+    /// left: `remaining_ms` from the shell's boot-time clock (receipt + ttl - now). It is
+    /// renewed at once. The replay guard is not involved (the lease's seq is at most
+    /// `last_seq`); a revoked lease, another node's lease, bad terms, a lease already past
+    /// its deadline, or a scope that already holds a lease are refused.
+    pub fn restore(
+        &mut self,
+        now: Time,
+        lease: Lease,
+        remaining_ms: u64,
+    ) -> Result<AgentEvent, Rejection> {
+        if lease.node != self.node {
+            return Err(Rejection::WrongNode {
+                expected: self.node.clone(),
+                got: lease.node.clone(),
+            });
+        }
+        if self.revoked.contains(&lease.id) {
+            return Err(Rejection::RevokedLease(lease.id));
+        }
+        check_terms(&lease).map_err(Rejection::InvalidTerms)?;
+        if remaining_ms == 0 || remaining_ms > lease.ttl_ms {
+            return Err(Rejection::InvalidTerms(format!(
+                "lease {}: {remaining_ms} ms left is outside (0, ttl {}]",
+                lease.id, lease.ttl_ms
+            )));
+        }
+        if self.slots.contains_key(&lease.scope) {
+            return Err(Rejection::InvalidTerms(format!(
+                "lease {}: scope {} already holds a lease",
+                lease.id, lease.scope
+            )));
+        }
+        let deadline = now.plus_millis(remaining_ms);
+        let (id, scope, seq, used) = (lease.id, lease.scope.clone(), lease.seq, lease.used_bytes);
+        self.slots.insert(
+            scope.clone(),
+            Slot {
+                state: SlotLease::Active {
+                    lease,
+                    deadline,
+                    renew_at: now,
+                },
+                seq,
+                usage: Usage {
+                    bytes: used,
+                    ..Usage::default()
+                },
+            },
+        );
+        Ok(AgentEvent::Accepted {
+            lease: id,
+            scope,
+            renewed: false,
+            deadline,
+        })
+    }
+
     /// Active slots whose deadline is `<= now` become Expired.
     pub fn handle_timeout(&mut self, now: Time) -> Vec<AgentEvent> {
         let mut events = Vec::new();

@@ -65,7 +65,7 @@ impl Netns {
     }
 
     /// Sets interface `iface` administratively up or down (`ip link set`). Does not wait for
-    /// carrier; see [`Netns::wait_link_up`].
+    /// carrier; see [`Netns::wait_link_state`].
     pub fn set_link(&self, iface: &str, up: bool) -> Result<(), TestbedError> {
         self.ip(&["link", "set", "dev", iface, if up { "up" } else { "down" }])
             .map(drop)

@@ -379,3 +379,38 @@ fn restarted_agent_resumes_volume_from_the_controllers_record() {
         SlotState::Exhausted
     );
 }
+
+#[test]
+fn restored_lease_keeps_its_deadline_and_renews_at_once() {
+    // The agent restarted 4 s into a 10 s lease: 6 s are left.
+    let mut a = AgentCore::new(NODE, 7, Floor::BLOCKED);
+    a.restore(Time(100), lease(3, "egress", 7), 6_000).unwrap();
+    let d = egress(&a, 100);
+    assert_eq!(
+        (d.state, d.deadline_in_ms),
+        (SlotState::Active, Some(6_000))
+    );
+    assert_eq!(a.last_seq(), 7, "restoring does not move the replay guard");
+    assert_eq!(a.due_renewals(Time(100)), vec![LeaseId(3)]);
+    assert_eq!(egress(&a, 6_100).state, SlotState::Expired);
+    // The controller's next issuance (seq 8) is accepted as a renewal of the same lease.
+    check(&mut a, 200, Directive::Lease(lease(3, "egress", 8)), "ok");
+    assert_eq!(egress(&a, 200).deadline_in_ms, Some(10_000));
+}
+
+#[test]
+fn restore_refusals() {
+    let refused = |a: &mut AgentCore, l: Lease, left: u64| -> String {
+        a.restore(Time(0), l, left).unwrap_err().to_string()
+    };
+    let mut a = agent();
+    let mut other = lease(1, "egress", 1);
+    other.node = "n2".into();
+    assert!(refused(&mut a, other, 5).contains("addressed to node n2"));
+    assert!(refused(&mut a, lease(1, "egress", 1), 0).contains("outside (0, ttl 10000]"));
+    assert!(refused(&mut a, lease(1, "egress", 1), 10_001).contains("outside"));
+    check(&mut a, 0, revoke(2, "egress", 1), "ok");
+    assert!(refused(&mut a, lease(2, "peer:b", 1), 5).contains("revoked"));
+    a.restore(Time(0), lease(4, "peer:b", 1), 5).unwrap();
+    assert!(refused(&mut a, lease(5, "peer:b", 1), 5).contains("already holds a lease"));
+}

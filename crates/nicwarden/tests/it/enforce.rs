@@ -486,3 +486,80 @@ fn the_management_channel_works_while_the_fabric_is_blocked() {
         assert_eq!(got.bytes, 5_000_000, "management transfer: {got}");
     });
 }
+
+#[test]
+fn a_restarted_agent_resumes_its_leases_without_touching_the_kernel() {
+    with_lab(2, |mut lab| async move {
+        let lease = grant(
+            &lab,
+            json!({"node": "node1", "rate_bps": 100_000_000u64, "volume_bytes": 1_000_000_000u64}),
+        )
+        .await;
+        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
+        let sink = RunningSink::start(
+            &n2,
+            Proto::Udp,
+            5208,
+            Duration::from_secs(20),
+            Duration::from_secs(3),
+        );
+        let sender = start_sender(&n1, udp(&n2, 5208, 5, Some(20_000_000)));
+        sink.wait_bytes(1_000_000, Duration::from_secs(5)).await;
+        let before = lab
+            .wait_status("node1", "usage counted", Duration::from_secs(5), |s| {
+                nicwarden_lab::scope(s, "egress").is_some_and(|d| d.usage.bytes > 0)
+            })
+            .await
+            .expect("usage");
+        let used_before = nicwarden_lab::scope(&before, "egress")
+            .expect("egress")
+            .usage
+            .bytes;
+        lab.kill_agent("node1");
+        lab.start_agent("node1", None).expect("restart the agent");
+        // The restarted agent enforces its held lease from its first moment: the kernel
+        // already holds exactly that, so its first reconcile changes nothing.
+        let st = lab
+            .wait_status(
+                "node1",
+                "restarted with its lease",
+                Duration::from_secs(10),
+                |s| {
+                    s.datapath.is_some()
+                        && nicwarden_lab::scope(s, "egress").is_some_and(|d| {
+                            d.state == SlotState::Active && d.lease.map(|l| l.0) == Some(lease)
+                        })
+                },
+            )
+            .await
+            .expect("restarted");
+        let dp = st.datapath.as_ref().expect("datapath");
+        assert_eq!(
+            dp.changes_applied,
+            0,
+            "the restart changed the kernel: {dp:?}\n{}",
+            lab.log_tail("node1", 30)
+        );
+        // Usage continues from the kernel's count (never back to the controller's older one).
+        lab.wait_status(
+            "node1",
+            "usage beyond the pre-restart count",
+            Duration::from_secs(5),
+            |s| nicwarden_lab::scope(s, "egress").is_some_and(|d| d.usage.bytes > used_before),
+        )
+        .await
+        .expect("usage continues");
+        let sent = sender.join().expect("sender").expect("ns").expect("send");
+        let (got, _) = sink.finish();
+        eprintln!("sent {sent}\nreceived {got}");
+        assert_eq!(
+            sent.send_errors, 0,
+            "sends were refused during the restart: {sent}"
+        );
+        assert_eq!(
+            got.lost,
+            Some(0),
+            "datagrams lost during the restart: {got}"
+        );
+    });
+}

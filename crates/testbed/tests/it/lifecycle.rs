@@ -257,12 +257,21 @@ fn sigterm_tears_down_every_live_testbed_and_exits() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    // The helper prints its namespaces once both testbeds are up (EOF if it fails).
-    let ready = std::io::BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("READY ").map(str::to_string))
-        .expect("helper did not get ready");
+    // The helper prints its namespaces once both testbeds are up (after libtest's "test ...",
+    // on the same line). Read on a thread so the wait is bounded.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ready = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.split_once("READY ").map(|(_, names)| names.to_string()));
+        let _ = tx.send(ready);
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(30));
+    let Ok(Some(ready)) = ready else {
+        let _ = child.kill();
+        panic!("helper did not get ready: {ready:?}");
+    };
     let names: Vec<String> = ready.split_whitespace().map(str::to_string).collect();
     assert_eq!(names.len(), 6);
     let listed = netns_list();
