@@ -50,37 +50,49 @@ fn node(lab: &Lab, name: &str) -> Node {
     lab.testbed().node(name).expect("testbed node").clone()
 }
 
-/// A sink started on `to`'s fabric address, and the instant its clock started.
-struct RunningSink {
-    handle:
-        JoinHandle<Result<Result<Report, traffic::TrafficError>, nicwarden_testbed::TestbedError>>,
+type Joined<T> =
+    JoinHandle<Result<Result<T, traffic::TrafficError>, nicwarden_testbed::TestbedError>>;
+
+/// One flow from a node to another: a sink on the receiver's fabric address (bound before
+/// the sender starts), a sender thread in the sender's namespace.
+struct Flow {
+    sink: Joined<Report>,
+    sender: Joined<Report>,
     progress: Arc<std::sync::atomic::AtomicU64>,
+    /// When the sink's clock started (its report's offsets count from there).
     started: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
-impl RunningSink {
-    fn start(to: &Node, proto: Proto, port: u16, limit: Duration, idle: Duration) -> RunningSink {
-        let listen = SocketAddr::from((to.fabric_ip, port));
-        let mut spec = SinkSpec::new(proto, listen);
-        spec.duration = limit;
-        spec.idle_timeout = idle;
+impl Flow {
+    /// Starts `spec` (its destination port on `to`) from `from`; the sink stops after `idle`
+    /// without data, and at the latest `idle` + 2 s after the sender's duration.
+    fn start(from: &Node, to: &Node, spec: SendSpec, idle: Duration) -> Flow {
+        let listen = SocketAddr::from((to.fabric_ip, spec.dst.port()));
+        let mut sink_spec = SinkSpec::new(spec.proto, listen);
+        sink_spec.duration = spec.duration + idle + Duration::from_secs(2);
+        sink_spec.idle_timeout = idle;
         let sink = to
             .netns
-            .run(move || traffic::Sink::bind(spec))
+            .run(move || traffic::Sink::bind(sink_spec))
             .expect("enter the receiver's namespace")
             .expect("bind the sink");
         let progress = sink.progress();
         let started = Arc::new(std::sync::Mutex::new(None));
         let s2 = started.clone();
-        let handle = to
+        let sink = to
             .netns
             .spawn_thread(move || {
                 *s2.lock().expect("lock") = Some(Instant::now());
                 sink.run()
             })
             .expect("start the sink thread");
-        RunningSink {
-            handle,
+        let sender = from
+            .netns
+            .spawn_thread(move || traffic::send(&spec))
+            .expect("start the sender thread");
+        Flow {
+            sink,
+            sender,
             progress,
             started,
         }
@@ -99,27 +111,24 @@ impl RunningSink {
         }
     }
 
-    /// The report and the instant the last byte arrived.
-    fn finish(self) -> (Report, Option<Instant>) {
-        let r = self
-            .handle
+    /// What was sent, what arrived, and the instant the last byte arrived.
+    fn finish(self) -> (Report, Report, Option<Instant>) {
+        let sent = self
+            .sender
+            .join()
+            .expect("sender thread")
+            .expect("enter the namespace")
+            .expect("send");
+        let got = self
+            .sink
             .join()
             .expect("sink thread")
             .expect("enter the namespace")
             .expect("sink");
         let start = self.started.lock().expect("lock").expect("sink started");
-        let last = r.last_byte_at.map(|d| start + d);
-        (r, last)
+        let last = got.last_byte_at.map(|d| start + d);
+        (sent, got, last)
     }
-}
-
-fn start_sender(
-    from: &Node,
-    spec: SendSpec,
-) -> JoinHandle<Result<Result<Report, traffic::TrafficError>, nicwarden_testbed::TestbedError>> {
-    from.netns
-        .spawn_thread(move || traffic::send(&spec))
-        .expect("start the sender thread")
 }
 
 fn udp(dst: &Node, port: u16, secs: u64, rate: Option<u64>) -> SendSpec {
@@ -160,21 +169,9 @@ fn tcp_goodput_under_a_50_mbit_lease_is_within_5_percent() {
         // The receiver must be allowed to send its ACKs.
         grant(&lab, json!({"node": "node2", "rate_bps": 1_000_000_000u64})).await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
-        let sink = RunningSink::start(
-            &n2,
-            Proto::Tcp,
-            5201,
-            Duration::from_secs(20),
-            Duration::from_secs(2),
-        );
         let mut spec = SendSpec::new(Proto::Tcp, SocketAddr::from((n2.fabric_ip, 5201)));
         spec.duration = Duration::from_secs(5);
-        let sent = start_sender(&n1, spec)
-            .join()
-            .expect("sender")
-            .expect("ns")
-            .expect("send");
-        let (got, _) = sink.finish();
+        let (sent, got, _) = Flow::start(&n1, &n2, spec, Duration::from_secs(2)).finish();
         let err = (got.rate_bps() - 50e6) / 50e6 * 100.0;
         eprintln!("sent {sent}\nreceived {got}\ngoodput error {err:+.2}%");
         assert!(
@@ -195,23 +192,11 @@ fn a_10_mb_volume_lets_10_mb_through_then_nothing() {
         )
         .await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
-        let sink = RunningSink::start(
-            &n2,
-            Proto::Udp,
-            5202,
-            Duration::from_secs(20),
-            Duration::from_secs(1),
-        );
         // Paced below the lease's rate, so nothing is lost to shaping: every datagram the
         // volume admits arrives. 15 MB offered, 10 MB allowed.
         let mut spec = udp(&n2, 5202, 10, Some(200_000_000));
         spec.max_bytes = Some(15_000_000);
-        let sent = start_sender(&n1, spec)
-            .join()
-            .expect("sender")
-            .expect("ns")
-            .expect("send");
-        let (got, _) = sink.finish();
+        let (sent, got, _) = Flow::start(&n1, &n2, spec, Duration::from_secs(1)).finish();
         // What the volume counts: IP packets (payload + 8 bytes UDP + 20 bytes IP).
         let packet = 8000 + 28;
         let delivered_ip = got.bytes + got.packets * 28;
@@ -271,19 +256,16 @@ fn a_revoked_lease_stops_traffic_within_a_second() {
     with_lab(2, |lab| async move {
         let lease = grant(&lab, json!({"node": "node1", "rate_bps": 100_000_000u64})).await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
-        let sink = RunningSink::start(
+        let flow = Flow::start(
+            &n1,
             &n2,
-            Proto::Udp,
-            5203,
-            Duration::from_secs(20),
+            udp(&n2, 5203, 6, Some(20_000_000)),
             Duration::from_secs(8),
         );
-        let sender = start_sender(&n1, udp(&n2, 5203, 6, Some(20_000_000)));
-        sink.wait_bytes(1_000_000, Duration::from_secs(5)).await;
+        flow.wait_bytes(1_000_000, Duration::from_secs(5)).await;
         let revoked_at = Instant::now();
         lab.revoke(lease, "test").await.expect("revoke");
-        let sent = sender.join().expect("sender").expect("ns").expect("send");
-        let (got, last) = sink.finish();
+        let (sent, got, last) = flow.finish();
         let last = last.expect("traffic arrived");
         let after = last.saturating_duration_since(revoked_at);
         eprintln!(
@@ -309,15 +291,13 @@ fn a_lapsed_lease_stops_traffic_at_its_deadline_when_the_controller_is_gone() {
         )
         .await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
-        let sink = RunningSink::start(
+        let flow = Flow::start(
+            &n1,
             &n2,
-            Proto::Udp,
-            5204,
-            Duration::from_secs(20),
+            udp(&n2, 5204, 8, Some(20_000_000)),
             Duration::from_secs(8),
         );
-        let sender = start_sender(&n1, udp(&n2, 5204, 8, Some(20_000_000)));
-        sink.wait_bytes(1_000_000, Duration::from_secs(5)).await;
+        flow.wait_bytes(1_000_000, Duration::from_secs(5)).await;
         lab.kill_controller();
         // The deadline the agent holds now that no renewal can come.
         let asked = Instant::now();
@@ -325,8 +305,7 @@ fn a_lapsed_lease_stops_traffic_at_its_deadline_when_the_controller_is_gone() {
         let d = nicwarden_lab::scope(&st, "egress").expect("egress");
         assert_eq!(d.state, SlotState::Active);
         let deadline = asked + Duration::from_millis(d.deadline_in_ms.expect("deadline"));
-        let _ = sender.join().expect("sender").expect("ns").expect("send");
-        let (got, last) = sink.finish();
+        let (_, got, last) = flow.finish();
         let last = last.expect("traffic arrived");
         eprintln!("received {got}");
         let early = deadline.saturating_duration_since(last);
@@ -360,15 +339,8 @@ fn killing_the_agent_leaves_enforcement_in_place_until_cleanup() {
             node(&lab, "node3"),
         );
         // node1 is still shaped to its lease: not blocked, not unlimited.
-        let sink = RunningSink::start(
-            &n2,
-            Proto::Udp,
-            5205,
-            Duration::from_secs(20),
-            Duration::from_secs(2),
-        );
-        let _ = start_sender(&n1, udp(&n2, 5205, 3, Some(400_000_000))).join();
-        let (got, _) = sink.finish();
+        let spec = udp(&n2, 5205, 3, Some(400_000_000));
+        let (_, got, _) = Flow::start(&n1, &n2, spec, Duration::from_secs(2)).finish();
         let err = (got.rate_bps() - 50e6) / 50e6 * 100.0;
         eprintln!("node1 without its agent: {got} ({err:+.2}%)");
         assert!(
@@ -376,19 +348,8 @@ fn killing_the_agent_leaves_enforcement_in_place_until_cleanup() {
             "node1 not held to its 50 Mbit/s lease: {err:+.2}%"
         );
         // node3 (no lease) is still blocked.
-        let sink = RunningSink::start(
-            &n2,
-            Proto::Udp,
-            5206,
-            Duration::from_secs(4),
-            Duration::from_secs(4),
-        );
-        let sent = start_sender(&n3, udp(&n2, 5206, 2, Some(50_000_000)))
-            .join()
-            .expect("sender")
-            .expect("ns")
-            .expect("send");
-        let (got, _) = sink.finish();
+        let spec = udp(&n2, 5206, 2, Some(50_000_000));
+        let (sent, got, _) = Flow::start(&n3, &n2, spec, Duration::from_secs(4)).finish();
         assert!(
             sent.send_errors > 0,
             "node3's sends were not refused: {sent}"
@@ -426,15 +387,8 @@ fn killing_the_agent_leaves_enforcement_in_place_until_cleanup() {
             !String::from_utf8_lossy(&nft.stdout).contains("nicwarden"),
             "nft table left"
         );
-        let sink = RunningSink::start(
-            &n2,
-            Proto::Udp,
-            5207,
-            Duration::from_secs(20),
-            Duration::from_secs(2),
-        );
-        let _ = start_sender(&n1, udp(&n2, 5207, 2, Some(200_000_000))).join();
-        let (got, _) = sink.finish();
+        let spec = udp(&n2, 5207, 2, Some(200_000_000));
+        let (_, got, _) = Flow::start(&n1, &n2, spec, Duration::from_secs(2)).finish();
         assert!(
             got.rate_bps() > 100e6,
             "after cleanup node1 is unshaped: {got}"
@@ -496,15 +450,13 @@ fn a_restarted_agent_resumes_its_leases_without_touching_the_kernel() {
         )
         .await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
-        let sink = RunningSink::start(
+        let flow = Flow::start(
+            &n1,
             &n2,
-            Proto::Udp,
-            5208,
-            Duration::from_secs(20),
+            udp(&n2, 5208, 5, Some(20_000_000)),
             Duration::from_secs(3),
         );
-        let sender = start_sender(&n1, udp(&n2, 5208, 5, Some(20_000_000)));
-        sink.wait_bytes(1_000_000, Duration::from_secs(5)).await;
+        flow.wait_bytes(1_000_000, Duration::from_secs(5)).await;
         let before = lab
             .wait_status("node1", "usage counted", Duration::from_secs(5), |s| {
                 nicwarden_lab::scope(s, "egress").is_some_and(|d| d.usage.bytes > 0)
@@ -549,8 +501,7 @@ fn a_restarted_agent_resumes_its_leases_without_touching_the_kernel() {
         )
         .await
         .expect("usage continues");
-        let sent = sender.join().expect("sender").expect("ns").expect("send");
-        let (got, _) = sink.finish();
+        let (sent, got, _) = flow.finish();
         eprintln!("sent {sent}\nreceived {got}");
         assert_eq!(
             sent.send_errors, 0,
