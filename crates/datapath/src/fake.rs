@@ -878,6 +878,51 @@ fn render_table(t: &Table) -> String {
     json!({ "nftables": items }).to_string()
 }
 
+/// Short constructors for the [`DesiredState`](crate::DesiredState) scopes tests write, shared
+/// by this crate's unit tests and its kernel tests.
+pub mod fixtures {
+    use crate::{ScopeEnforce, ScopeSpec};
+    use nicwarden_lease::{LeaseId, Scope};
+
+    /// The egress scope (no destinations: everything the peer scopes do not match).
+    pub fn egress(enforce: ScopeEnforce) -> ScopeSpec {
+        ScopeSpec {
+            scope: Scope::Egress,
+            destinations: vec![],
+            enforce,
+        }
+    }
+
+    /// The scope of peer `name` over the prefixes `dst` (e.g. `"198.18.0.2/32"`).
+    ///
+    /// # Panics
+    /// If a prefix in `dst` does not parse: fixtures are literals.
+    pub fn peer(name: &str, dst: &[&str], enforce: ScopeEnforce) -> ScopeSpec {
+        ScopeSpec {
+            scope: Scope::Peer(name.to_string()),
+            destinations: dst.iter().map(|d| d.parse().expect("prefix")).collect(),
+            enforce,
+        }
+    }
+
+    /// Lease `id` at `rate` bit/s with the default burst, `volume` bytes (if any) of which
+    /// `start_used` are already used.
+    pub fn lease(id: u64, rate: u64, volume: Option<u64>, start_used: u64) -> ScopeEnforce {
+        ScopeEnforce::Lease {
+            lease: LeaseId(id),
+            rate_bps: rate,
+            burst_bytes: 0,
+            volume,
+            start_used_bytes: start_used,
+        }
+    }
+
+    /// A floor at `rate` bit/s; 0 blocks the scope.
+    pub fn floor(rate: u64) -> ScopeEnforce {
+        ScopeEnforce::Floor { rate_bps: rate }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

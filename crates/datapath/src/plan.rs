@@ -414,6 +414,7 @@ fn validate_iface(dev: &str) -> Result<(), DatapathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fake::fixtures::{egress, lease, peer};
     use crate::ScopeSpec;
 
     #[test]
@@ -439,29 +440,6 @@ mod tests {
         check(10_000, 0, 12_500, 1_514);
     }
 
-    fn peer(name: &str, dst: &[&str], enforce: ScopeEnforce) -> ScopeSpec {
-        ScopeSpec {
-            scope: Scope::Peer(name.to_string()),
-            destinations: dst.iter().map(|d| d.parse().expect("prefix")).collect(),
-            enforce,
-        }
-    }
-    fn egress(enforce: ScopeEnforce) -> ScopeSpec {
-        ScopeSpec {
-            scope: Scope::Egress,
-            destinations: vec![],
-            enforce,
-        }
-    }
-    fn lease(id: u64, rate: u64, volume: Option<u64>) -> ScopeEnforce {
-        ScopeEnforce::Lease {
-            lease: LeaseId(id),
-            rate_bps: rate,
-            burst_bytes: 0,
-            volume,
-            start_used_bytes: 0,
-        }
-    }
     const BLOCKED: ScopeEnforce = ScopeEnforce::Floor { rate_bps: 0 };
 
     #[test]
@@ -503,12 +481,12 @@ mod tests {
         );
         check(
             "fab0",
-            vec![egress(lease(1, 5_000_000_000_000, None))],
+            vec![egress(lease(1, 5_000_000_000_000, None, 0))],
             "scope egress: lease rate 5000000000000 bit/s outside 8..=4000000000000",
         );
         check(
             "fab0",
-            vec![egress(lease(1, 7, None))],
+            vec![egress(lease(1, 7, None, 0))],
             "scope egress: lease rate 7 bit/s outside 8..=4000000000000",
         );
         check(
@@ -519,14 +497,14 @@ mod tests {
         check(
             "fab0",
             vec![
-                egress(lease(7, 1_000_000, None)),
-                peer("a", &["198.18.0.0/24"], lease(7, 1_000_000, None)),
+                egress(lease(7, 1_000_000, None, 0)),
+                peer("a", &["198.18.0.0/24"], lease(7, 1_000_000, None, 0)),
             ],
             "lease 7 enforced in two scopes",
         );
         check(
             "fab0",
-            vec![egress(lease(1, 1_000_000, Some(1 << 62)))],
+            vec![egress(lease(1, 1_000_000, Some(1 << 62), 0))],
             "scope egress: volume 4611686018427387904 bytes above the maximum 4611686018427387903",
         );
         check(
@@ -550,7 +528,7 @@ mod tests {
         let desired = DesiredState {
             scopes: vec![
                 peer("zeta", &["198.19.9.0/24"], BLOCKED),
-                egress(lease(5, 50_000_001, Some(1000))),
+                egress(lease(5, 50_000_001, Some(1000), 0)),
                 // adjacent prefixes are aggregated; host bits are cleared
                 peer(
                     "alpha",

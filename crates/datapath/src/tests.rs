@@ -1,5 +1,6 @@
 //! Reconcile logic against the in-memory kernel ([`crate::fake::FakeKernel`]).
 
+use crate::fake::fixtures::{egress, floor, lease, peer};
 use crate::fake::FakeKernel;
 use crate::{
     ClassStats, Datapath, DesiredState, LeaseCounters, LinuxDatapath, ScopeCounters, ScopeEnforce,
@@ -9,46 +10,21 @@ use nicwarden_lease::{LeaseId, Scope};
 
 const DEV: &str = "fab0";
 
-fn egress(enforce: ScopeEnforce) -> ScopeSpec {
-    ScopeSpec {
-        scope: Scope::Egress,
-        destinations: vec![],
-        enforce,
-    }
-}
-
-fn peer(name: &str, dst: &[&str], enforce: ScopeEnforce) -> ScopeSpec {
-    ScopeSpec {
-        scope: Scope::Peer(name.to_string()),
-        destinations: dst.iter().map(|d| d.parse().expect("prefix")).collect(),
-        enforce,
-    }
-}
-
-fn lease(id: u64, rate: u64, volume: Option<u64>, start_used: u64) -> ScopeEnforce {
-    ScopeEnforce::Lease {
-        lease: LeaseId(id),
-        rate_bps: rate,
-        burst_bytes: 0,
-        volume,
-        start_used_bytes: start_used,
-    }
-}
-
-fn floor(rate: u64) -> ScopeEnforce {
-    ScopeEnforce::Floor { rate_bps: rate }
-}
-
 fn state(scopes: Vec<ScopeSpec>) -> DesiredState {
     DesiredState { scopes }
 }
 
 /// Egress lease 7 with a volume, peer b on lease 9 without one, peer c blocked.
 fn three_scopes() -> DesiredState {
+    three_scopes_with(lease(7, 100_000_000, Some(1_000_000), 500), floor(0))
+}
+
+/// The scopes of [`three_scopes`] with egress enforced by `egress_enforce` and peer c by `c`.
+fn three_scopes_with(egress_enforce: ScopeEnforce, c: ScopeEnforce) -> DesiredState {
     state(vec![
-        egress(lease(7, 100_000_000, Some(1_000_000), 500)),
+        egress(egress_enforce),
         peer("b", &["198.18.0.2/32"], lease(9, 10_000_000, None, 0)),
-        peer("c", &["198.18.0.3/32"], floor(0)),
+        peer("c", &["198.18.0.3/32"], c),
     ])
 }
 
@@ -311,11 +287,7 @@ fn changes_only_what_differs() {
     // Rate change of one lease.
     check(
         three_scopes(),
-        state(vec![
-            egress(lease(7, 200_000_000, Some(1_000_000), 500)),
-            peer("b", &["198.18.0.2/32"], lease(9, 10_000_000, None, 0)),
-            peer("c", &["198.18.0.3/32"], floor(0)),
-        ]),
+        three_scopes_with(lease(7, 200_000_000, Some(1_000_000), 500), floor(0)),
         &["tc: class 1:10 (egress) rate 100000000 -> 200000000 bit/s, burst 65536 -> 125000 B"],
         &["class change dev fab0 parent 1: classid 1:10 htb rate 200000000bit ceil 200000000bit burst 125000 cburst 125000 quantum 200000"],
     );
@@ -394,15 +366,8 @@ fn quota_usage_survives_table_rewrites() {
     k.add_counter("d9", 2, 100);
 
     // Peer c gets a lease: the table is rewritten.
-    let next = state(vec![
-        egress(lease(7, 100_000_000, Some(1_000_000), 500)),
-        peer("b", &["198.18.0.2/32"], lease(9, 10_000_000, None, 0)),
-        peer(
-            "c",
-            &["198.18.0.3/32"],
-            lease(11, 1_000_000, Some(2_000), 1_500),
-        ),
-    ]);
+    let c_lease = lease(11, 1_000_000, Some(2_000), 1_500);
+    let next = three_scopes_with(lease(7, 100_000_000, Some(1_000_000), 500), c_lease.clone());
     let changes = apply(&mut dp, &next);
     assert_eq!(
         changes,
@@ -419,15 +384,7 @@ fn quota_usage_survives_table_rewrites() {
     assert_eq!(k.counter("d9"), Some((2, 100)));
 
     // A volume raise keeps the usage.
-    let raised = state(vec![
-        egress(lease(7, 100_000_000, Some(5_000_000), 500)),
-        peer("b", &["198.18.0.2/32"], lease(9, 10_000_000, None, 0)),
-        peer(
-            "c",
-            &["198.18.0.3/32"],
-            lease(11, 1_000_000, Some(2_000), 1_500),
-        ),
-    ]);
+    let raised = three_scopes_with(lease(7, 100_000_000, Some(5_000_000), 500), c_lease.clone());
     assert_eq!(
         apply(&mut dp, &raised),
         ["nft: quota q7 (egress) over 1000000 -> 5000000 bytes (used 40500 carried over)"]
@@ -436,15 +393,7 @@ fn quota_usage_survives_table_rewrites() {
 
     // The controller recorded more than this kernel has (e.g. the node rebooted and the table
     // was rebuilt from an older record): never count below the controller's record.
-    let recorded = state(vec![
-        egress(lease(7, 100_000_000, Some(5_000_000), 90_000)),
-        peer("b", &["198.18.0.2/32"], lease(9, 10_000_000, None, 0)),
-        peer(
-            "c",
-            &["198.18.0.3/32"],
-            lease(11, 1_000_000, Some(2_000), 1_500),
-        ),
-    ]);
+    let recorded = three_scopes_with(lease(7, 100_000_000, Some(5_000_000), 90_000), c_lease);
     assert_eq!(
         apply(&mut dp, &recorded),
         ["nft: quota q7 (egress) used 40500 -> 90000 bytes (controller's record)"]
@@ -508,11 +457,10 @@ fn counters_per_scope() {
         ]
     );
     // An exhausted lease stays exhausted through a table rewrite (used is clamped to over).
-    let more = state(vec![
-        egress(lease(7, 100_000_000, Some(1_000_000), 500)),
-        peer("b", &["198.18.0.2/32"], lease(9, 10_000_000, None, 0)),
-        peer("c", &["198.18.0.3/32"], lease(11, 1_000_000, None, 0)),
-    ]);
+    let more = three_scopes_with(
+        lease(7, 100_000_000, Some(1_000_000), 500),
+        lease(11, 1_000_000, None, 0),
+    );
     apply(&mut dp, &more);
     assert_eq!(k.quota("q7"), Some((1_000_000, 1_000_000)));
     let egress = dp.counters().expect("counters").remove(0);

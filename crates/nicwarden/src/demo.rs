@@ -139,7 +139,10 @@ async fn demo(
 
     let mut view = View::new(
         &names,
-        api_local,
+        format!(
+            "operator API http://{api_local} (token: {})",
+            token_file.display()
+        ),
         !args.no_live && std::io::stdout().is_terminal(),
     );
     let mut checks = Vec::new();
@@ -227,18 +230,19 @@ fn check_rate(node: &str, rates: &Rates, lease: u64) -> Result<String, String> {
 }
 
 fn check_stopped(node: &str, rates: &Rates, why: &str) -> Result<String, String> {
-    // The last three samples: traffic takes up to a second to stop, and a lapse happens
-    // within the phase.
-    let m = rates
-        .get(node)
-        .map(|v| {
-            v[v.len().saturating_sub(3)..]
-                .iter()
-                .copied()
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0);
+    // The last three samples, never the first two of the phase: each sample is the rate
+    // over the agent's previous second, so the first ones still cover the event itself
+    // (and a lapse happens within the phase).
+    let Some(v) = rates.get(node).filter(|v| !v.is_empty()) else {
+        return Err(format!(
+            "{node}: no measurement (its status was unreachable)"
+        ));
+    };
+    let from = v
+        .len()
+        .saturating_sub(3)
+        .max(2.min(v.len().saturating_sub(1)));
+    let m = v[from..].iter().copied().max().unwrap_or(0);
     if m < 100_000 {
         Ok(format!(
             "{node}: no traffic (at most {}) as {why}",
@@ -260,14 +264,15 @@ fn median_tail(v: Option<&Vec<u64>>) -> u64 {
 /// The live view: a table per node and scope, redrawn every second.
 struct View {
     names: Vec<String>,
-    api: SocketAddr,
+    /// Where the operator API is, and its token file (shown on every frame).
+    api: String,
     live: bool,
     start: Instant,
     phase: String,
 }
 
 impl View {
-    fn new(names: &[String], api: SocketAddr, live: bool) -> Self {
+    fn new(names: &[String], api: String, live: bool) -> Self {
         View {
             names: names.to_vec(),
             api,
@@ -306,7 +311,7 @@ impl View {
             let t = self.start.elapsed().as_secs();
             if self.live {
                 print!(
-                    "\x1b[H\x1b[2Jnicwarden demo  t={t}s  operator API http://{}\n== {}\n\n{text}",
+                    "\x1b[H\x1b[2Jnicwarden demo  t={t}s  {}\n== {}\n\n{text}",
                     self.api, self.phase
                 );
             } else {
@@ -436,4 +441,42 @@ fn udp_flow(addr: SocketAddr, limit: Duration) -> anyhow::Result<()> {
     spec.payload = 8000;
     traffic::send(&spec)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rates(v: &[u64]) -> Rates {
+        Rates::from([("n".to_string(), v.to_vec())])
+    }
+
+    #[test]
+    fn checks_read_the_settled_samples() {
+        // The rate check takes the median of the second half.
+        assert!(check_rate("n", &rates(&[0, 10, 100, 101, 99, 100]), 100).is_ok());
+        assert!(check_rate("n", &rates(&[100, 100, 80, 80, 80, 80]), 100).is_err());
+        assert!(
+            check_rate("x", &rates(&[100]), 100).is_err(),
+            "no samples: no rate"
+        );
+        // The stop check skips the first two samples of a phase, then takes the last three.
+        assert!(check_stopped("n", &rates(&[200, 20, 0]), "revoked").is_ok());
+        assert!(check_stopped("n", &rates(&[200, 20, 0, 5_000_000]), "revoked").is_err());
+        assert!(check_stopped("n", &rates(&[9, 9, 9, 9, 0, 0, 0]), "lapsed").is_ok());
+        assert!(check_stopped("n", &rates(&[0, 0, 0, 0, 0, 900_000, 0]), "lapsed").is_err());
+        assert!(
+            check_stopped("x", &rates(&[]), "no lease").is_err(),
+            "no samples: no proof"
+        );
+    }
+
+    #[test]
+    fn the_view_shows_unreachable_agents() {
+        let text = render(&[("node7".to_string(), None)]);
+        assert!(
+            text.contains("node7") && text.contains("(status unreachable)"),
+            "{text}"
+        );
+    }
 }

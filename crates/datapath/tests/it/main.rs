@@ -6,6 +6,7 @@
 
 mod testbed;
 
+use nicwarden_datapath::fake::fixtures::{egress, floor, lease, peer};
 use nicwarden_datapath::{
     Datapath, DesiredState, LinuxDatapath, RealNft, RealTc, ScopeCounters, ScopeEnforce, ScopeSpec,
 };
@@ -13,43 +14,17 @@ use nicwarden_lease::{LeaseId, Scope};
 use std::time::{Duration, Instant};
 use testbed::{testbed, CrashAfter, Testbed, DEV, OTHER, PEER_B, PEER_C};
 
-fn egress(enforce: ScopeEnforce) -> ScopeSpec {
-    ScopeSpec {
-        scope: Scope::Egress,
-        destinations: vec![],
-        enforce,
-    }
-}
-
-fn peer(name: &str, dst: &str, enforce: ScopeEnforce) -> ScopeSpec {
-    ScopeSpec {
-        scope: Scope::Peer(name.to_string()),
-        destinations: vec![dst.parse().unwrap()],
-        enforce,
-    }
-}
-
-fn lease(id: u64, rate: u64, volume: Option<u64>) -> ScopeEnforce {
-    ScopeEnforce::Lease {
-        lease: LeaseId(id),
-        rate_bps: rate,
-        burst_bytes: 0,
-        volume,
-        start_used_bytes: 0,
-    }
-}
-
-fn floor(rate: u64) -> ScopeEnforce {
-    ScopeEnforce::Floor { rate_bps: rate }
-}
-
 /// Egress on lease 7, peer b (198.18.0.2) on lease 9 with a volume, peer c (198.18.0.3) blocked.
 fn three_scopes(egress_rate: u64) -> DesiredState {
     DesiredState {
         scopes: vec![
-            egress(lease(7, egress_rate, None)),
-            peer("b", "198.18.0.2/32", lease(9, 50_000_000, Some(10_000_000))),
-            peer("c", "198.18.0.3/32", floor(0)),
+            egress(lease(7, egress_rate, None, 0)),
+            peer(
+                "b",
+                &["198.18.0.2/32"],
+                lease(9, 50_000_000, Some(10_000_000), 0),
+            ),
+            peer("c", &["198.18.0.3/32"], floor(0)),
         ],
     }
 }
@@ -241,8 +216,8 @@ fn volume_quota_passes_the_volume_then_drops() {
     let volume = 20_000;
     let desired = |c: ScopeEnforce| DesiredState {
         scopes: vec![
-            egress(lease(21, 100_000_000, Some(volume))),
-            peer("c", "198.18.0.3/32", c),
+            egress(lease(21, 100_000_000, Some(volume), 0)),
+            peer("c", &["198.18.0.3/32"], c),
         ],
     };
     dp.reconcile(&desired(floor(0))).unwrap();
@@ -262,7 +237,9 @@ fn volume_quota_passes_the_volume_then_drops() {
     assert_eq!(e.volume_drops, 81);
 
     // Rewriting the table (peer c opens) keeps the lease exhausted.
-    let changes = dp.reconcile(&desired(lease(22, 1_000_000, None))).unwrap();
+    let changes = dp
+        .reconcile(&desired(lease(22, 1_000_000, None, 0)))
+        .unwrap();
     assert!(
         changes
             .iter()
@@ -282,14 +259,8 @@ fn volume_quota_passes_the_volume_then_drops() {
     tb.nft(&["delete", "table", "inet", "nicwarden"]).unwrap();
     let resumed = DesiredState {
         scopes: vec![
-            egress(ScopeEnforce::Lease {
-                lease: LeaseId(21),
-                rate_bps: 100_000_000,
-                burst_bytes: 0,
-                volume: Some(volume),
-                start_used_bytes: 19_000,
-            }),
-            peer("c", "198.18.0.3/32", lease(22, 1_000_000, None)),
+            egress(lease(21, 100_000_000, Some(volume), 19_000)),
+            peer("c", &["198.18.0.3/32"], lease(22, 1_000_000, None, 0)),
         ],
     };
     dp.reconcile(&resumed).unwrap();
@@ -304,7 +275,7 @@ fn shapes_to_the_lease_rate() {
     let mut dp = tb.datapath();
     let rate = 8_000_000; // 1 MB/s
     dp.reconcile(&DesiredState {
-        scopes: vec![egress(lease(30, rate, None))],
+        scopes: vec![egress(lease(30, rate, None, 0))],
     })
     .unwrap();
     let rx = Testbed::socket(&tb.peer, OTHER, testbed::PORT);

@@ -1,26 +1,11 @@
 //! The shape of the cluster: addresses, MTUs, separation of fabric and management, isolation
 //! between testbeds.
 
-use crate::{addr, require_root};
-use nicwarden_testbed::traffic::{self, Proto, Reachability, SendSpec, Sink, SinkSpec, Stop};
-use nicwarden_testbed::{Netns, Testbed, TestbedSpec, CONTROLLER_IP};
+use crate::{addr, require_root, send_tcp, start_sink, try_send_from, two_nodes};
+use nicwarden_testbed::traffic::{self, Proto, Reachability, SendSpec, SinkSpec, Stop};
+use nicwarden_testbed::{Testbed, TestbedSpec, CONTROLLER_IP};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
-
-/// Binds a sink inside `ns` and runs it on a plain thread (the socket stays in `ns`).
-fn start_sink(
-    ns: &Netns,
-    spec: SinkSpec,
-) -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::atomic::AtomicU64>,
-    std::thread::JoinHandle<Result<traffic::Report, traffic::TrafficError>>,
-) {
-    let sink = ns.run(|| Sink::bind(spec)).unwrap().unwrap();
-    let local = sink.local_addr().unwrap();
-    let progress = sink.progress();
-    (local, progress, std::thread::spawn(move || sink.run()))
-}
 
 fn tcp_sink(ip: Ipv4Addr) -> SinkSpec {
     SinkSpec {
@@ -118,26 +103,12 @@ fn nicwarden_testbed_root_links() -> Vec<String> {
 #[test]
 fn nodes_talk_over_the_fabric_and_reach_the_controller_over_mgmt() {
     require_root!();
-    let tb = Testbed::create(TestbedSpec {
-        nodes: 2,
-        ..TestbedSpec::default()
-    })
-    .unwrap();
+    let tb = two_nodes();
     let (n1, n2) = (&tb.nodes()[0], &tb.nodes()[1]);
 
     // node1 -> node2 through br0.
     let (dst, _, sink) = start_sink(&n2.netns, tcp_sink(n2.fabric_ip));
-    let sent = n1
-        .netns
-        .run(|| {
-            traffic::send(&SendSpec {
-                max_bytes: Some(5_000_000),
-                duration: Duration::from_secs(10),
-                ..SendSpec::new(Proto::Tcp, dst)
-            })
-        })
-        .unwrap()
-        .unwrap();
+    let sent = send_tcp(&n1.netns, dst, 5_000_000);
     let got = sink.join().unwrap().unwrap();
     assert_eq!(sent.stop, Stop::Completed);
     assert_eq!(sent.bytes, 5_000_000);
@@ -147,16 +118,7 @@ fn nodes_talk_over_the_fabric_and_reach_the_controller_over_mgmt() {
 
     // node2 -> the controller address in the mgmt namespace, over mgmt0.
     let (dst, _, sink) = start_sink(tb.mgmt(), tcp_sink(CONTROLLER_IP));
-    let sent = n2
-        .netns
-        .run(|| {
-            traffic::send(&SendSpec {
-                max_bytes: Some(1_000_000),
-                ..SendSpec::new(Proto::Tcp, dst)
-            })
-        })
-        .unwrap()
-        .unwrap();
+    let sent = send_tcp(&n2.netns, dst, 1_000_000);
     let got = sink.join().unwrap().unwrap();
     assert_eq!(got.bytes, 1_000_000);
     assert_eq!(sent.bytes, 1_000_000);
@@ -167,27 +129,21 @@ fn nodes_talk_over_the_fabric_and_reach_the_controller_over_mgmt() {
 #[test]
 fn fabric_and_management_are_separate_links() {
     require_root!();
-    let tb = Testbed::create(TestbedSpec {
-        nodes: 2,
-        ..TestbedSpec::default()
-    })
-    .unwrap();
+    let tb = two_nodes();
     let (n1, n2) = (&tb.nodes()[0], &tb.nodes()[1]);
     n1.netns.set_link("fab0", false).unwrap();
 
     // The fabric transfer fails fast and cleanly (no route), well within its bound.
     let fabric_dst = addr(n2.fabric_ip, 5001);
     let started = Instant::now();
-    let fabric = n1
-        .netns
-        .run(|| {
-            traffic::send(&SendSpec {
-                duration: Duration::from_secs(2),
-                max_bytes: Some(1_000_000),
-                ..SendSpec::new(Proto::Tcp, fabric_dst)
-            })
-        })
-        .unwrap();
+    let fabric = try_send_from(
+        &n1.netns,
+        &SendSpec {
+            duration: Duration::from_secs(2),
+            max_bytes: Some(1_000_000),
+            ..SendSpec::new(Proto::Tcp, fabric_dst)
+        },
+    );
     assert!(
         matches!(fabric, Err(traffic::TrafficError::Connect { .. })),
         "{fabric:?}"
@@ -200,16 +156,7 @@ fn fabric_and_management_are_separate_links() {
 
     // The management network still carries a transfer to the controller's side.
     let (dst, _, sink) = start_sink(tb.mgmt(), tcp_sink(CONTROLLER_IP));
-    let sent = n1
-        .netns
-        .run(|| {
-            traffic::send(&SendSpec {
-                max_bytes: Some(500_000),
-                ..SendSpec::new(Proto::Tcp, dst)
-            })
-        })
-        .unwrap()
-        .unwrap();
+    let sent = send_tcp(&n1.netns, dst, 500_000);
     assert_eq!(sink.join().unwrap().unwrap().bytes, 500_000);
     assert_eq!(sent.bytes, 500_000);
 
@@ -219,26 +166,14 @@ fn fabric_and_management_are_separate_links() {
         .wait_link_state(&["fab0"], true, Duration::from_secs(5))
         .unwrap();
     let (dst, _, sink) = start_sink(&n2.netns, tcp_sink(n2.fabric_ip));
-    n1.netns
-        .run(|| {
-            traffic::send(&SendSpec {
-                max_bytes: Some(100_000),
-                ..SendSpec::new(Proto::Tcp, dst)
-            })
-        })
-        .unwrap()
-        .unwrap();
+    send_tcp(&n1.netns, dst, 100_000);
     assert_eq!(sink.join().unwrap().unwrap().bytes, 100_000);
 }
 
 #[test]
 fn cutting_the_mgmt_link_makes_the_controller_unreachable_until_restored() {
     require_root!();
-    let tb = Testbed::create(TestbedSpec {
-        nodes: 2,
-        ..TestbedSpec::default()
-    })
-    .unwrap();
+    let tb = two_nodes();
     // A listener standing in for the controller.
     let listener = tb
         .mgmt()
@@ -277,14 +212,10 @@ fn cutting_the_mgmt_link_makes_the_controller_unreachable_until_restored() {
 #[test]
 fn parallel_testbeds_have_distinct_names_and_do_not_interfere() {
     require_root!();
-    let spec = TestbedSpec {
-        nodes: 2,
-        ..TestbedSpec::default()
-    };
     let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| Testbed::create(spec));
-        let b = s.spawn(|| Testbed::create(spec));
-        (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+        let a = s.spawn(two_nodes);
+        let b = s.spawn(two_nodes);
+        (a.join().unwrap(), b.join().unwrap())
     });
     assert_ne!(a.id(), b.id());
     let (na, nb) = (a.namespaces(), b.namespaces());
@@ -301,16 +232,7 @@ fn parallel_testbeds_have_distinct_names_and_do_not_interfere() {
     };
     let (dst_b, progress_b, sink_b) = start_sink(&b2.netns, spec_b);
     assert_eq!(dst_a, dst_b);
-    a.nodes()[0]
-        .netns
-        .run(|| {
-            traffic::send(&SendSpec {
-                max_bytes: Some(2_000_000),
-                ..SendSpec::new(Proto::Tcp, dst_a)
-            })
-        })
-        .unwrap()
-        .unwrap();
+    send_tcp(&a.nodes()[0].netns, dst_a, 2_000_000);
     assert_eq!(sink_a.join().unwrap().unwrap().bytes, 2_000_000);
     assert_eq!(progress_b.load(std::sync::atomic::Ordering::Relaxed), 0);
     // Tearing one down leaves the other working.

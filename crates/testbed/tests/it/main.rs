@@ -8,7 +8,12 @@ mod cluster;
 mod lifecycle;
 mod traffic;
 
+use nicwarden_testbed::traffic::{self, Proto, Report, SendSpec, Sink, SinkSpec, TrafficError};
+use nicwarden_testbed::{Netns, Testbed, TestbedSpec};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Returns from the test (passing) when not privileged.
@@ -63,4 +68,50 @@ pub fn eventually(bound: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// A testbed of two nodes.
+pub fn two_nodes() -> Testbed {
+    Testbed::create(TestbedSpec {
+        nodes: 2,
+        ..TestbedSpec::default()
+    })
+    .unwrap()
+}
+
+/// A sink running on its own thread, as [`start_sink`] returns it.
+pub type SinkThread = JoinHandle<Result<Report, TrafficError>>;
+
+/// Binds a sink inside `ns` and runs it on a plain thread (the socket stays in `ns`); returns
+/// its address, its progress counter (bytes so far) and the thread.
+#[track_caller]
+pub fn start_sink(ns: &Netns, spec: SinkSpec) -> (SocketAddr, Arc<AtomicU64>, SinkThread) {
+    let sink = ns.run(|| Sink::bind(spec)).unwrap().unwrap();
+    let local = sink.local_addr().unwrap();
+    let progress = sink.progress();
+    (local, progress, std::thread::spawn(move || sink.run()))
+}
+
+/// Runs the sender `spec` inside `ns` and returns what it returned.
+#[track_caller]
+pub fn try_send_from(ns: &Netns, spec: &SendSpec) -> Result<Report, TrafficError> {
+    ns.run(|| traffic::send(spec)).unwrap()
+}
+
+/// Runs the sender `spec` inside `ns`, which must succeed, and returns its report.
+#[track_caller]
+pub fn send_from(ns: &Netns, spec: &SendSpec) -> Report {
+    try_send_from(ns, spec).unwrap()
+}
+
+/// Sends `bytes` over TCP from inside `ns` to `dst` (within the default 10 s).
+#[track_caller]
+pub fn send_tcp(ns: &Netns, dst: SocketAddr, bytes: u64) -> Report {
+    send_from(
+        ns,
+        &SendSpec {
+            max_bytes: Some(bytes),
+            ..SendSpec::new(Proto::Tcp, dst)
+        },
+    )
 }

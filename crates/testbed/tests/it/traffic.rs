@@ -1,40 +1,25 @@
 //! The traffic generator and sink over the testbed's fabric: exact byte bounds, pacing, and
 //! bounded time when nothing gets through.
 
-use crate::{addr, eventually, require_root};
-use nicwarden_testbed::traffic::{self, Proto, SendSpec, Sink, SinkSpec, Stop};
-use nicwarden_testbed::{Testbed, TestbedSpec};
+use crate::{addr, eventually, require_root, send_from, start_sink, try_send_from, two_nodes};
+use nicwarden_testbed::traffic::{self, Proto, SendSpec, SinkSpec, Stop};
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-fn two_nodes() -> Testbed {
-    Testbed::create(TestbedSpec {
-        nodes: 2,
-        ..TestbedSpec::default()
-    })
-    .unwrap()
-}
 
 #[test]
 fn udp_max_bytes_is_exact_end_to_end() {
     require_root!();
     let tb = two_nodes();
     let (n1, n2) = (&tb.nodes()[0], &tb.nodes()[1]);
-    let sink = n2
-        .netns
-        .run(|| Sink::bind(SinkSpec::new(Proto::Udp, addr(n2.fabric_ip, 0))))
-        .unwrap()
-        .unwrap();
-    let dst = sink.local_addr().unwrap();
-    let h = std::thread::spawn(move || sink.run());
+    let (dst, _, h) = start_sink(&n2.netns, SinkSpec::new(Proto::Udp, addr(n2.fabric_ip, 0)));
     // Jumbo datagrams (8000 + 28 header bytes fit MTU 9000), unpaced.
     let spec = SendSpec {
         max_bytes: Some(2_000_037),
         payload: 8000,
         ..SendSpec::new(Proto::Udp, dst)
     };
-    let sent = n1.netns.run(|| traffic::send(&spec)).unwrap().unwrap();
+    let sent = send_from(&n1.netns, &spec);
     let got = h.join().unwrap().unwrap();
     // 250 full datagrams and a 37-byte last one: exactly max_bytes, never more.
     assert_eq!(sent.bytes, 2_000_037);
@@ -51,13 +36,7 @@ fn udp_pacing_holds_the_rate() {
     require_root!();
     let tb = two_nodes();
     let (n1, n2) = (&tb.nodes()[0], &tb.nodes()[1]);
-    let sink = n2
-        .netns
-        .run(|| Sink::bind(SinkSpec::new(Proto::Udp, addr(n2.fabric_ip, 0))))
-        .unwrap()
-        .unwrap();
-    let dst = sink.local_addr().unwrap();
-    let h = std::thread::spawn(move || sink.run());
+    let (dst, _, h) = start_sink(&n2.netns, SinkSpec::new(Proto::Udp, addr(n2.fabric_ip, 0)));
     let rate = 20_000_000;
     let spec = SendSpec {
         duration: Duration::from_secs(1),
@@ -65,7 +44,7 @@ fn udp_pacing_holds_the_rate() {
         payload: 1200,
         ..SendSpec::new(Proto::Udp, dst)
     };
-    let sent = n1.netns.run(|| traffic::send(&spec)).unwrap().unwrap();
+    let sent = send_from(&n1.netns, &spec);
     let got = h.join().unwrap().unwrap();
     let within = |x: f64, want: f64, tol: f64| (x - want).abs() <= want * tol;
     assert_eq!(sent.stop, Stop::Duration);
@@ -88,15 +67,13 @@ fn senders_return_in_bounded_time_when_nothing_gets_through() {
     // connect times out at the sender's duration.
     let nobody = addr(Ipv4Addr::new(198, 18, 0, 200), 5001);
     let t = Instant::now();
-    let r = n1
-        .netns
-        .run(|| {
-            traffic::send(&SendSpec {
-                duration: Duration::from_secs(1),
-                ..SendSpec::new(Proto::Tcp, nobody)
-            })
-        })
-        .unwrap();
+    let r = try_send_from(
+        &n1.netns,
+        &SendSpec {
+            duration: Duration::from_secs(1),
+            ..SendSpec::new(Proto::Tcp, nobody)
+        },
+    );
     assert!(
         matches!(r, Err(traffic::TrafficError::Connect { .. })),
         "{r:?}"
@@ -109,17 +86,14 @@ fn senders_return_in_bounded_time_when_nothing_gets_through() {
 
     // UDP to the same: the datagrams go nowhere, the sender stops at its duration.
     let t = Instant::now();
-    let r = n1
-        .netns
-        .run(|| {
-            traffic::send(&SendSpec {
-                duration: Duration::from_millis(500),
-                rate_bps: Some(10_000_000),
-                ..SendSpec::new(Proto::Udp, nobody)
-            })
-        })
-        .unwrap()
-        .unwrap();
+    let r = send_from(
+        &n1.netns,
+        &SendSpec {
+            duration: Duration::from_millis(500),
+            rate_bps: Some(10_000_000),
+            ..SendSpec::new(Proto::Udp, nobody)
+        },
+    );
     assert_eq!(r.stop, Stop::Duration);
     assert!(t.elapsed() < Duration::from_millis(500) + bound, "{r}");
 }
@@ -129,20 +103,14 @@ fn tcp_sender_returns_when_the_fabric_is_cut_mid_transfer() {
     require_root!();
     let tb = two_nodes();
     let (n1, n2) = (&tb.nodes()[0], &tb.nodes()[1]);
-    let sink = n2
-        .netns
-        .run(|| {
-            Sink::bind(SinkSpec {
-                duration: Duration::from_secs(10),
-                idle_timeout: Duration::from_millis(300),
-                ..SinkSpec::new(Proto::Tcp, addr(n2.fabric_ip, 0))
-            })
-        })
-        .unwrap()
-        .unwrap();
-    let dst = sink.local_addr().unwrap();
-    let progress = sink.progress();
-    let sink = std::thread::spawn(move || sink.run());
+    let (dst, progress, sink) = start_sink(
+        &n2.netns,
+        SinkSpec {
+            duration: Duration::from_secs(10),
+            idle_timeout: Duration::from_millis(300),
+            ..SinkSpec::new(Proto::Tcp, addr(n2.fabric_ip, 0))
+        },
+    );
     let duration = Duration::from_secs(2);
     let sender = n1
         .netns
