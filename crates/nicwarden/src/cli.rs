@@ -48,9 +48,17 @@ const AGENT_HELP: &str = "\
 With no subcommand, runs the agent. The join token is needed only for the first start
 (enrollment); afterwards the node's certificate in --data-dir is used.
 
+With --datapath tc (root) the agent enforces its leases on the fabric interface: HTB shaping
+per lease scope, nftables quotas for transfer volumes, floor 0 = dropped; usage comes from
+the kernel counters. Nothing else is touched (keep the management link on another
+interface). When the agent stops, the kernel keeps enforcing its last state; held leases
+are restored when it starts again. --cleanup removes the kernel state.
+
 Examples:
   nicwarden agent --node node-1 --controller https://ctl.example:7443 --token <JOIN_TOKEN>
   nicwarden agent --config /etc/nicwarden/agent.toml
+  nicwarden agent --node node-1 --datapath tc --fabric-iface fab0 --peer node-2=198.18.0.2
+  nicwarden agent --node node-1 --datapath tc --fabric-iface fab0 --cleanup
   nicwarden agent status";
 
 const AGENT_STATUS_HELP: &str = "\
