@@ -28,6 +28,30 @@ fn three_scopes_with(egress_enforce: ScopeEnforce, c: ScopeEnforce) -> DesiredSt
     ])
 }
 
+// The changes a first install of [`three_scopes`] reports, in this order (with the root
+// qdisc's line between the nft ones and the classes).
+/// The nft changes of a first install of [`three_scopes`].
+const INSTALL_NFT: [&str; 3] = [
+    "nft: table inet nicwarden created (2 quotas, 5 rules)",
+    "nft: quota q9 (peer:b) added: over 4611686018427387904 bytes, used from 0",
+    "nft: quota q7 (egress) added: over 1000000 bytes, used from 500",
+];
+/// The classes a first install of [`three_scopes`] adds, in order.
+const INSTALL_CLASSES: [&str; 5] = [
+    "tc: class 1:2 (control) added: rate 1000000 bit/s, burst 65536 B, quantum 12500, leaf pfifo limit 100",
+    "tc: class 1:3 (drop) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)",
+    "tc: class 1:10 (egress) added: rate 100000000 bit/s, burst 65536 B, quantum 200000, leaf pfifo limit 1000",
+    "tc: class 1:100 (peer:b) added: rate 10000000 bit/s, burst 65536 B, quantum 125000, leaf pfifo limit 1000",
+    "tc: class 1:101 (peer:c) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)",
+];
+/// The filters a first install of [`three_scopes`] adds, in order.
+const INSTALL_FILTERS: [&str; 4] = [
+    "tc: filter pref 1 ::1 (control) arp match u32 0 0 -> 1:2 added",
+    "tc: filter pref 100 ::1 (peer:b) ip match ip dst 198.18.0.2/32 -> 1:100 added",
+    "tc: filter pref 101 ::1 (peer:c) ip match ip dst 198.18.0.3/32 -> 1:101 added",
+    "tc: filter pref 1000 ::1 (egress) all match u32 0 0 -> 1:10 added",
+];
+
 fn fresh() -> (FakeKernel, LinuxDatapath) {
     let k = FakeKernel::new(DEV);
     let dp = k.datapath();
@@ -214,20 +238,12 @@ fn first_install_reports_changes() {
     assert_eq!(
         changes,
         [
-            "nft: table inet nicwarden created (2 quotas, 5 rules)",
-            "nft: quota q9 (peer:b) added: over 4611686018427387904 bytes, used from 0",
-            "nft: quota q7 (egress) added: over 1000000 bytes, used from 500",
-            "tc: root qdisc htb 1: default 3 installed on fab0 (was noqueue 0:)",
-            "tc: class 1:2 (control) added: rate 1000000 bit/s, burst 65536 B, quantum 12500, leaf pfifo limit 100",
-            "tc: class 1:3 (drop) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)",
-            "tc: class 1:10 (egress) added: rate 100000000 bit/s, burst 65536 B, quantum 200000, leaf pfifo limit 1000",
-            "tc: class 1:100 (peer:b) added: rate 10000000 bit/s, burst 65536 B, quantum 125000, leaf pfifo limit 1000",
-            "tc: class 1:101 (peer:c) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)",
-            "tc: filter pref 1 ::1 (control) arp match u32 0 0 -> 1:2 added",
-            "tc: filter pref 100 ::1 (peer:b) ip match ip dst 198.18.0.2/32 -> 1:100 added",
-            "tc: filter pref 101 ::1 (peer:c) ip match ip dst 198.18.0.3/32 -> 1:101 added",
-            "tc: filter pref 1000 ::1 (egress) all match u32 0 0 -> 1:10 added",
+            &INSTALL_NFT[..],
+            &["tc: root qdisc htb 1: default 3 installed on fab0 (was noqueue 0:)"],
+            &INSTALL_CLASSES,
+            &INSTALL_FILTERS
         ]
+        .concat()
     );
 }
 
@@ -513,11 +529,7 @@ fn repairs_partial_state() {
             apply(dp, &three_scopes());
             k.delete_table();
         },
-        &[
-            "nft: table inet nicwarden created (2 quotas, 5 rules)",
-            "nft: quota q9 (peer:b) added: over 4611686018427387904 bytes, used from 0",
-            "nft: quota q7 (egress) added: over 1000000 bytes, used from 500",
-        ],
+        &INSTALL_NFT,
         &reference,
     );
     // A crash in the middle of the first tc batch (after the 8th command).
@@ -531,13 +543,13 @@ fn repairs_partial_state() {
             );
         },
         &[
-            "tc: class 1:100 (peer:b) leaf pfifo 8004: limit 1000 -> pfifo 100: limit 1000",
-            "tc: class 1:101 (peer:c) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)",
-            "tc: filter pref 1 ::1 (control) arp match u32 0 0 -> 1:2 added",
-            "tc: filter pref 100 ::1 (peer:b) ip match ip dst 198.18.0.2/32 -> 1:100 added",
-            "tc: filter pref 101 ::1 (peer:c) ip match ip dst 198.18.0.3/32 -> 1:101 added",
-            "tc: filter pref 1000 ::1 (egress) all match u32 0 0 -> 1:10 added",
-        ],
+            &[
+                "tc: class 1:100 (peer:b) leaf pfifo 8004: limit 1000 -> pfifo 100: limit 1000",
+                "tc: class 1:101 (peer:c) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)",
+            ],
+            &INSTALL_FILTERS[..],
+        ]
+        .concat(),
         &reference,
     );
     // nft failed once: tc was still applied, the error reported, nft done next time.
@@ -551,11 +563,7 @@ fn repairs_partial_state() {
             );
             assert_eq!(k.root_kind(), "htb");
         },
-        &[
-            "nft: table inet nicwarden created (2 quotas, 5 rules)",
-            "nft: quota q9 (peer:b) added: over 4611686018427387904 bytes, used from 0",
-            "nft: quota q7 (egress) added: over 1000000 bytes, used from 500",
-        ],
+        &INSTALL_NFT,
         &reference,
     );
     // A root qdisc that is not ours (wrong default): re-created.
@@ -566,20 +574,12 @@ fn repairs_partial_state() {
                 .expect("set up");
         },
         &[
-            "nft: table inet nicwarden created (2 quotas, 5 rules)",
-            "nft: quota q9 (peer:b) added: over 4611686018427387904 bytes, used from 0",
-            "nft: quota q7 (egress) added: over 1000000 bytes, used from 500",
-            "tc: root qdisc htb 1: on fab0 re-created (had default Some(16), direct_qlen Some(1000); class counters reset)",
-            "tc: class 1:2 (control) added: rate 1000000 bit/s, burst 65536 B, quantum 12500, leaf pfifo limit 100",
-            "tc: class 1:3 (drop) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)",
-            "tc: class 1:10 (egress) added: rate 100000000 bit/s, burst 65536 B, quantum 200000, leaf pfifo limit 1000",
-            "tc: class 1:100 (peer:b) added: rate 10000000 bit/s, burst 65536 B, quantum 125000, leaf pfifo limit 1000",
-            "tc: class 1:101 (peer:c) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)",
-            "tc: filter pref 1 ::1 (control) arp match u32 0 0 -> 1:2 added",
-            "tc: filter pref 100 ::1 (peer:b) ip match ip dst 198.18.0.2/32 -> 1:100 added",
-            "tc: filter pref 101 ::1 (peer:c) ip match ip dst 198.18.0.3/32 -> 1:101 added",
-            "tc: filter pref 1000 ::1 (egress) all match u32 0 0 -> 1:10 added",
-        ],
+            &INSTALL_NFT[..],
+            &["tc: root qdisc htb 1: on fab0 re-created (had default Some(16), direct_qlen Some(1000); class counters reset)"],
+            &INSTALL_CLASSES,
+            &INSTALL_FILTERS,
+        ]
+        .concat(),
         &reference,
     );
     // A class changed behind our back is changed back, even by a process that remembers

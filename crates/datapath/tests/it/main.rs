@@ -8,7 +8,7 @@ mod testbed;
 
 use nicwarden_datapath::fake::fixtures::{egress, floor, lease, peer};
 use nicwarden_datapath::{
-    Datapath, DesiredState, LinuxDatapath, RealNft, RealTc, ScopeCounters, ScopeEnforce, ScopeSpec,
+    Datapath, DesiredState, LinuxDatapath, RealNft, RealTc, ScopeCounters, ScopeEnforce,
 };
 use nicwarden_lease::{LeaseId, Scope};
 use std::time::{Duration, Instant};

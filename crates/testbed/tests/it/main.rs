@@ -8,7 +8,7 @@ mod cluster;
 mod lifecycle;
 mod traffic;
 
-use nicwarden_testbed::traffic::{self, Proto, Report, SendSpec, Sink, SinkSpec, TrafficError};
+use nicwarden_testbed::traffic::{Proto, Report, SendSpec, Sink, SinkSpec, TrafficError};
 use nicwarden_testbed::{Netns, Testbed, TestbedSpec};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
@@ -95,7 +95,16 @@ pub fn start_sink(ns: &Netns, spec: SinkSpec) -> (SocketAddr, Arc<AtomicU64>, Si
 /// Runs the sender `spec` inside `ns` and returns what it returned.
 #[track_caller]
 pub fn try_send_from(ns: &Netns, spec: &SendSpec) -> Result<Report, TrafficError> {
-    ns.run(|| traffic::send(spec)).unwrap()
+    ns.run(|| nicwarden_testbed::traffic::send(spec)).unwrap()
+}
+
+/// Asserts that the sender `spec`, run inside `ns`, fails to connect and returns within `bound`.
+#[track_caller]
+pub fn assert_connect_fails_within(ns: &Netns, spec: &SendSpec, bound: Duration) {
+    let started = Instant::now();
+    let r = try_send_from(ns, spec);
+    assert!(matches!(r, Err(TrafficError::Connect { .. })), "{r:?}");
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
 }
 
 /// Runs the sender `spec` inside `ns`, which must succeed, and returns its report.
