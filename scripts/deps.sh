@@ -12,6 +12,9 @@ have ip || need+=(iproute2)
 have tc || need+=(iproute2)
 # nftables: the agent's `tc` datapath counts and caps transfer volume with nft quotas.
 have nft || need+=(nftables)
+# clang + libbpf headers: the eBPF datapath's programs are C, compiled at build time.
+have clang || need+=(clang)
+[[ -f /usr/include/bpf/bpf_helpers.h ]] || need+=(libbpf-dev)
 have python3 || need+=(python3)
 
 if ((${#need[@]})); then
