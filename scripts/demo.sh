@@ -54,9 +54,9 @@ run "$NW" node list
 say "Start two agents; they enroll with their tokens and open mTLS sessions"
 for n in 1 2; do
   tok=T$n; st=S$n
-  show "$NW" agent --node node$n --data-dir "$work/node$n" --controller https://127.0.0.1:$AGENT_PORT --token "<token>" --status-listen 127.0.0.1:${!st} "&"
+  show "$NW" agent --node node$n --data-dir "$work/node$n" --controller https://127.0.0.1:$AGENT_PORT --token "<token>" --status-listen 127.0.0.1:${!st} --datapath none "&"
   "$NW" agent --node node$n --data-dir "$work/node$n" --controller https://127.0.0.1:$AGENT_PORT \
-    --token "${!tok}" --status-listen 127.0.0.1:${!st} 2>"$work/node$n.log" &
+    --token "${!tok}" --status-listen 127.0.0.1:${!st} --datapath none 2>"$work/node$n.log" &
   pids+=($!)
 done
 wait_for "node1 connected" 20 status_has 127.0.0.1:$S1 "s['connected']"

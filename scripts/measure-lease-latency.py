@@ -53,7 +53,8 @@ def main():
         join = call("POST", "/v1/nodes", {"name": "n1"})["join_token"]
         procs.append(subprocess.Popen([NW, "agent", "--node", "n1", "--data-dir", f"{work}/n1",
                                        "--controller", f"https://127.0.0.1:{ap}", "--token", join,
-                                       "--status-listen", f"127.0.0.1:{sp}"], stderr=subprocess.DEVNULL))
+                                       "--status-listen", f"127.0.0.1:{sp}", "--datapath", "none"],
+                                      stderr=subprocess.DEVNULL))
 
         def status():
             return json.load(urllib.request.urlopen(f"http://127.0.0.1:{sp}/status"))

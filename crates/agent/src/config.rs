@@ -39,10 +39,16 @@ pub struct AgentConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatapathConfig {
-    /// `none`: decisions are computed and reported but nothing is programmed (usage comes
-    /// from `counters`); `tc`: HTB shaping per scope plus nftables volume quotas on
-    /// `fabric_iface`, with usage read from the kernel.
+    /// `ebpf` (the default): a tc-attached eBPF program on `fabric_iface` looks each packet's
+    /// scope up in a map, counts it, enforces volumes exactly and floors, and steers it to
+    /// the scope's HTB class for shaping; its maps are pinned under `bpf_pin_dir`, so an
+    /// agent restart resumes the counters. `tc`: HTB shaping with u32 filters plus
+    /// nftables volume quotas. `none`: decisions are computed and reported but nothing is
+    /// programmed (usage comes from `counters`; for running an agent off a real node).
     pub backend: String,
+    /// Where the `ebpf` backend pins its maps and program [default:
+    /// /sys/fs/bpf/nicwarden/<node>].
+    pub bpf_pin_dir: Option<PathBuf>,
     /// The fabric interface to enforce on. The management interface (towards the
     /// controller) must be another one: it is never touched.
     pub fabric_iface: String,
@@ -54,7 +60,8 @@ pub struct DatapathConfig {
 impl Default for DatapathConfig {
     fn default() -> Self {
         DatapathConfig {
-            backend: "none".into(),
+            backend: "ebpf".into(),
+            bpf_pin_dir: None,
             fabric_iface: "fab0".into(),
             peers: BTreeMap::new(),
         }
@@ -68,6 +75,13 @@ impl DatapathConfig {
 
     pub fn enabled(&self) -> bool {
         self.backend != "none"
+    }
+
+    /// The `ebpf` backend's pin directory for `node`.
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        self.bpf_pin_dir
+            .clone()
+            .unwrap_or_else(|| nicwarden_datapath::EbpfDatapath::default_pin_dir(node))
     }
 }
 
@@ -117,17 +131,17 @@ impl AgentConfig {
         crate::counters::CounterSpec::parse(&self.counters).map_err(ConfigError::Invalid)?;
         match self.datapath.backend.as_str() {
             "none" => {}
-            "tc" => {
+            b @ ("tc" | "ebpf") => {
                 if self.counters != "none" {
                     return Err(ConfigError::Invalid(format!(
-                        "counters = `{}` cannot be used with datapath backend `tc`: usage then comes from the kernel",
+                        "counters = `{}` cannot be used with datapath backend `{b}`: usage then comes from the kernel (use backend `none` for simulated counters)",
                         self.counters
                     )));
                 }
             }
             other => {
                 return Err(ConfigError::Invalid(format!(
-                    "datapath backend must be `none` or `tc`, got `{other}`"
+                    "datapath backend must be `ebpf`, `tc` or `none`, got `{other}`"
                 )))
             }
         }

@@ -45,6 +45,8 @@ pub struct Enforcer {
     start_used: BTreeMap<LeaseId, u64>,
     /// Class drops when the lease was first seen, so rate drops are per lease.
     drop_base: BTreeMap<LeaseId, u64>,
+    /// Each enforced lease's volume.
+    volumes: BTreeMap<LeaseId, u64>,
     last_sample: Option<(Time, BTreeMap<String, u64>)>,
 }
 
@@ -79,6 +81,9 @@ impl Enforcer {
                     Some(lease),
                 ) => {
                     let start = *self.start_used.entry(lease).or_insert(d.usage.bytes);
+                    if let Some(v) = d.volume_bytes {
+                        self.volumes.insert(lease, v);
+                    }
                     ScopeEnforce::Lease {
                         lease,
                         rate_bps,
@@ -102,6 +107,7 @@ impl Enforcer {
         let live: Vec<LeaseId> = decisions.iter().filter_map(|d| d.lease).collect();
         self.start_used.retain(|id, _| live.contains(id));
         self.drop_base.retain(|id, _| live.contains(id));
+        self.volumes.retain(|id, _| live.contains(id));
         (DesiredState { scopes }, unresolved)
     }
 
@@ -137,11 +143,17 @@ impl Enforcer {
             if let Some(l) = &c.lease {
                 let base = *self.drop_base.entry(l.lease).or_insert(c.class.drops);
                 k.volume_drops = l.volume_drops;
+                // An exact datapath can stop short of the volume by less than a packet and
+                // drop from there: that lease is spent all the same.
+                let bytes = match self.volumes.get(&l.lease) {
+                    Some(v) if l.exhausted => l.used_bytes.max(*v),
+                    _ => l.used_bytes,
+                };
                 usage.push((
                     c.scope.clone(),
                     l.lease,
                     Usage {
-                        bytes: l.used_bytes,
+                        bytes,
                         packets: l.passed_packets,
                         dropped_packets: l.volume_drops + c.class.drops.saturating_sub(base),
                     },
@@ -223,6 +235,36 @@ mod tests {
         later[1].usage.bytes = 600;
         let (d2, _) = e.desired(&cfg(), &later);
         assert_eq!(d, d2);
+    }
+
+    #[test]
+    fn an_exhausted_lease_counts_as_its_whole_volume() {
+        // The eBPF datapath is exact: 9 packets of 100 fit a volume of 950, the tenth is
+        // dropped, and `used` stays at 900. The lease is spent all the same.
+        let mut e = Enforcer::default();
+        let allow = Enforce::Allow {
+            rate_bps: 1_000,
+            burst_bytes: 100,
+            volume_left: Some(50),
+        };
+        let mut d = decision(Scope::Egress, Some(4), allow, 0);
+        d.volume_bytes = Some(950);
+        e.desired(&cfg(), &[d]);
+        let counters = |exhausted| {
+            vec![ScopeCounters {
+                scope: Scope::Egress,
+                class: ClassStats::default(),
+                lease: Some(LeaseCounters {
+                    lease: LeaseId(4),
+                    used_bytes: 900,
+                    passed_packets: 9,
+                    volume_drops: u64::from(exhausted),
+                    exhausted,
+                }),
+            }]
+        };
+        assert_eq!(e.usage(Time(0), &counters(false)).0[0].2.bytes, 900);
+        assert_eq!(e.usage(Time(1), &counters(true)).0[0].2.bytes, 950);
     }
 
     #[test]

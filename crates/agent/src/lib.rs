@@ -83,7 +83,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             identity::enroll(&cfg.data_dir, &cfg.node, &cfg.controller, token).await?
         }
     };
-    let datapath = open_datapath(&cfg.datapath)?;
+    let datapath = open_datapath(&cfg.datapath, &cfg.node)?;
     let tls = nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key)?;
     let persisted = identity::load_state(&cfg.data_dir)?;
     let status_listener = tokio::net::TcpListener::bind(cfg.status_listen)
@@ -254,7 +254,10 @@ fn restore_leases(
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
 /// The datapath backend named in the config, checked usable before anything starts.
-pub fn open_datapath(cfg: &config::DatapathConfig) -> anyhow::Result<Option<Box<dyn Datapath>>> {
+pub fn open_datapath(
+    cfg: &config::DatapathConfig,
+    node: &str,
+) -> anyhow::Result<Option<Box<dyn Datapath>>> {
     match cfg.backend.as_str() {
         "none" => Ok(None),
         "tc" => {
@@ -264,14 +267,25 @@ pub fn open_datapath(cfg: &config::DatapathConfig) -> anyhow::Result<Option<Box<
                 &cfg.fabric_iface,
             ))))
         }
-        other => anyhow::bail!("unknown datapath backend `{other}` (expected `none` or `tc`)"),
+        "ebpf" => {
+            nicwarden_datapath::EbpfDatapath::check_available().context(
+                "datapath backend `ebpf` (choose `--datapath tc` where the kernel refuses BPF, or `none` off a real node)",
+            )?;
+            Ok(Some(Box::new(nicwarden_datapath::EbpfDatapath::new(
+                &cfg.fabric_iface,
+                &cfg.pin_dir(node),
+            ))))
+        }
+        other => {
+            anyhow::bail!("unknown datapath backend `{other}` (expected `ebpf`, `tc` or `none`)")
+        }
     }
 }
 
 /// `nicwarden agent --cleanup`: removes everything the configured backend installed on
 /// the fabric interface. The agent itself never does this on exit (it would fail open).
 pub fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
-    match open_datapath(&cfg.datapath)? {
+    match open_datapath(&cfg.datapath, &cfg.node)? {
         None => {
             tracing::info!("datapath backend `none`: nothing to remove");
             Ok(())

@@ -36,6 +36,15 @@ pub enum DatapathError {
     /// The host cannot run this backend (not root, tools missing).
     #[error("datapath unavailable: {0}")]
     Unavailable(String),
+    /// A bpf syscall, a netlink request for the eBPF program, or a bpf filesystem operation
+    /// failed.
+    #[error("{op}: {detail}")]
+    Bpf {
+        /// What we were doing and on what, e.g. "attach tc egress program nw_egress on fab0".
+        op: String,
+        /// The error and its causes, outermost first, joined by ": ".
+        detail: String,
+    },
 }
 
 fn exit_text(status: Option<i32>) -> String {
@@ -46,6 +55,25 @@ fn exit_text(status: Option<i32>) -> String {
 }
 
 impl DatapathError {
+    /// A [`DatapathError::Bpf`] for `op`, with the whole cause chain of `err`.
+    pub(crate) fn bpf(op: impl Into<String>, err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut detail = err.to_string();
+        let mut source = err.source();
+        while let Some(e) = source {
+            let text = e.to_string();
+            // Some errors repeat their cause in their own text.
+            if !detail.contains(&text) {
+                detail.push_str(": ");
+                detail.push_str(&text);
+            }
+            source = e.source();
+        }
+        DatapathError::Bpf {
+            op: op.into(),
+            detail,
+        }
+    }
+
     pub(crate) fn parse(what: impl Into<String>, detail: impl Into<String>) -> Self {
         DatapathError::Parse {
             what: what.into(),

@@ -6,7 +6,9 @@
 //! and the nftables table `inet nicwarden` (per-lease volume quotas and counters). The agent
 //! describes *what* to enforce as a [`DesiredState`]; a [`Datapath`] makes the kernel match it
 //! ([`Datapath::reconcile`], idempotent, repairing partial state) and reports
-//! [`ScopeCounters`]. [`LinuxDatapath`] is the tc + nftables backend.
+//! [`ScopeCounters`]. [`LinuxDatapath`] is the tc + nftables backend; [`EbpfDatapath`] (see
+//! [`ebpf`]) is the eBPF backend: a tc program on the clsact egress hook decides per packet
+//! (exact volume, blocked scopes, classification by an LPM trie) and HTB still shapes.
 //!
 //! Kernel state outlives the agent on purpose: the agent never removes it on exit, so a node
 //! whose agent died keeps enforcing its last state (fail closed), and a restarted agent
@@ -14,19 +16,24 @@
 //!
 //! Layering: [`plan`] validates a desired state and lays it out (class minors, filter
 //! preferences, burst and quantum); `tc.rs` and `nft.rs` parse what the kernel shows and
-//! compute the difference (`nft.rs` documents the nftables table); `ops.rs` is the only place
-//! that runs `tc` and `nft`, behind the narrow [`TcOps`] / [`NftOps`] traits, with an in-memory
-//! fake kernel in [`fake`].
+//! compute the difference (`nft.rs` documents the nftables table); `ops.rs` runs `tc` and
+//! `nft` for them, behind the narrow [`TcOps`] / [`NftOps`] traits, with an in-memory
+//! fake kernel in [`fake`]; `shaper.rs` is the HTB layer both backends share. The eBPF backend
+//! adds [`BpfOps`] (aya, with an in-memory [`ebpf::FakeBpf`]) and its program,
+//! `bpf/nicwarden.bpf.c`, compiled by `build.rs` with clang and embedded in the crate.
 
+pub mod ebpf;
 mod error;
 pub mod fake;
 mod nft;
 mod ops;
 pub mod plan;
+mod shaper;
 mod tc;
 #[cfg(test)]
 mod tests;
 
+pub use ebpf::{BpfOps, EbpfDatapath, RealBpf};
 pub use error::DatapathError;
 pub use ops::{NftOps, RealNft, RealTc, TcOps};
 
@@ -35,8 +42,8 @@ use nft::{NftDesired, NftKernel};
 use nicwarden_lease::{LeaseId, Scope};
 use plan::Plan;
 use serde::{Deserialize, Serialize};
+use shaper::Shaper;
 use std::fmt;
-use tc::TcKernel;
 
 /// What the kernel should enforce on the fabric interface.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,8 +152,7 @@ pub trait Datapath: Send {
 /// is touched (tc objects live on it, nft rules match `oifname` = it), so the management
 /// interface keeps working whatever the leases say.
 pub struct LinuxDatapath {
-    dev: String,
-    tc: Box<dyn TcOps>,
+    tc: Shaper,
     nft: Box<dyn NftOps>,
     /// The plan of the last reconcile that completed: what the kernel is known to hold. `None`
     /// after a failure or in a fresh process (then the kernel is read and compared).
@@ -178,8 +184,7 @@ impl LinuxDatapath {
     /// The backend over the given kernel interfaces (fakes in tests).
     pub fn with_ops(fabric_iface: &str, tc: Box<dyn TcOps>, nft: Box<dyn NftOps>) -> Self {
         LinuxDatapath {
-            dev: fabric_iface.to_string(),
-            tc,
+            tc: Shaper::new(fabric_iface, tc),
             nft,
             applied: None,
             current: None,
@@ -194,20 +199,7 @@ impl LinuxDatapath {
 
     /// The fabric interface this backend programs.
     pub fn fabric_iface(&self) -> &str {
-        &self.dev
-    }
-
-    fn read_tc(&mut self) -> Result<TcKernel, DatapathError> {
-        let qdiscs = self.tc.qdiscs_json(&self.dev)?;
-        let (root, _) = tc::parse_qdiscs(&qdiscs)?;
-        // Classes and filters only matter under our root; skip two tool runs otherwise.
-        if root.is_some_and(|r| r.kind == "htb" && r.handle == "1:") {
-            let filters = self.tc.filters_json(&self.dev)?;
-            let classes = self.tc.classes_text(&self.dev)?;
-            TcKernel::parse(&qdiscs, &filters, &classes)
-        } else {
-            TcKernel::parse(&qdiscs, "[]", "")
-        }
+        self.tc.dev()
     }
 
     fn read_nft(&mut self) -> Result<Option<NftKernel>, DatapathError> {
@@ -226,19 +218,6 @@ impl LinuxDatapath {
         self.nft.apply(&want.script(kernel.as_ref()))?;
         Ok(want.describe(kernel.as_ref()))
     }
-
-    fn reconcile_tc(
-        &mut self,
-        plan: &Plan,
-        last: Option<&Plan>,
-    ) -> Result<Vec<Change>, DatapathError> {
-        let kernel = self.read_tc()?;
-        let diff = tc::diff(plan, &kernel, last);
-        if !diff.cmds.is_empty() {
-            self.tc.batch(&diff.cmds)?;
-        }
-        Ok(diff.changes)
-    }
 }
 
 impl Datapath for LinuxDatapath {
@@ -247,7 +226,7 @@ impl Datapath for LinuxDatapath {
     }
 
     fn reconcile(&mut self, desired: &DesiredState) -> Result<Vec<Change>, DatapathError> {
-        let plan = Plan::build(&self.dev, desired)?;
+        let plan = Plan::build(self.tc.dev(), desired)?;
         self.current = Some(plan.clone());
         // Until this completes, what the kernel holds is only known by reading it.
         let last = self.applied.take();
@@ -255,7 +234,7 @@ impl Datapath for LinuxDatapath {
         // volume. A failure of one half does not stop the other: the kernel gets as close to
         // the desired state as it can, and the next reconcile retries the rest.
         let nft = self.reconcile_nft(&plan);
-        let tc = self.reconcile_tc(&plan, last.as_ref());
+        let tc = self.tc.reconcile(&plan, last.as_ref());
         let mut changes = Vec::new();
         let mut failure = None;
         for result in [nft, tc] {
@@ -263,7 +242,7 @@ impl Datapath for LinuxDatapath {
                 Ok(c) => changes.extend(c),
                 Err(e) if failure.is_none() => failure = Some(e),
                 Err(e) => {
-                    tracing::warn!(dev = %self.dev, error = %e, "datapath reconcile: second failure")
+                    tracing::warn!(dev = %self.tc.dev(), error = %e, "datapath reconcile: second failure")
                 }
             }
         }
@@ -274,7 +253,7 @@ impl Datapath for LinuxDatapath {
             }
             Some(e) => {
                 for c in &changes {
-                    tracing::info!(dev = %self.dev, change = %c, "applied before the reconcile failed");
+                    tracing::info!(dev = %self.tc.dev(), change = %c, "applied before the reconcile failed");
                 }
                 Err(e)
             }
@@ -285,7 +264,7 @@ impl Datapath for LinuxDatapath {
         let Some(plan) = self.current.clone() else {
             return Ok(Vec::new());
         };
-        let (_, leaves) = tc::parse_qdiscs(&self.tc.qdiscs_json(&self.dev)?)?;
+        let leaves = self.tc.leaves()?;
         let nft = if plan.scopes.iter().any(|s| s.lease.is_some() || s.blocked) {
             self.read_nft()?
         } else {
@@ -336,11 +315,7 @@ impl Datapath for LinuxDatapath {
     fn remove(&mut self) -> Result<(), DatapathError> {
         self.applied = None;
         self.current = None;
-        let (root, _) = tc::parse_qdiscs(&self.tc.qdiscs_json(&self.dev)?)?;
-        if root.is_some_and(|r| r.kind == "htb" && r.handle == "1:") {
-            self.tc
-                .batch(&[format!("qdisc del dev {} root", self.dev)])?;
-        }
+        self.tc.remove()?;
         if self.nft.list_table_json()?.is_some() {
             self.nft.apply(&nft::delete_script())?;
         }

@@ -36,9 +36,9 @@ pub trait NftOps: Send {
 }
 
 /// Output of a successful tool run.
-struct Ran {
-    stdout: String,
-    stderr: String,
+pub(crate) struct Ran {
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 fn command_line(cmd: &Command) -> String {
@@ -52,7 +52,7 @@ fn command_line(cmd: &Command) -> String {
 
 /// Runs `cmd` (feeding `stdin` if given) and captures its output; a non-zero exit becomes
 /// [`DatapathError::Command`] with `op` and the captured stderr.
-fn run(op: &str, mut cmd: Command, stdin: Option<&str>) -> Result<Ran, DatapathError> {
+pub(crate) fn run(op: &str, mut cmd: Command, stdin: Option<&str>) -> Result<Ran, DatapathError> {
     let line = command_line(&cmd);
     let program = cmd.get_program().to_string_lossy().into_owned();
     cmd.stdin(if stdin.is_some() {
@@ -237,7 +237,7 @@ impl NftOps for RealNft {
 }
 
 /// Effective uid of this process, from `/proc/self/status`.
-fn effective_uid() -> Option<u32> {
+pub(crate) fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()

@@ -14,6 +14,11 @@
 //! | peer scope *i* | class `1:(0x100 + i)`, leaf `(0x100 + i):`, filters `protocol ip pref (100 + i) handle ::(k + 1)` for its *k*-th prefix |
 //!
 //! *i* is the index of the peer in the sorted order of peer names (the order of [`Scope`]).
+//!
+//! The filters are laid out only with [`Steering::U32Filters`] (the tc backend). With
+//! [`Steering::SkbPriority`] (the eBPF backend) the plan has no filters: the eBPF program
+//! classifies each packet and names its class in `skb->priority`, which HTB honours; a plan
+//! without filters also makes the tc reconcile delete any u32 filters it finds on `1:`.
 //! Adding or removing a peer therefore renumbers the peers after it: their classes keep their
 //! minor but change their parameters, so the tc class statistics of a minor follow the slot,
 //! not the peer. Per-lease accounting lives in nftables objects named after the lease id and
@@ -153,8 +158,20 @@ pub struct ScopePlan {
     /// Aggregated, sorted destination prefixes (empty for egress).
     pub prefixes: Vec<Ipv4Net>,
     pub lease: Option<LeasePlan>,
-    /// At a floor of 0: nftables drops the scope's traffic as well as tc (see `nft.rs`).
+    /// At a floor of 0: nftables (or the eBPF program) drops the scope's traffic as well as
+    /// tc (see `nft.rs`).
     pub blocked: bool,
+}
+
+/// How packets reach their HTB class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Steering {
+    /// u32 filters on the root qdisc (the tc backend): ARP to the control class, each peer
+    /// prefix to its scope's class, everything else to egress.
+    U32Filters,
+    /// No filters: something before HTB (the eBPF backend's program) sets `skb->priority` to
+    /// the class id; what names no class falls to the default (drop) class.
+    SkbPriority,
 }
 
 /// The whole kernel layout for one desired state on one device.
@@ -165,7 +182,7 @@ pub struct Plan {
     pub scopes: Vec<ScopePlan>,
     /// Sorted by minor; includes the control and drop classes.
     pub classes: Vec<ClassPlan>,
-    /// Sorted by (pref, node).
+    /// Sorted by (pref, node); empty with [`Steering::SkbPriority`].
     pub filters: Vec<FilterPlan>,
 }
 
@@ -174,8 +191,18 @@ impl Plan {
         self.classes.iter().find(|c| c.minor == minor)
     }
 
-    /// Validates `desired` for device `dev` and lays it out.
+    /// Validates `desired` for device `dev` and lays it out, with u32 filters.
     pub fn build(dev: &str, desired: &DesiredState) -> Result<Plan, DatapathError> {
+        Self::build_with(dev, desired, Steering::U32Filters)
+    }
+
+    /// Validates `desired` for device `dev` and lays it out; `steering` says whether the plan
+    /// carries u32 filters.
+    pub fn build_with(
+        dev: &str,
+        desired: &DesiredState,
+        steering: Steering,
+    ) -> Result<Plan, DatapathError> {
         validate_iface(dev)?;
         let invalid = |msg: String| Err(DatapathError::Invalid(msg));
 
@@ -343,7 +370,10 @@ impl Plan {
             });
         }
         plan.classes.sort_by_key(|c| c.minor);
-        plan.filters.sort_by_key(|f| (f.pref, f.node));
+        match steering {
+            Steering::U32Filters => plan.filters.sort_by_key(|f| (f.pref, f.node)),
+            Steering::SkbPriority => plan.filters.clear(),
+        }
         Ok(plan)
     }
 }

@@ -1,12 +1,13 @@
 //! A real nicwarden cluster on a [`nicwarden_testbed::Testbed`]: the controller process in
-//! the management namespace, one agent process per node namespace (datapath `tc` on the
-//! node's fabric veth, management traffic on its own veth), and an operator API client.
+//! the management namespace, one agent process per node namespace (datapath `ebpf` or `tc`
+//! on the node's fabric veth, management traffic on its own veth), and an operator API
+//! client.
 //! The demo, the benchmark and the privileged end-to-end tests share it.
 //!
 //! Every socket the lab opens (operator API, agent status endpoints) must live in the
 //! management namespace, so lab code runs inside [`in_mgmt`]: a thread that has entered
 //! that namespace, with its own tokio runtime. Processes are started with
-//! `ip netns exec`, logged to files in the lab's temporary directory, and killed when the
+//! `nsenter --net` (only the network namespace changes, so bpffs pins outlive an agent), logged to files in the lab's temporary directory, and killed when the
 //! lab is dropped.
 
 use nicwarden_agent::status::AgentStatus;
@@ -70,6 +71,8 @@ pub struct LabSpec {
     pub log_level: String,
     /// Fabric capacity of the quota tree.
     pub fabric_capacity_bps: u64,
+    /// The agents' datapath backend: `ebpf` or `tc`.
+    pub backend: String,
 }
 
 impl LabSpec {
@@ -79,6 +82,7 @@ impl LabSpec {
             report_interval_ms: 1000,
             log_level: "info".into(),
             fabric_capacity_bps: 100_000_000_000,
+            backend: "ebpf".into(),
         }
     }
 }
@@ -115,6 +119,7 @@ pub struct Lab {
 
 impl Lab {
     pub fn new(tb: Arc<Testbed>, spec: LabSpec) -> Result<Lab, LabError> {
+        remove_stale_pins();
         let dir = tempfile::Builder::new()
             .prefix("nicwarden-lab-")
             .tempdir()
@@ -133,6 +138,11 @@ impl Lab {
             http,
             started: 0,
         })
+    }
+
+    /// The agents' datapath backend.
+    pub fn backend(&self) -> &str {
+        &self.spec.backend
     }
 
     pub fn testbed(&self) -> &Testbed {
@@ -347,7 +357,9 @@ impl Lab {
             "--status-listen".into(),
             format!("{}:{STATUS_PORT}", n.mgmt_ip),
             "--datapath".into(),
-            "tc".into(),
+            self.spec.backend.clone(),
+            "--bpf-pin-dir".into(),
+            self.pin_dir(node).display().to_string(),
             "--fabric-iface".into(),
             n.fabric_iface.clone(),
         ];
@@ -362,6 +374,11 @@ impl Lab {
         let p = self.spawn(&n.netns, node, &args)?;
         self.agents.insert(node.to_string(), p);
         Ok(())
+    }
+
+    /// Where `node`'s agent pins its eBPF maps: unique per testbed, under [`PIN_ROOT`].
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        Path::new(PIN_ROOT).join(format!("{}-{node}", self.tb.id()))
     }
 
     /// SIGKILL `node`'s agent (a crash: the kernel keeps enforcing its last state).
@@ -433,6 +450,34 @@ impl Drop for Lab {
         }
         if let Some(p) = self.ctl.as_mut() {
             p.kill();
+        }
+        // Pinned maps and programs outlive their namespace: unpin them.
+        for n in self.tb.nodes() {
+            let _ = std::fs::remove_dir_all(self.pin_dir(&n.name));
+        }
+    }
+}
+
+/// Where lab agents pin their eBPF state (one directory per testbed node).
+pub const PIN_ROOT: &str = "/sys/fs/bpf/nicwarden";
+
+/// Unpins what labs of dead processes left under [`PIN_ROOT`] (directories named after
+/// their testbed, `nwtb<pid>x<n>-<node>`).
+fn remove_stale_pins() {
+    let Ok(entries) = std::fs::read_dir(PIN_ROOT) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("nwtb")
+            .and_then(|r| r.split('x').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }

@@ -48,17 +48,21 @@ const AGENT_HELP: &str = "\
 With no subcommand, runs the agent. The join token is needed only for the first start
 (enrollment); afterwards the node's certificate in --data-dir is used.
 
-With --datapath tc (root) the agent enforces its leases on the fabric interface: HTB shaping
-per lease scope, nftables quotas for transfer volumes, floor 0 = dropped; usage comes from
-the kernel counters. Nothing else is touched (keep the management link on another
-interface). When the agent stops, the kernel keeps enforcing its last state; held leases
-are restored when it starts again. --cleanup removes the kernel state.
+The agent (root) enforces its leases on the fabric interface and nowhere else (keep the
+management link on another interface): per lease scope a rate (HTB), a transfer volume,
+and the floor without a lease (0 = dropped); usage comes from the kernel counters. The
+default backend `ebpf` classifies and counts every packet in an eBPF program (exact
+volumes, maps pinned under /sys/fs/bpf so a restart resumes the counters); `tc` uses u32
+filters and nftables quotas instead; `none` programs nothing. When the agent stops, the
+kernel keeps enforcing its last state; held leases are restored when it starts again.
+--cleanup removes the kernel state.
 
 Examples:
   nicwarden agent --node node-1 --controller https://ctl.example:7443 --token <JOIN_TOKEN>
   nicwarden agent --config /etc/nicwarden/agent.toml
-  nicwarden agent --node node-1 --datapath tc --fabric-iface fab0 --peer node-2=198.18.0.2
+  nicwarden agent --node node-1 --fabric-iface fab0 --peer node-2=198.18.0.2
   nicwarden agent --node node-1 --datapath tc --fabric-iface fab0 --cleanup
+  nicwarden agent --node node-1 --datapath none --status-listen 127.0.0.1:7091
   nicwarden agent status";
 
 const AGENT_STATUS_HELP: &str = "\
@@ -200,9 +204,9 @@ pub enum Command {
     /// Run the whole system on this machine: namespaced nodes, real packets, a live view
     #[command(after_help = DEMO_HELP)]
     Demo(DemoArgs),
-    /// Measure enforcement: leased vs achieved rates, beside an unenforced path
+    /// Measure enforcement: shaping accuracy, backends side by side, scaling, volume, latency
     #[command(after_help = BENCH_HELP)]
-    Bench(BenchArgs),
+    Bench(BenchCmd),
     /// Generate or sink test traffic (TCP/UDP, bounded), reporting what was delivered
     #[command(after_help = TRAFFIC_HELP)]
     Traffic(TrafficCmd),
@@ -210,7 +214,7 @@ pub enum Command {
 
 const DEMO_HELP: &str = "\
 Needs root: it creates network namespaces (a switch, a management network and N nodes with
-a fabric veth each), starts a controller and one agent per node with the `tc` datapath,
+a fabric veth each), starts a controller and one agent per node (datapath --datapath),
 grants leases (node1 200 Mbit/s; node2 50 Mbit/s with 200 MB; the others none), runs TCP
 traffic node to node and shows, every second, each node's leased and measured rate (from
 its kernel counters), volume and time to expiry. It then revokes node1's lease and stops
@@ -219,7 +223,8 @@ exit status is 1 if enforcement did not do what the leases say. Ctrl-C removes e
 
 Examples (as root):
   nicwarden demo
-  nicwarden demo --nodes 4 --phase-secs 10 --no-live";
+  nicwarden demo --nodes 4 --phase-secs 10 --no-live
+  nicwarden demo --datapath tc";
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -235,21 +240,77 @@ pub struct DemoArgs {
     /// Print the view as lines instead of redrawing the screen (the default without a TTY)
     #[arg(long)]
     pub no_live: bool,
+    /// The agents' datapath backend
+    #[arg(long, default_value = "ebpf", value_parser = ["ebpf", "tc"])]
+    pub datapath: String,
 }
 
 const BENCH_HELP: &str = "\
-Needs root. Builds a 3-node testbed. For each rate, programs an egress lease at that rate
-into node1's datapath (HTB + nftables, the agent's `tc` backend), sends TCP from node1 to
-node2 for --secs and measures the goodput at the receiver and the rate the kernel class
-counted; then sends the same from node3, whose fabric has no enforcement, as the
-unenforced reference of the same run. Prints leased vs achieved and the error in %.
+Needs root. Each benchmark builds a 3-node testbed (network namespaces, veth links through a
+bridge, fabric MTU 9000); node1 sends to node2, node3 is idle or the unenforced reference.
+Enforcement is installed on node1's fabric interface only. Every loop is bounded; each
+subcommand prints a table, or JSON with --json. See docs/PERFORMANCE.md for figures.
 
 Examples (as root):
-  nicwarden bench
-  nicwarden bench --rates 10M,100M,1G --secs 10 --reps 3 --json";
+  nicwarden bench shaping --rates 10M,100M,1G --reps 3
+  nicwarden bench backends --reps 5 --secs 3
+  nicwarden bench scale --scopes 1,100,1000,10000
+  nicwarden bench volume --reps 5
+  nicwarden bench latency --reps 10 --json";
 
 #[derive(Debug, Args)]
-pub struct BenchArgs {
+pub struct BenchCmd {
+    #[command(subcommand)]
+    pub command: BenchSub,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchSub {
+    /// Leased vs achieved rate of the `tc` backend, beside an unenforced path
+    #[command(after_help = BENCH_SHAPING_HELP)]
+    Shaping(BenchShapingArgs),
+    /// Enforcement variants side by side: TCP throughput, CPU per Gbit/s, 64-byte UDP packets/s
+    #[command(after_help = BENCH_BACKENDS_HELP)]
+    Backends(BenchBackendsArgs),
+    /// Throughput with 1 to 10,000 per-peer scopes in linear tc and nftables rule chains
+    #[command(after_help = BENCH_SCALE_HELP)]
+    Scale(BenchScaleArgs),
+    /// Bytes delivered past a volume limit, per datapath backend
+    #[command(after_help = BENCH_VOLUME_HELP)]
+    Volume(BenchVolumeArgs),
+    /// Time from a lease change (revocation, rate cut) to the first packets that obey it
+    #[command(after_help = BENCH_LATENCY_HELP)]
+    Latency(BenchLatencyArgs),
+}
+
+impl BenchSub {
+    /// The subcommand's name, as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BenchSub::Shaping(_) => "shaping",
+            BenchSub::Backends(_) => "backends",
+            BenchSub::Scale(_) => "scale",
+            BenchSub::Volume(_) => "volume",
+            BenchSub::Latency(_) => "latency",
+        }
+    }
+}
+
+const BENCH_SHAPING_HELP: &str = "\
+Needs root. For each rate, programs an egress lease at that rate into node1's datapath
+(HTB + nftables, the agent's `tc` backend, burst = the controller's default of 10 ms at the
+rate, at least 16 KiB), sends TCP from node1 to node2 for --secs and measures the goodput
+at the receiver (payload over its active period) and the rate the kernel class counted
+(link-layer bytes); then sends the same from node3, whose fabric has no enforcement, as the
+unenforced reference of the same run. Prints leased vs achieved and the error in %, medians
+over --reps.
+
+Examples (as root):
+  nicwarden bench shaping
+  nicwarden bench shaping --rates 10M,100M,1G --secs 10 --reps 3 --json";
+
+#[derive(Debug, Args)]
+pub struct BenchShapingArgs {
     /// Lease rates to measure, comma-separated
     #[arg(long, value_delimiter = ',', value_parser = rate,
           default_value = "10M,50M,100M,200M,500M,1G,2G")]
@@ -259,6 +320,125 @@ pub struct BenchArgs {
     pub secs: u64,
     /// Repetitions per rate (medians are printed)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=20))]
+    pub reps: u64,
+    /// Print the results as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+const BENCH_BACKENDS_HELP: &str = "\
+Needs root. Compares the enforcement variants on node1's fabric in one run, under an egress
+lease of 100 Gbit/s that never binds: `unenforced` (nothing installed), `tc` (the agent's
+datapath: HTB + u32 filters + nftables accounting, via LinuxDatapath) and `nftables` (only
+the nftables accounting table: quota and counters on oifname, no HTB). Each repetition
+installs each variant in turn (the order rotates from one repetition to the next), measures,
+and removes it:
+- TCP node1 -> node2 for --secs: goodput at the sink over its active period;
+- CPU per Gbit/s: machine-wide busy CPU seconds (/proc/stat: user, nice, system, irq,
+  softirq, steal) during the TCP flow, divided by the Gbit the sink received;
+- UDP, 64-byte payloads, unpaced, for --secs: datagrams/s delivered at the sink.
+Prints medians over --reps and, per variant, the median of its per-repetition ratios to
+`unenforced`. Everything else on the machine counts in the CPU figure: run it idle.
+
+Examples (as root):
+  nicwarden bench backends
+  nicwarden bench backends --reps 5 --secs 3 --json";
+
+#[derive(Debug, Args)]
+pub struct BenchBackendsArgs {
+    /// Seconds of traffic per measurement (TCP, then UDP)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub secs: u64,
+    /// Repetitions, each measuring every variant (medians are printed)
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=20))]
+    pub reps: u64,
+    /// Print the results as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+const BENCH_SCALE_HELP: &str = "\
+Needs root. For each scope count N, installs N per-peer scopes on node1's fabric whose last
+one matches node2, so every packet of one TCP flow node1 -> node2 walks the whole chain:
+- `tc`: with `tc -batch`, an HTB root (unclassified traffic to a drop class, ARP to its own
+  class, as the agent lays it out) and N u32 filters on distinct /32s from 198.18.128.0/17,
+  one filter priority per scope as the agent lays out peer scopes, the last one matching
+  node2, all to one HTB class whose rate (100 Gbit/s) never binds;
+- `nftables`: with `nft -f`, N rules `oifname fab0 ip daddr X counter accept`, the last one
+  matching node2;
+- `unenforced`: nothing installed.
+Each repetition measures every variant for every N (installing and removing it each time)
+and prints TCP goodput (medians) and the median ratio to unenforced.
+
+Examples (as root):
+  nicwarden bench scale
+  nicwarden bench scale --scopes 1,100,1000,10000 --secs 3 --reps 3 --json";
+
+#[derive(Debug, Args)]
+pub struct BenchScaleArgs {
+    /// Scope counts to measure, comma-separated (1..=30000 each)
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000,10000",
+          value_parser = clap::value_parser!(u32).range(1..=30000))]
+    pub scopes: Vec<u32>,
+    /// Seconds of traffic per measurement
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub secs: u64,
+    /// Repetitions (medians are printed)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+    pub reps: u64,
+    /// Print the results as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+const BENCH_VOLUME_HELP: &str = "\
+Needs root. For each datapath backend (today `tc`), programs node1 with a fresh 1 Gbit/s
+egress lease carrying --volume, then sends UDP from node1 to node2 paced at 200 Mbit/s (below
+the rate, so shaping loses nothing) in 8000-byte datagrams, offering 1.5 x the volume, and
+counts what the sink received. What the volume counts are IP bytes (payload + 28 bytes of
+UDP and IP headers per datagram): the figure is delivered IP bytes minus the volume
+(negative = stopped short of it), per repetition, with the median and the extremes.
+
+Examples (as root):
+  nicwarden bench volume
+  nicwarden bench volume --volume 10MB --reps 5 --json";
+
+#[derive(Debug, Args)]
+pub struct BenchVolumeArgs {
+    /// Volume of the lease
+    #[arg(long, default_value = "10MB", value_parser = bytes)]
+    pub volume: u64,
+    /// Repetitions per backend
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=50))]
+    pub reps: u64,
+    /// Print the results as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+const BENCH_LATENCY_HELP: &str = "\
+Needs root. For each datapath backend (today `tc`), with UDP flowing from node1 to node2
+paced at 200 Mbit/s in 8000-byte datagrams (one every 320 us, the resolution) under a
+1 Gbit/s lease, calls the backend's reconcile with a changed lease and records every
+datagram's arrival at node2 (a bench-local receiver):
+- revocation (the scope at floor 0): from the start of the reconcile call to the arrival
+  of the last datagram;
+- rate change 1 Gbit/s -> 10 Mbit/s: from the start of the reconcile call to the start of
+  the first 20 ms window carrying no more than the new rate's bytes in 20 ms plus one burst
+  (16 KiB) of frame bytes (payload + 42 bytes of UDP, IP and Ethernet headers, as HTB
+  counts them). Windows start at the call or just after an arrival, and lie wholly inside
+  the sender's period.
+Both cases alternate within each repetition; prints medians and maxima, and the duration of
+the reconcile call itself.
+
+Examples (as root):
+  nicwarden bench latency
+  nicwarden bench latency --reps 20 --json";
+
+#[derive(Debug, Args)]
+pub struct BenchLatencyArgs {
+    /// Repetitions of each case per backend
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100))]
     pub reps: u64,
     /// Print the results as JSON
     #[arg(long)]
@@ -424,10 +604,14 @@ pub struct AgentRunArgs {
     /// (e.g. simulated:1G)
     #[arg(long, env = "NICWARDEN_COUNTERS", value_name = "SPEC", value_parser = counters)]
     pub counters: Option<String>,
-    /// Kernel enforcement backend: `tc` (HTB shaping + nftables volume quotas on the fabric
-    /// interface, needs root) or `none` [config default: none]
+    /// Kernel enforcement backend, needs root: `ebpf` (an eBPF program per packet, exact
+    /// volumes, HTB shaping), `tc` (HTB + u32 filters + nftables quotas), or `none`
+    /// (nothing programmed: for agents off a real node) [config default: ebpf]
     #[arg(long, env = "NICWARDEN_DATAPATH", value_name = "BACKEND")]
     pub datapath: Option<String>,
+    /// Where the `ebpf` backend pins its maps [config default: /sys/fs/bpf/nicwarden/<node>]
+    #[arg(long, env = "NICWARDEN_BPF_PIN_DIR", value_name = "DIR")]
+    pub bpf_pin_dir: Option<PathBuf>,
     /// The fabric interface to enforce on (never the management interface) [config default: fab0]
     #[arg(long, env = "NICWARDEN_FABRIC_IFACE", value_name = "IFACE")]
     pub fabric_iface: Option<String>,

@@ -1,7 +1,7 @@
 //! `nicwarden demo`: the whole system on real packets, on this machine.
 //!
 //! It builds a testbed of network namespaces (a switch, a management network, N nodes),
-//! starts the controller and one agent per node (datapath `tc`), grants leases, runs TCP
+//! starts the controller and one agent per node (datapath `ebpf` or `tc`), grants leases, runs UDP
 //! traffic between the nodes, and shows a live view of what each node may send and what
 //! its kernel counters measure. Then it revokes one lease, cuts another node off from the
 //! controller so its lease lapses, and checks that traffic stopped both times. It exits
@@ -93,7 +93,10 @@ async fn demo(
     listener: TcpListener,
     args: DemoArgs,
 ) -> anyhow::Result<()> {
-    let mut lab = Lab::new(tb.clone(), LabSpec::new(exe))?;
+    let mut spec = LabSpec::new(exe);
+    spec.backend = args.datapath.clone();
+    let mut lab = Lab::new(tb.clone(), spec)?;
+    println!("agents enforce with the `{}` datapath", args.datapath);
     println!("starting the controller (data dir {})", lab.dir().display());
     lab.start_controller().await?;
     let api_local = forward_api(listener, SocketAddr::from((tb.controller_ip(), API_PORT)))?;

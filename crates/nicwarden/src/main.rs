@@ -97,6 +97,9 @@ pub fn agent_config(args: &AgentRunArgs) -> anyhow::Result<AgentConfig> {
     if let Some(d) = &args.datapath {
         cfg.datapath.backend = d.clone();
     }
+    if let Some(p) = &args.bpf_pin_dir {
+        cfg.datapath.bpf_pin_dir = Some(p.clone());
+    }
     if let Some(i) = &args.fabric_iface {
         cfg.datapath.fabric_iface = i.clone();
     }
@@ -145,7 +148,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(cmd) => ops::audit(cmd).await,
         // These run their own threads in network namespaces (and their own runtimes there).
         Command::Demo(args) => blocking(move || demo::run(args)).await,
-        Command::Bench(args) => blocking(move || bench::run(args)).await,
+        Command::Bench(cmd) => blocking(move || bench::run(cmd)).await,
         Command::Traffic(cmd) => blocking(move || traffic::run(cmd)).await,
     }
 }

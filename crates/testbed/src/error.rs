@@ -63,7 +63,7 @@ pub enum TestbedError {
     UnknownNode { testbed: String, node: String },
     /// [`Testbed::spawn`](crate::Testbed::spawn) got a command that does not run in one of the
     /// testbed's namespaces.
-    #[error("spawn {command}: not `ip netns exec <ns> ...` for a namespace of testbed {testbed} (build it with Netns::command)")]
+    #[error("spawn {command}: not `nsenter --net=/run/netns/<ns> -- ...` for a namespace of testbed {testbed} (build it with Netns::command)")]
     ForeignCommand { testbed: String, command: String },
     /// The testbed was already torn down (for example by a signal) while it was used.
     #[error("testbed {0} is torn down")]

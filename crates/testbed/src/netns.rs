@@ -47,14 +47,22 @@ impl Netns {
         sys::netns_path(&self.name)
     }
 
-    /// `ip netns exec <name> <program>`: a command that runs `program` inside the namespace.
-    /// `ip` execs the program in place, so the child's pid is the program's. Add arguments,
-    /// environment and stdio as usual; pass it to [`Testbed::spawn`](crate::Testbed::spawn) to
-    /// have teardown stop it.
+    /// `nsenter --net=/run/netns/<name> -- <program>`: a command that runs `program` inside the
+    /// namespace. `nsenter` execs the program in place, so the child's pid is the program's.
+    /// Only the network namespace changes: unlike `ip netns exec`, which also gives the child
+    /// a private mount namespace with its own `/sys`, the program sees the host's mounts, so
+    /// what it pins in bpffs (`/sys/fs/bpf`) outlives it (an agent restart finds its maps).
+    /// Add arguments, environment and stdio as usual; pass it to
+    /// [`Testbed::spawn`](crate::Testbed::spawn) to have teardown stop it.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(self.nsenter_arg()).arg("--").arg(program);
         cmd
+    }
+
+    /// `--net=/run/netns/<name>`, the `nsenter` argument [`Netns::command`] uses.
+    pub fn nsenter_arg(&self) -> String {
+        format!("--net={}", self.path().display())
     }
 
     /// Runs `ip -n <name> <args>` and returns its output.

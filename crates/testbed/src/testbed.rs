@@ -357,17 +357,22 @@ impl Testbed {
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        if cmd.get_program() != "ip" || args.len() < 4 || args[0] != "netns" || args[1] != "exec" {
+        if cmd.get_program() != "nsenter" || args.len() < 3 || args[1] != "--" {
             return Err(foreign());
         }
-        let (netns, label) = (args[2].clone(), args[3].clone());
+        let label = args[2].clone();
         let mut state = self.shared.state();
         if state.torn_down {
             return Err(TestbedError::TornDown(self.id().to_string()));
         }
-        if !state.namespaces.contains(&netns) {
+        let Some(netns) = state
+            .namespaces
+            .iter()
+            .find(|ns| args[0] == Netns::new(ns.to_string()).nsenter_arg())
+            .cloned()
+        else {
             return Err(foreign());
-        }
+        };
         let child = cmd.spawn().map_err(|source| TestbedError::Spawn {
             command: command.clone(),
             source,

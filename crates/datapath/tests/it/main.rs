@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
+mod ebpf;
 mod testbed;
 
 use nicwarden_datapath::fake::fixtures::{egress, floor, lease, peer};

@@ -418,6 +418,8 @@ async fn spent_volume_stays_spent_across_agent_restart() {
         &format!("127.0.0.1:{port}"),
         "--counters",
         "simulated:80000000",
+        "--datapath",
+        "none",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -221,6 +221,10 @@ impl Agent {
             ctl.agent_url(),
             "--status-listen".into(),
             format!("127.0.0.1:{status_port}"),
+            // On loopback, off any fabric: decisions only (the privileged tests in
+            // `enforce.rs` run the kernel backends).
+            "--datapath".into(),
+            "none".into(),
         ];
         if let Some(t) = token {
             args.push("--token".into());

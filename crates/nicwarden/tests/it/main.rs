@@ -58,6 +58,11 @@ const COMMANDS: &[&[&str]] = &[
     &["audit", "verify"],
     &["demo"],
     &["bench"],
+    &["bench", "shaping"],
+    &["bench", "backends"],
+    &["bench", "scale"],
+    &["bench", "volume"],
+    &["bench", "latency"],
     &["traffic"],
     &["traffic", "sink"],
     &["traffic", "send"],
@@ -185,6 +190,16 @@ const BAD_ARGS: &[(&[&str], &[&str])] = &[
     ),
     (&["agent", "--node", "n1", "status"], &["status"]),
     (&["audit", "--limit", "5", "verify"], &["verify"]),
+    (&["bench"], &["subcommand", "shaping", "latency"]),
+    (
+        &["bench", "shaping", "--rates", "fast"],
+        &["--rates", "is not a rate"],
+    ),
+    (&["bench", "scale", "--scopes", "0"], &["--scopes", "0"]),
+    (
+        &["bench", "volume", "--volume", "10Mb"],
+        &["--volume", "ambiguous"],
+    ),
     (&["frobnicate"], &["frobnicate"]),
 ];
 
@@ -300,7 +315,11 @@ fn agent_datapath_settings_are_checked_before_start() {
     };
     check(
         &["--datapath", "bpf"],
-        "datapath backend must be `none` or `tc`",
+        "datapath backend must be `ebpf`, `tc` or `none`",
+    );
+    check(
+        &["--counters", "simulated:1G"],
+        "cannot be used with datapath backend `ebpf`",
     );
     check(
         &["--datapath", "tc", "--counters", "simulated:1G"],
@@ -324,10 +343,18 @@ fn agent_datapath_settings_are_checked_before_start() {
     );
 }
 
-/// `demo` and `bench` say what privilege they need, and why, when they lack it.
+/// `demo` and the benchmarks say what privilege they need, and why, when they lack it.
 #[test]
 fn demo_without_privileges_says_what_it_needs() {
-    for cmd in ["demo", "bench"] {
+    for cmd in [
+        "demo",
+        "bench shaping",
+        "bench backends",
+        "bench scale",
+        "bench volume",
+        "bench latency",
+    ] {
+        let words: Vec<&str> = cmd.split(' ').collect();
         let bin = env!("CARGO_BIN_EXE_nicwarden");
         // As root (CI), drop the two capabilities; otherwise we lack them already.
         let out = if Command::new("id")
@@ -337,12 +364,13 @@ fn demo_without_privileges_says_what_it_needs() {
             .unwrap_or(false)
         {
             Command::new("setpriv")
-                .args(["--bounding-set=-net_admin,-sys_admin", "--", bin, cmd])
+                .args(["--bounding-set=-net_admin,-sys_admin", "--", bin])
+                .args(&words)
                 .env("RUST_LOG", "off")
                 .output()
                 .expect("run setpriv (util-linux)")
         } else {
-            nicwarden(&[cmd])
+            nicwarden(&words)
         };
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");

@@ -102,7 +102,7 @@ fn teardown_stops_spawned_processes_gracefully_then_by_force() {
     assert_eq!(polite.label(), "sleep");
     assert_eq!(polite.netns(), node.netns.name());
     assert!(polite.try_wait().unwrap().is_none());
-    // The process really is in the namespace: `ip netns pids` lists it (once `ip netns exec`
+    // The process really is in the namespace: `ip netns pids` lists it (once `nsenter`
     // has entered the namespace and exec'd the program).
     let pids_in = netns_pids;
     let polite_in_node = || pids_in(node.netns.name()).contains(&polite.pid().to_string());
@@ -224,7 +224,7 @@ fn cleanup_stale_removes_dead_owners_namespaces_and_leaves_live_ones() {
             .is_some()));
     } else {
         // A concurrent cleanup (another test process) got there first, possibly between the
-        // orphan's `ip netns exec` opening the namespace and entering it.
+        // orphan's `nsenter` opening the namespace and entering it.
         let _ = orphan.kill();
         let _ = orphan.wait();
     }

@@ -1,0 +1,441 @@
+//! An in-memory bpf subsystem for tests: [`FakeBpf`] keeps pinned maps per pin directory
+//! (they outlive the [`BpfOps`] handles, as pins outlive processes), the program attached to
+//! each device's egress, and a log of every write; [`FakeBpf::packet`] runs the C program's
+//! logic on the fake maps.
+//!
+//! Public so that crates driving an [`EbpfDatapath`] (the agent) can test
+//! against it without a kernel: `FakeBpf::new("fab0").datapath(&FakeKernel::new("fab0"), dir)`.
+
+use super::maps::{ScopeConfig, ScopeStats, MODE_FLOOR, MODE_LEASE, PROGRAM, SLOTS};
+use super::ops::{Attachment, BpfOps};
+use super::EbpfDatapath;
+use crate::fake::FakeKernel;
+use crate::DatapathError;
+use ipnet::Ipv4Net;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A fake bpf subsystem with one network device. Clones share the same state.
+#[derive(Clone)]
+pub struct FakeBpf {
+    state: Arc<Mutex<State>>,
+}
+
+struct State {
+    dev: String,
+    bpffs_mounted: bool,
+    pins: BTreeMap<PathBuf, Pinned>,
+    /// Program id at our filter slot of the device's egress, and whether clsact exists.
+    attached: Option<u32>,
+    clsact: bool,
+    next_prog_id: u32,
+    log: Vec<String>,
+    fail_next: Option<String>,
+}
+
+#[derive(Clone)]
+struct Pinned {
+    configs: Vec<ScopeConfig>,
+    used: Vec<u64>,
+    stats: Vec<ScopeStats>,
+    destinations: BTreeMap<Ipv4Net, u32>,
+    program: Option<u32>,
+}
+
+impl Pinned {
+    fn new() -> Self {
+        Pinned {
+            configs: vec![ScopeConfig::default(); SLOTS as usize],
+            used: vec![0; SLOTS as usize],
+            stats: vec![ScopeStats::default(); SLOTS as usize],
+            destinations: BTreeMap::new(),
+            program: None,
+        }
+    }
+}
+
+/// What the program decided for one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Passed with this `skb->priority`.
+    Pass(u32),
+    Drop,
+}
+
+impl FakeBpf {
+    /// No bpf filesystem mounted, nothing pinned, nothing attached to `dev`.
+    pub fn new(dev: &str) -> Self {
+        FakeBpf {
+            state: Arc::new(Mutex::new(State {
+                dev: dev.to_string(),
+                bpffs_mounted: false,
+                pins: BTreeMap::new(),
+                attached: None,
+                clsact: false,
+                next_prog_id: 100,
+                log: Vec::new(),
+                fail_next: None,
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock (a failed assertion in a test) must not hide the state.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fresh handle, as a new process opening the same kernel would have.
+    pub fn ops(&self) -> Box<dyn BpfOps> {
+        Box::new(FakeBpfOps {
+            bpf: self.clone(),
+            opened: None,
+        })
+    }
+
+    /// An [`EbpfDatapath`] on this fake and `tc`'s tc (a fresh process each call).
+    pub fn datapath(&self, tc: &FakeKernel, pin_dir: &Path) -> EbpfDatapath {
+        let dev = self.lock().dev.clone();
+        EbpfDatapath::with_ops(&dev, pin_dir, self.ops(), tc.tc_ops())
+    }
+
+    /// Every map write, attach and detach so far, and clears it.
+    pub fn take_log(&self) -> Vec<String> {
+        std::mem::take(&mut self.lock().log)
+    }
+
+    /// The next call of the named [`BpfOps`] method (e.g. "set_config") fails.
+    pub fn fail_next(&self, method: &str) {
+        self.lock().fail_next = Some(method.to_string());
+    }
+
+    pub fn bpffs_mounted(&self) -> bool {
+        self.lock().bpffs_mounted
+    }
+
+    /// Pin directories holding something.
+    pub fn pin_dirs(&self) -> Vec<PathBuf> {
+        self.lock().pins.keys().cloned().collect()
+    }
+
+    /// The program attached to the device's egress, if any; and whether clsact exists.
+    pub fn attached(&self) -> (Option<u32>, bool) {
+        let s = self.lock();
+        (s.attached, s.clsact)
+    }
+
+    /// The id of the program pinned under `pin_dir`.
+    pub fn pinned_program(&self, pin_dir: &Path) -> Option<u32> {
+        self.lock().pins.get(pin_dir).and_then(|p| p.program)
+    }
+
+    /// Attaches another program (id `prog`) at our slot, as a foreign tool would.
+    pub fn attach_foreign(&self, prog: u32) {
+        let mut s = self.lock();
+        s.attached = Some(prog);
+        s.clsact = true;
+    }
+
+    pub fn config(&self, pin_dir: &Path, slot: u32) -> Option<ScopeConfig> {
+        self.with_pinned(pin_dir, |p| p.configs.get(slot as usize).copied())
+    }
+
+    /// Overwrites a slot's config behind the datapath's back.
+    pub fn tamper_config(&self, pin_dir: &Path, slot: u32, config: ScopeConfig) {
+        if let Some(p) = self.lock().pins.get_mut(pin_dir) {
+            if let Some(c) = p.configs.get_mut(slot as usize) {
+                *c = config;
+            }
+        }
+    }
+
+    pub fn used(&self, pin_dir: &Path, slot: u32) -> Option<u64> {
+        self.with_pinned(pin_dir, |p| p.used.get(slot as usize).copied())
+    }
+
+    pub fn stats(&self, pin_dir: &Path, slot: u32) -> Option<ScopeStats> {
+        self.with_pinned(pin_dir, |p| p.stats.get(slot as usize).copied())
+    }
+
+    pub fn destinations(&self, pin_dir: &Path) -> Option<BTreeMap<Ipv4Net, u32>> {
+        self.with_pinned(pin_dir, |p| Some(p.destinations.clone()))
+    }
+
+    /// Removes one pinned destination behind the datapath's back.
+    pub fn tamper_remove_destination(&self, pin_dir: &Path, net: Ipv4Net) {
+        if let Some(p) = self.lock().pins.get_mut(pin_dir) {
+            p.destinations.remove(&net);
+        }
+    }
+
+    fn with_pinned<T>(&self, pin_dir: &Path, f: impl FnOnce(&Pinned) -> Option<T>) -> Option<T> {
+        self.lock().pins.get(pin_dir).and_then(f)
+    }
+
+    /// Runs the attached program on one packet leaving the device: `dst` is the IPv4
+    /// destination (`None`: ARP), `len` its IP length. Without a program
+    /// attached the packet passes with priority 0.
+    pub fn packet(&self, dst: Option<Ipv4Addr>, len: u64) -> Verdict {
+        let mut s = self.lock();
+        let Some(prog) = s.attached else {
+            return Verdict::Pass(0);
+        };
+        let Some(p) = s.pins.values_mut().find(|p| p.program == Some(prog)) else {
+            return Verdict::Pass(0);
+        };
+        let Some(dst) = dst else {
+            return Verdict::Pass(super::maps::classid(crate::plan::CONTROL_MINOR));
+        };
+        // Longest prefix match.
+        let slot = p
+            .destinations
+            .iter()
+            .filter(|(net, _)| net.contains(&dst))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map_or(0, |(_, slot)| *slot) as usize;
+        let (Some(cfg), Some(stats), Some(used)) = (
+            p.configs.get(slot).copied(),
+            p.stats.get_mut(slot),
+            p.used.get_mut(slot),
+        ) else {
+            return Verdict::Drop;
+        };
+        match cfg.mode {
+            MODE_LEASE => {
+                if *used + len > cfg.volume_limit {
+                    stats.volume_drops += 1;
+                    return Verdict::Drop;
+                }
+                *used += len;
+            }
+            MODE_FLOOR => {}
+            _ => {
+                stats.blocked_drops += 1;
+                return Verdict::Drop;
+            }
+        }
+        stats.bytes += len;
+        stats.packets += 1;
+        Verdict::Pass(cfg.classid)
+    }
+}
+
+struct FakeBpfOps {
+    bpf: FakeBpf,
+    opened: Option<PathBuf>,
+}
+
+fn fake_err(op: String, detail: &str) -> DatapathError {
+    DatapathError::Bpf {
+        op,
+        detail: detail.to_string(),
+    }
+}
+
+impl FakeBpfOps {
+    fn check<'a>(bpf: &'a FakeBpf, method: &str) -> Result<MutexGuard<'a, State>, DatapathError> {
+        let mut s = bpf.lock();
+        if s.fail_next.as_deref() == Some(method) {
+            s.fail_next = None;
+            return Err(fake_err(format!("fake {method}"), "injected failure"));
+        }
+        Ok(s)
+    }
+
+    /// The state and this handle's pin directory; fails when not open or unpinned since.
+    fn pinned(&self, method: &str) -> Result<(MutexGuard<'_, State>, PathBuf), DatapathError> {
+        let s = Self::check(&self.bpf, method)?;
+        let Some(dir) = self.opened.clone() else {
+            return Err(fake_err(
+                method.to_string(),
+                "the eBPF maps are not open (open must succeed first)",
+            ));
+        };
+        if !s.pins.contains_key(&dir) {
+            return Err(fake_err(method.to_string(), "pinned maps are gone"));
+        }
+        Ok((s, dir))
+    }
+
+    fn slot_check(slot: u32, method: &str) -> Result<usize, DatapathError> {
+        if slot < SLOTS {
+            Ok(slot as usize)
+        } else {
+            Err(fake_err(
+                format!("{method} slot {slot}"),
+                "Argument list too long (os error 7)",
+            ))
+        }
+    }
+}
+
+/// Runs `f` on the pinned maps of this handle.
+macro_rules! with_maps {
+    ($self:ident, $method:literal, |$p:ident, $log:ident| $body:expr) => {{
+        let (mut s, dir) = $self.pinned($method)?;
+        let state = &mut *s;
+        let $log = &mut state.log;
+        match state.pins.get_mut(&dir) {
+            Some($p) => $body,
+            None => Err(fake_err($method.to_string(), "pinned maps are gone")),
+        }
+    }};
+}
+
+impl BpfOps for FakeBpfOps {
+    fn open(&mut self, pin_dir: &Path) -> Result<Vec<String>, DatapathError> {
+        let mut s = Self::check(&self.bpf, "open")?;
+        let mut created = Vec::new();
+        if !s.bpffs_mounted {
+            s.bpffs_mounted = true;
+            created.push("bpf filesystem mounted on /sys/fs/bpf".to_string());
+        }
+        let next_id = s.next_prog_id;
+        let pinned = s.pins.entry(pin_dir.to_path_buf()).or_insert_with(|| {
+            created.push(format!("maps created, pinned under {}", pin_dir.display()));
+            Pinned::new()
+        });
+        if pinned.program.is_none() {
+            pinned.program = Some(next_id);
+            created.push(format!("program {PROGRAM} loaded, pinned"));
+            s.next_prog_id += 1;
+        }
+        self.opened = Some(pin_dir.to_path_buf());
+        Ok(created)
+    }
+
+    fn egress_attachment(&mut self, dev: &str) -> Result<Attachment, DatapathError> {
+        let (s, dir) = self.pinned("egress_attachment")?;
+        if dev != s.dev {
+            return Err(fake_err(
+                format!("list tc egress filters of {dev}"),
+                &format!("Cannot find device \"{dev}\""),
+            ));
+        }
+        let ours = s.pins.get(&dir).and_then(|p| p.program);
+        Ok(match s.attached {
+            None => Attachment::None,
+            Some(id) if Some(id) == ours => Attachment::Ours,
+            Some(id) => Attachment::Other(format!(
+                "bpf filter pref 1 handle 0x1 running program {id} (other)"
+            )),
+        })
+    }
+
+    fn attach_egress(&mut self, dev: &str) -> Result<(), DatapathError> {
+        let (mut s, dir) = self.pinned("attach_egress")?;
+        if dev != s.dev {
+            return Err(fake_err(
+                format!("attach tc egress program {PROGRAM} on {dev}"),
+                "No such device (os error 19)",
+            ));
+        }
+        let id = s.pins.get(&dir).and_then(|p| p.program);
+        s.attached = id;
+        s.clsact = true;
+        s.log.push(format!(
+            "attach program {} to {dev} egress",
+            id.unwrap_or(0)
+        ));
+        Ok(())
+    }
+
+    fn detach_egress(&mut self, dev: &str) -> Result<bool, DatapathError> {
+        let mut s = Self::check(&self.bpf, "detach_egress")?;
+        if dev != s.dev {
+            return Err(fake_err(
+                format!("list tc egress filters of {dev}"),
+                &format!("Cannot find device \"{dev}\""),
+            ));
+        }
+        let removed = s.attached.is_some() || s.clsact;
+        s.attached = None;
+        s.clsact = false;
+        if removed {
+            s.log.push(format!("detach {dev} egress"));
+        }
+        Ok(removed)
+    }
+
+    fn configs(&mut self) -> Result<Vec<ScopeConfig>, DatapathError> {
+        with_maps!(self, "configs", |p, _log| Ok(p.configs.clone()))
+    }
+
+    fn config(&mut self, slot: u32) -> Result<ScopeConfig, DatapathError> {
+        let i = Self::slot_check(slot, "config")?;
+        with_maps!(self, "config", |p, _log| Ok(p.configs[i]))
+    }
+
+    fn set_config(&mut self, slot: u32, config: &ScopeConfig) -> Result<(), DatapathError> {
+        let i = Self::slot_check(slot, "set_config")?;
+        with_maps!(self, "set_config", |p, log| {
+            p.configs[i] = *config;
+            log.push(format!("config {slot} = {}", config.describe()));
+            Ok(())
+        })
+    }
+
+    fn destinations(&mut self) -> Result<BTreeMap<Ipv4Net, u32>, DatapathError> {
+        with_maps!(self, "destinations", |p, _log| Ok(p.destinations.clone()))
+    }
+
+    fn set_destination(&mut self, net: Ipv4Net, slot: u32) -> Result<(), DatapathError> {
+        with_maps!(self, "set_destination", |p, log| {
+            p.destinations.insert(net, slot);
+            log.push(format!("dst {net} = {slot}"));
+            Ok(())
+        })
+    }
+
+    fn remove_destination(&mut self, net: Ipv4Net) -> Result<(), DatapathError> {
+        with_maps!(self, "remove_destination", |p, log| {
+            if p.destinations.remove(&net).is_none() {
+                return Err(fake_err(
+                    format!("remove {net} from map nw_dst"),
+                    "No such file or directory (os error 2)",
+                ));
+            }
+            log.push(format!("dst {net} removed"));
+            Ok(())
+        })
+    }
+
+    fn used(&mut self, slot: u32) -> Result<u64, DatapathError> {
+        let i = Self::slot_check(slot, "used")?;
+        with_maps!(self, "used", |p, _log| Ok(p.used[i]))
+    }
+
+    fn set_used(&mut self, slot: u32, used: u64) -> Result<(), DatapathError> {
+        let i = Self::slot_check(slot, "set_used")?;
+        with_maps!(self, "set_used", |p, log| {
+            p.used[i] = used;
+            log.push(format!("used {slot} = {used}"));
+            Ok(())
+        })
+    }
+
+    fn stats(&mut self, slot: u32) -> Result<ScopeStats, DatapathError> {
+        let i = Self::slot_check(slot, "stats")?;
+        with_maps!(self, "stats", |p, _log| Ok(p.stats[i]))
+    }
+
+    fn set_stats(&mut self, slot: u32, stats: &ScopeStats) -> Result<(), DatapathError> {
+        let i = Self::slot_check(slot, "set_stats")?;
+        with_maps!(self, "set_stats", |p, log| {
+            p.stats[i] = *stats;
+            log.push(format!("stats {slot} = {:?}", stats.to_array()));
+            Ok(())
+        })
+    }
+
+    fn unpin(&mut self, pin_dir: &Path) -> Result<bool, DatapathError> {
+        let mut s = Self::check(&self.bpf, "unpin")?;
+        self.opened = None;
+        let removed = s.pins.remove(pin_dir).is_some();
+        if removed {
+            s.log.push(format!("unpin {}", pin_dir.display()));
+        }
+        Ok(removed)
+    }
+}

@@ -1,0 +1,353 @@
+//! The "ebpf" backend: an eBPF tc program decides per packet (volume, blocked scopes,
+//! classification), HTB shapes the rate.
+//!
+//! * **Program** (`bpf/nicwarden.bpf.c`, compiled by `build.rs`, embedded): a direct-action
+//!   classifier on the fabric interface's clsact egress hook, preference
+//!   [`ops::FILTER_PREF`], handle [`ops::FILTER_HANDLE`]. IPv4 destinations are looked up in an
+//!   LPM trie (peer prefixes → scope slot; a miss is the egress scope), ARP goes to the
+//!   control class, everything else (IPv6, other protocols) to the egress scope, as with the
+//!   tc backend's filters: only ARP passes outside the scopes. Per slot a config (blocked / lease / floor,
+//!   HTB class id, lease id, volume), exact volume accounting and per-CPU counters: see
+//!   [`maps`].
+//! * **Shaping** stays with tc: the same HTB layout as the tc backend ([`crate::plan`]) but
+//!   without u32 filters ([`Steering::SkbPriority`]): the program names each packet's class in
+//!   `skb->priority`. No nftables.
+//! * **Pins**: maps and program are pinned under the pin directory (the agent's convention:
+//!   [`EbpfDatapath::default_pin_dir`], `/sys/fs/bpf/nicwarden/<node>`); the filter holds the
+//!   program. A new `EbpfDatapath` over the same pin directory (an agent restart) finds the
+//!   maps, the program and the attachment and changes nothing: counters continue, none
+//!   counted twice, enforcement never stops. A new agent *build* loads its own program and
+//!   swaps it into the filter atomically, over the same maps.
+//!
+//! Reconcile order: maps first (they are the decision: a revocation, a block or a new volume
+//! is one config write, effective at once), then tc, then the attachment (only on first
+//! install, or when something else took our filter slot). On a first install the HTB root
+//! lands before the program is attached, so unsteered traffic falls to HTB's default class,
+//! which drops: fail closed throughout.
+//!
+//! Ingress (later): policing what arrives goes in the same object as a second program
+//! attached at clsact *ingress* with its own per-direction config and counters; the slot
+//! layout, the pinning and the attachment logic here carry over (`BpfOps` grows
+//! `attach_ingress`/`ingress_attachment`).
+//!
+//! Namespaces and threads: the real [`BpfOps`] speaks netlink (and runs `tc`) in the network
+//! namespace of the *calling thread*; call every method of an `EbpfDatapath` from a thread
+//! inside the namespace of the fabric interface (for a process started in it, any thread).
+//! Pins live on the bpf filesystem of the process's mount namespace: `ip netns exec` gives a
+//! process a private one, so pins made there die with the process (see the crate's report).
+
+pub mod fake;
+pub mod maps;
+pub mod ops;
+#[cfg(test)]
+mod tests;
+
+pub use fake::{FakeBpf, Verdict};
+pub use maps::{ScopeConfig, ScopeStats};
+pub use ops::{Attachment, BpfOps, RealBpf};
+
+use crate::ops::{RealTc, TcOps};
+use crate::plan::{Plan, Steering};
+use crate::shaper::Shaper;
+use crate::{Change, Datapath, DatapathError, DesiredState, LeaseCounters, ScopeCounters};
+use maps::{MapWrite, MapsKernel, DST_MAX, MODE_LEASE};
+use std::path::{Path, PathBuf};
+
+/// The eBPF backend on one fabric interface. See the [module documentation](self).
+pub struct EbpfDatapath {
+    /// Run every call on a thread inside `/run/netns/NETNS` (see [`EbpfDatapath::in_netns`]).
+    netns: Option<String>,
+    pin_dir: PathBuf,
+    tc: Shaper,
+    bpf: Box<dyn BpfOps>,
+    /// The plan of the last reconcile that completed (for tc's comparison); `None` after a
+    /// failure or in a fresh process.
+    applied: Option<Plan>,
+    /// The last valid desired state: what `counters` reports on.
+    current: Option<Plan>,
+}
+
+impl EbpfDatapath {
+    /// The real backend on `fabric_iface`, pinning under `pin_dir`. Does nothing yet: the
+    /// kernel work happens in [`Datapath::reconcile`], which must run on a thread inside the
+    /// interface's network namespace.
+    pub fn new(fabric_iface: &str, pin_dir: &Path) -> Self {
+        Self::with_ops(
+            fabric_iface,
+            pin_dir,
+            Box::new(RealBpf::new()),
+            Box::new(RealTc::new()),
+        )
+    }
+
+    /// The backend over the given kernel interfaces (fakes in tests).
+    pub fn with_ops(
+        fabric_iface: &str,
+        pin_dir: &Path,
+        bpf: Box<dyn BpfOps>,
+        tc: Box<dyn TcOps>,
+    ) -> Self {
+        EbpfDatapath {
+            netns: None,
+            pin_dir: pin_dir.to_path_buf(),
+            tc: Shaper::new(fabric_iface, tc),
+            bpf,
+            applied: None,
+            current: None,
+        }
+    }
+
+    /// The real backend on `fabric_iface` inside the named network namespace `netns`
+    /// (`/run/netns/NETNS`, as `ip netns add` creates it), for a caller outside it (tests,
+    /// benchmarks): each call runs on a fresh thread that entered the namespace. Pins go to
+    /// `pin_dir` on this process's bpf filesystem.
+    pub fn in_netns(netns: &str, fabric_iface: &str, pin_dir: &Path) -> Self {
+        EbpfDatapath {
+            netns: Some(netns.to_string()),
+            ..Self::new(fabric_iface, pin_dir)
+        }
+    }
+
+    /// Runs `f` here, or on a thread inside the namespace given to [`Self::in_netns`].
+    fn run<T: Send>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, DatapathError> + Send,
+    ) -> Result<T, DatapathError> {
+        let Some(netns) = self.netns.clone() else {
+            return f(self);
+        };
+        let path = Path::new("/run/netns").join(&netns);
+        std::thread::scope(|s| {
+            let worker = s.spawn(move || {
+                let enter = |e: &(dyn std::error::Error + 'static)| {
+                    DatapathError::bpf(format!("enter network namespace {netns}"), e)
+                };
+                let file = std::fs::File::open(&path).map_err(|e| enter(&e))?;
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| enter(&e))?;
+                f(self)
+            });
+            match worker.join() {
+                Ok(result) => result,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
+    /// The pin directory the agent uses for `node`: `/sys/fs/bpf/nicwarden/<node>`.
+    pub fn default_pin_dir(node: &str) -> PathBuf {
+        Path::new(ops::BPFFS_ROOT).join("nicwarden").join(node)
+    }
+
+    /// Checks that this host can run the backend: root, kernel BTF, a bpf filesystem on
+    /// `/sys/fs/bpf` (or the means to mount one), `tc`. The error says what is missing.
+    pub fn check_available() -> Result<(), DatapathError> {
+        ops::check_available()
+    }
+
+    /// The fabric interface this backend programs.
+    pub fn fabric_iface(&self) -> &str {
+        self.tc.dev()
+    }
+
+    /// Where the maps and the program are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn open(&mut self) -> Result<Vec<Change>, DatapathError> {
+        Ok(self
+            .bpf
+            .open(&self.pin_dir)?
+            .into_iter()
+            .map(|s| Change(format!("ebpf: {s}")))
+            .collect())
+    }
+
+    fn read_maps(&mut self, plan: &Plan) -> Result<MapsKernel, DatapathError> {
+        let configs = self.bpf.configs()?;
+        let mut kernel = MapsKernel::default();
+        for slot in maps::slots_to_read(plan, &configs) {
+            kernel.used.insert(slot, self.bpf.used(slot)?);
+            kernel.stats.insert(slot, self.bpf.stats(slot)?);
+        }
+        kernel.configs = configs;
+        kernel.destinations = self.bpf.destinations()?;
+        Ok(kernel)
+    }
+
+    fn reconcile_maps(&mut self, plan: &Plan) -> Result<Vec<Change>, DatapathError> {
+        let mut changes = self.open()?;
+        let kernel = self.read_maps(plan)?;
+        let diff = maps::diff(plan, &kernel);
+        for w in &diff.writes {
+            match w {
+                MapWrite::Used { slot, used } => self.bpf.set_used(*slot, *used)?,
+                MapWrite::Stats { slot, stats } => self.bpf.set_stats(*slot, stats)?,
+                MapWrite::Config { slot, config } => self.bpf.set_config(*slot, config)?,
+                MapWrite::Destination { net, slot } => self.bpf.set_destination(*net, *slot)?,
+                MapWrite::RemoveDestination { net } => self.bpf.remove_destination(*net)?,
+            }
+        }
+        changes.extend(diff.changes);
+        Ok(changes)
+    }
+
+    fn reconcile_attach(&mut self) -> Result<Vec<Change>, DatapathError> {
+        let dev = self.tc.dev().to_string();
+        let was = match self.bpf.egress_attachment(&dev)? {
+            Attachment::Ours => return Ok(Vec::new()),
+            Attachment::None => None,
+            Attachment::Other(what) => Some(what),
+        };
+        self.bpf.attach_egress(&dev)?;
+        let text = match was {
+            None => format!(
+                "program {} attached to {dev} egress (clsact, pref {}, handle {:#x})",
+                maps::PROGRAM,
+                ops::FILTER_PREF,
+                ops::FILTER_HANDLE
+            ),
+            Some(what) => format!(
+                "program {} attached to {dev} egress, replacing {what}",
+                maps::PROGRAM
+            ),
+        };
+        Ok(vec![Change(format!("ebpf: {text}"))])
+    }
+}
+
+impl Datapath for EbpfDatapath {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn reconcile(&mut self, desired: &DesiredState) -> Result<Vec<Change>, DatapathError> {
+        self.run(|dp| dp.do_reconcile(desired))
+    }
+
+    fn counters(&mut self) -> Result<Vec<ScopeCounters>, DatapathError> {
+        self.run(Self::do_counters)
+    }
+
+    fn remove(&mut self) -> Result<(), DatapathError> {
+        self.run(Self::do_remove)
+    }
+}
+
+impl EbpfDatapath {
+    fn do_reconcile(&mut self, desired: &DesiredState) -> Result<Vec<Change>, DatapathError> {
+        let plan = Plan::build_with(self.tc.dev(), desired, Steering::SkbPriority)?;
+        let prefixes: usize = plan.scopes.iter().map(|s| s.prefixes.len()).sum();
+        if prefixes > DST_MAX {
+            return Err(DatapathError::Invalid(format!(
+                "{prefixes} destination prefixes in all scopes; the eBPF datapath holds at most {DST_MAX}"
+            )));
+        }
+        self.current = Some(plan.clone());
+        let last = self.applied.take();
+        // Maps first: they are the decision. A failure of one part does not stop the next
+        // (the kernel gets as close as it can; the next reconcile retries), except that the
+        // program is attached only over maps that hold the plan.
+        let maps = self.reconcile_maps(&plan);
+        let tc = self.tc.reconcile(&plan, last.as_ref());
+        let attach = match &maps {
+            Ok(_) => self.reconcile_attach(),
+            Err(_) => Ok(Vec::new()),
+        };
+        let mut changes = Vec::new();
+        let mut failure = None;
+        for result in [maps, tc, attach] {
+            match result {
+                Ok(c) => changes.extend(c),
+                Err(e) if failure.is_none() => failure = Some(e),
+                Err(e) => {
+                    tracing::warn!(dev = %self.tc.dev(), error = %e, "datapath reconcile: another failure")
+                }
+            }
+        }
+        match failure {
+            None => {
+                self.applied = Some(plan);
+                Ok(changes)
+            }
+            Some(e) => {
+                for c in &changes {
+                    tracing::info!(dev = %self.tc.dev(), change = %c, "applied before the reconcile failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn do_counters(&mut self) -> Result<Vec<ScopeCounters>, DatapathError> {
+        let Some(plan) = self.current.clone() else {
+            return Ok(Vec::new());
+        };
+        let leaves = self.tc.leaves()?;
+        for c in self.open()? {
+            tracing::warn!(dev = %self.tc.dev(), change = %c, "eBPF pins repaired while reading counters");
+        }
+        let mut out = Vec::with_capacity(plan.scopes.len());
+        for s in &plan.scopes {
+            let slot = maps::slot_of(s);
+            let stats = self.bpf.stats(slot)?;
+            let mut class = leaves
+                .get(&s.class_minor)
+                .map(|l| l.stats)
+                .unwrap_or_default();
+            // Blocked packets are dropped by the program before HTB sees them.
+            class.drops += stats.blocked_drops;
+            let lease = match &s.lease {
+                None => None,
+                Some(l) => {
+                    let config = self.bpf.config(slot)?;
+                    let (used, stats) = if config.mode == MODE_LEASE && config.lease_id == l.id.0 {
+                        (self.bpf.used(slot)?.max(l.start_used), stats)
+                    } else {
+                        // Not (yet) in the maps: what the controller recorded.
+                        (l.start_used, Default::default())
+                    };
+                    Some(LeaseCounters {
+                        lease: l.id,
+                        used_bytes: l.volume.map_or(used, |v| used.min(v)),
+                        passed_packets: stats.packets,
+                        volume_drops: stats.volume_drops,
+                        exhausted: l
+                            .volume
+                            .is_some_and(|v| used >= v || stats.volume_drops > 0),
+                    })
+                }
+            };
+            out.push(ScopeCounters {
+                scope: s.scope.clone(),
+                class,
+                lease,
+            });
+        }
+        Ok(out)
+    }
+
+    fn do_remove(&mut self) -> Result<(), DatapathError> {
+        self.applied = None;
+        self.current = None;
+        let dev = self.tc.dev().to_string();
+        // The program first: traffic then falls to HTB's drop class until the root goes.
+        let results = [
+            self.bpf.detach_egress(&dev).map(|_| ()),
+            self.tc.remove(),
+            self.bpf.unpin(&self.pin_dir).map(|_| ()),
+        ];
+        let mut failure = None;
+        for r in results {
+            if let Err(e) = r {
+                if failure.is_none() {
+                    failure = Some(e);
+                } else {
+                    tracing::warn!(dev = %dev, error = %e, "eBPF datapath remove: another failure");
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,652 @@
+//! The eBPF backend's reconcile logic against the in-memory bpf subsystem ([`FakeBpf`]) and
+//! the in-memory tc ([`FakeKernel`]).
+
+use super::maps::{ScopeConfig, ScopeStats, MODE_LEASE};
+use super::{EbpfDatapath, FakeBpf, Verdict};
+use crate::fake::fixtures::{egress, floor, lease, peer};
+use crate::fake::FakeKernel;
+use crate::{ClassStats, Datapath, DesiredState, LeaseCounters, ScopeCounters, ScopeSpec};
+use nicwarden_lease::{LeaseId, Scope};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+const DEV: &str = "fab0";
+const B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const C: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
+
+fn pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/nicwarden/node-1")
+}
+
+fn state(scopes: Vec<ScopeSpec>) -> DesiredState {
+    DesiredState { scopes }
+}
+
+/// Egress lease 7 with a volume (500 B already used), peer b on lease 9 without one, peer c
+/// blocked.
+fn three_scopes() -> DesiredState {
+    state(vec![
+        egress(lease(7, 100_000_000, Some(1_000_000), 500)),
+        peer("b", &["198.18.0.2/32"], lease(9, 10_000_000, None, 0)),
+        peer("c", &["198.18.0.3/32"], floor(0)),
+    ])
+}
+
+struct Node {
+    tc: FakeKernel,
+    bpf: FakeBpf,
+    dir: PathBuf,
+}
+
+impl Node {
+    fn new() -> Node {
+        Node {
+            tc: FakeKernel::new(DEV),
+            bpf: FakeBpf::new(DEV),
+            dir: pin_dir(),
+        }
+    }
+    /// A datapath as a (new) agent process would have.
+    fn datapath(&self) -> EbpfDatapath {
+        self.bpf.datapath(&self.tc, &self.dir)
+    }
+    /// The maps, rendered: non-empty slots (config, used, stats) and destinations.
+    fn maps(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for slot in 0..super::maps::SLOTS {
+            let config = self.bpf.config(&self.dir, slot).unwrap_or_default();
+            let used = self.bpf.used(&self.dir, slot).unwrap_or(0);
+            let stats = self.bpf.stats(&self.dir, slot).unwrap_or_default();
+            if config.is_cleared() && used == 0 && stats == ScopeStats::default() {
+                continue;
+            }
+            let mut line = format!("slot {slot}: {}", config.describe());
+            if used != 0 {
+                line.push_str(&format!(", used {used}"));
+            }
+            if stats != ScopeStats::default() {
+                line.push_str(&format!(", stats {:?}", stats.to_array()));
+            }
+            out.push(line);
+        }
+        for (net, slot) in self.bpf.destinations(&self.dir).unwrap_or_default() {
+            out.push(format!("dst {net} -> slot {slot}"));
+        }
+        out
+    }
+    /// Sends `n` packets of `len` IP bytes to `dst` (None: ARP); returns how many passed.
+    fn send(&self, dst: Option<Ipv4Addr>, n: u64, len: u64) -> u64 {
+        (0..n)
+            .filter(|_| matches!(self.bpf.packet(dst, len), Verdict::Pass(_)))
+            .count() as u64
+    }
+}
+
+fn strings(changes: &[crate::Change]) -> Vec<String> {
+    changes.iter().map(|c| c.to_string()).collect()
+}
+
+#[track_caller]
+fn apply(dp: &mut EbpfDatapath, desired: &DesiredState) -> Vec<String> {
+    match dp.reconcile(desired) {
+        Ok(c) => strings(&c),
+        Err(e) => panic!("reconcile failed: {e}"),
+    }
+}
+
+#[track_caller]
+fn counters(dp: &mut EbpfDatapath) -> Vec<ScopeCounters> {
+    match dp.counters() {
+        Ok(c) => c,
+        Err(e) => panic!("counters failed: {e}"),
+    }
+}
+
+fn scope<'a>(counters: &'a [ScopeCounters], s: &Scope) -> &'a ScopeCounters {
+    match counters.iter().find(|c| &c.scope == s) {
+        Some(c) => c,
+        None => panic!("no counters for {s}: {counters:?}"),
+    }
+}
+
+/// What the maps hold after a first install of various desired states.
+#[test]
+fn map_contents_for_desired_states() {
+    #[track_caller]
+    fn check(desired: DesiredState, expect: &[&str]) {
+        let n = Node::new();
+        apply(&mut n.datapath(), &desired);
+        assert_eq!(n.maps(), expect);
+        assert_eq!(n.bpf.attached(), (n.bpf.pinned_program(&n.dir), true));
+    }
+    check(
+        state(vec![egress(floor(0))]),
+        &["slot 0: blocked (class 1:10)"],
+    );
+    check(
+        state(vec![egress(floor(2_000_000))]),
+        &["slot 0: floor -> class 1:10"],
+    );
+    check(
+        three_scopes(),
+        &[
+            "slot 0: lease 7 (volume 1000000 B) -> class 1:10, used 500",
+            "slot 1: lease 9 (no volume) -> class 1:100",
+            "slot 2: blocked (class 1:101)",
+            "dst 198.18.0.2/32 -> slot 1",
+            "dst 198.18.0.3/32 -> slot 2",
+        ],
+    );
+    // Several prefixes (aggregated as in the tc plan), a start above the volume (clamped).
+    check(
+        state(vec![
+            egress(floor(0)),
+            peer(
+                "a",
+                &["198.19.0.0/24", "198.19.1.0/24", "198.19.8.8/32"],
+                lease(3, 1_000_000_000, Some(10_000), 50_000),
+            ),
+            peer("z", &["10.0.0.0/8"], floor(1_000_000)),
+        ]),
+        &[
+            "slot 0: blocked (class 1:10)",
+            "slot 1: lease 3 (volume 10000 B) -> class 1:100, used 10000",
+            "slot 2: floor -> class 1:101",
+            "dst 10.0.0.0/8 -> slot 2",
+            "dst 198.19.0.0/23 -> slot 1",
+            "dst 198.19.8.8/32 -> slot 1",
+        ],
+    );
+}
+
+/// The first install: what is reported, and the tc layout without any filter.
+#[test]
+fn first_install_reports_changes_and_installs_no_filters() {
+    let n = Node::new();
+    let mut dp = n.datapath();
+    let changes = apply(&mut dp, &three_scopes());
+    let dir = n.dir.display();
+    assert_eq!(
+        changes,
+        [
+            "ebpf: bpf filesystem mounted on /sys/fs/bpf".to_string(),
+            format!("ebpf: maps created, pinned under {dir}"),
+            "ebpf: program nw_egress loaded, pinned".to_string(),
+            "ebpf: scope egress (slot 0): lease 7 counted from 500 B (volume 1000000 B)".to_string(),
+            "ebpf: scope egress (slot 0): lease 7 (volume 1000000 B) -> class 1:10 (was unset)".to_string(),
+            "ebpf: scope peer:b (slot 1): lease 9 counted from 0 B (no volume)".to_string(),
+            "ebpf: scope peer:b (slot 1): lease 9 (no volume) -> class 1:100 (was unset)".to_string(),
+            "ebpf: scope peer:c (slot 2): blocked (class 1:101) (was unset)".to_string(),
+            "ebpf: destination 198.18.0.2/32 -> peer:b added".to_string(),
+            "ebpf: destination 198.18.0.3/32 -> peer:c added".to_string(),
+            "tc: root qdisc htb 1: default 3 installed on fab0 (was noqueue 0:)".to_string(),
+            "tc: class 1:2 (control) added: rate 1000000 bit/s, burst 65536 B, quantum 12500, leaf pfifo limit 100".to_string(),
+            "tc: class 1:3 (drop) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)".to_string(),
+            "tc: class 1:10 (egress) added: rate 100000000 bit/s, burst 65536 B, quantum 200000, leaf pfifo limit 1000".to_string(),
+            "tc: class 1:100 (peer:b) added: rate 10000000 bit/s, burst 65536 B, quantum 125000, leaf pfifo limit 1000".to_string(),
+            "tc: class 1:101 (peer:c) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)".to_string(),
+            "ebpf: program nw_egress attached to fab0 egress (clsact, pref 1, handle 0x1)".to_string(),
+        ]
+    );
+    assert_eq!(n.tc.filter_counts(), vec![]);
+    assert!(!n.tc.has_table(), "no nftables");
+}
+
+/// On a node the tc backend programmed, the eBPF backend keeps the HTB classes (counters
+/// and all) and removes the u32 filters: steering is the program's now.
+#[test]
+fn takes_over_the_tc_backends_htb() {
+    let n = Node::new();
+    let mut tc_backend = n.tc.datapath();
+    tc_backend
+        .reconcile(&three_scopes())
+        .unwrap_or_else(|e| panic!("tc backend: {e}"));
+    n.tc.add_leaf_stats(0x10, 1000, 10, 0);
+    let changes = apply(&mut n.datapath(), &three_scopes());
+    let tc: Vec<&String> = changes.iter().filter(|c| c.starts_with("tc:")).collect();
+    assert_eq!(
+        tc,
+        [
+            "tc: filter pref 1 (arp u32, 1 filters) removed",
+            "tc: filter pref 100 (ip u32, 1 filters) removed",
+            "tc: filter pref 101 (ip u32, 1 filters) removed",
+            "tc: filter pref 1000 (all u32, 1 filters) removed",
+        ]
+    );
+    assert_eq!(n.tc.filter_counts(), vec![]);
+    assert_eq!(n.tc.leaf_stats(0x10), Some((1000, 10, 0)));
+    // (The tc backend's nftables table is not the eBPF backend's to remove.)
+    assert!(n.tc.has_table());
+}
+
+/// Applying the same state again changes nothing and writes nothing, in the same process
+/// and in a restarted one; counters continue.
+#[test]
+fn reapply_is_a_no_op_and_restart_continues() {
+    #[track_caller]
+    fn check(desired: DesiredState) {
+        let n = Node::new();
+        let mut dp = n.datapath();
+        apply(&mut dp, &desired);
+        n.send(Some(OTHER), 3, 100);
+        n.send(Some(B), 2, 200);
+        n.send(Some(C), 1, 300);
+        let before = counters(&mut dp);
+        let maps = n.maps();
+        n.bpf.take_log();
+        n.tc.take_log();
+        assert_eq!(apply(&mut dp, &desired), Vec::<String>::new());
+        let mut restarted = n.datapath();
+        assert_eq!(apply(&mut restarted, &desired), Vec::<String>::new());
+        assert_eq!(n.bpf.take_log(), Vec::<String>::new());
+        assert_eq!(n.tc.take_log(), Vec::<String>::new());
+        assert_eq!(n.maps(), maps);
+        assert_eq!(counters(&mut restarted), before);
+        // And they continue from there.
+        n.send(Some(OTHER), 1, 100);
+        n.send(Some(B), 1, 100);
+        n.send(Some(C), 1, 100);
+        assert_ne!(counters(&mut restarted), before);
+    }
+    check(three_scopes());
+    check(state(vec![egress(floor(0))]));
+    check(state(vec![
+        egress(floor(8)),
+        peer("x", &["198.18.0.0/30"], lease(2, 8, None, 0)),
+    ]));
+}
+
+/// The lease of a scope changes: its count restarts at the new lease's start; the slot's
+/// blocked drops stay.
+#[test]
+fn lease_change_resets_used() {
+    let n = Node::new();
+    let mut dp = n.datapath();
+    apply(
+        &mut dp,
+        &state(vec![
+            egress(floor(0)),
+            peer("b", &["198.18.0.2/32"], floor(0)),
+        ]),
+    );
+    assert_eq!(n.send(Some(B), 4, 100), 0);
+    apply(
+        &mut dp,
+        &state(vec![
+            egress(floor(0)),
+            peer(
+                "b",
+                &["198.18.0.2/32"],
+                lease(9, 1_000_000, Some(10_000), 0),
+            ),
+        ]),
+    );
+    assert_eq!(n.send(Some(B), 10, 100), 10);
+    assert_eq!(n.bpf.used(&n.dir, 1), Some(1000));
+    n.bpf.take_log();
+
+    let changes = apply(
+        &mut dp,
+        &state(vec![
+            egress(floor(0)),
+            peer(
+                "b",
+                &["198.18.0.2/32"],
+                lease(10, 1_000_000, Some(10_000), 300),
+            ),
+        ]),
+    );
+    assert_eq!(
+        changes,
+        [
+            "ebpf: scope peer:b (slot 1): lease 10 counted from 300 B (volume 10000 B)",
+            "ebpf: scope peer:b (slot 1): lease 10 (volume 10000 B) -> class 1:100 (was lease 9 (volume 10000 B) -> class 1:100)",
+        ]
+    );
+    // Counters first, then the config: every byte under lease 10 is charged to it.
+    assert_eq!(
+        n.bpf.take_log(),
+        [
+            "used 1 = 300",
+            "stats 1 = [0, 0, 0, 4]",
+            "config 1 = lease 10 (volume 10000 B) -> class 1:100",
+        ]
+    );
+    let b = scope(&counters(&mut dp), &Scope::Peer("b".into())).clone();
+    assert_eq!(
+        b.lease,
+        Some(LeaseCounters {
+            lease: LeaseId(10),
+            used_bytes: 300,
+            passed_packets: 0,
+            volume_drops: 0,
+            exhausted: false
+        })
+    );
+    assert_eq!(b.class.drops, 4, "blocked drops belong to the slot");
+}
+
+/// The same lease keeps its count across reconciles that change other things (rate, other
+/// scopes), and is raised, never lowered, to the controller's record.
+#[test]
+fn same_lease_keeps_used() {
+    let n = Node::new();
+    let mut dp = n.datapath();
+    let with = |rate: u64, start: u64| {
+        state(vec![
+            egress(lease(7, rate, Some(1_000_000), start)),
+            peer("c", &["198.18.0.3/32"], floor(0)),
+        ])
+    };
+    apply(&mut dp, &with(100_000_000, 0));
+    n.send(Some(OTHER), 10, 1000);
+    n.bpf.take_log();
+    // A rate change is tc's business only.
+    assert_eq!(
+        apply(&mut dp, &with(50_000_000, 0)),
+        ["tc: class 1:10 (egress) rate 100000000 -> 50000000 bit/s"]
+    );
+    assert_eq!(n.bpf.take_log(), Vec::<String>::new());
+    assert_eq!(n.bpf.used(&n.dir, 0), Some(10_000));
+    // The controller recorded less: kept.
+    assert_eq!(
+        apply(&mut dp, &with(50_000_000, 4_000)),
+        Vec::<String>::new()
+    );
+    assert_eq!(n.bpf.used(&n.dir, 0), Some(10_000));
+    // The controller recorded more: raised.
+    assert_eq!(
+        apply(&mut dp, &with(50_000_000, 25_000)),
+        ["ebpf: scope egress (slot 0): lease 7 used raised 10000 -> 25000 B (the controller's record)"]
+    );
+    assert_eq!(n.bpf.take_log(), ["used 0 = 25000"]);
+    let e = scope(&counters(&mut dp), &Scope::Egress).lease;
+    assert_eq!(
+        e,
+        Some(LeaseCounters {
+            lease: LeaseId(7),
+            used_bytes: 25_000,
+            passed_packets: 10,
+            volume_drops: 0,
+            exhausted: false
+        })
+    );
+}
+
+/// A revocation (lease -> blocked) and a floor are one config write each.
+#[test]
+fn decisions_are_one_map_write() {
+    #[track_caller]
+    fn check(after: crate::ScopeEnforce, log: &[&str]) {
+        let n = Node::new();
+        let mut dp = n.datapath();
+        let with = |b: crate::ScopeEnforce| {
+            state(vec![egress(floor(0)), peer("b", &["198.18.0.2/32"], b)])
+        };
+        apply(&mut dp, &with(lease(9, 1_000_000, Some(10_000), 0)));
+        n.bpf.take_log();
+        apply(&mut dp, &with(after));
+        assert_eq!(n.bpf.take_log(), log);
+    }
+    check(floor(0), &["config 1 = blocked (class 1:100)"]);
+    check(floor(1_000), &["config 1 = floor -> class 1:100"]);
+    check(
+        lease(9, 1_000_000, Some(20_000), 0),
+        &["config 1 = lease 9 (volume 20000 B) -> class 1:100"],
+    );
+    check(lease(9, 2_000_000, Some(10_000), 0), &[]);
+}
+
+/// Exact volume: nothing beyond it passes; the counters tell what happened.
+#[test]
+fn volume_is_exact() {
+    let n = Node::new();
+    let mut dp = n.datapath();
+    apply(
+        &mut dp,
+        &state(vec![
+            egress(lease(21, 100_000_000, Some(20_000), 0)),
+            peer("c", &["198.18.0.3/32"], floor(0)),
+        ]),
+    );
+    // 1028 B packets: 19 fit in 20 000 B.
+    assert_eq!(n.send(Some(OTHER), 100, 1028), 19);
+    // A smaller packet still fits in what is left (20 000 - 19 532 = 468).
+    assert_eq!(n.send(Some(OTHER), 1, 468), 1);
+    assert_eq!(n.send(Some(OTHER), 1, 1), 0);
+    assert_eq!(n.send(Some(C), 5, 100), 0);
+    assert_eq!(n.send(None, 3, 60), 3, "ARP passes");
+    assert_eq!(
+        n.bpf.packet(None, 60),
+        Verdict::Pass(0x0001_0002),
+        "ARP goes to the control class"
+    );
+    let c = counters(&mut dp);
+    assert_eq!(
+        scope(&c, &Scope::Egress).lease,
+        Some(LeaseCounters {
+            lease: LeaseId(21),
+            used_bytes: 20_000,
+            passed_packets: 20,
+            volume_drops: 82,
+            exhausted: true
+        })
+    );
+    assert_eq!(
+        scope(&c, &Scope::Peer("c".into())).class,
+        ClassStats {
+            bytes: 0,
+            packets: 0,
+            drops: 5
+        }
+    );
+}
+
+/// Peers renumbered (one added before another): a lease that moves slots takes its count
+/// and counters along; a removed scope's slot is cleared.
+#[test]
+fn renumbering_moves_counts_and_removal_clears() {
+    let n = Node::new();
+    let mut dp = n.datapath();
+    apply(
+        &mut dp,
+        &state(vec![
+            egress(floor(0)),
+            peer(
+                "m",
+                &["198.18.0.2/32"],
+                lease(9, 1_000_000, Some(100_000), 0),
+            ),
+        ]),
+    );
+    n.send(Some(B), 7, 100);
+    let changes = apply(
+        &mut dp,
+        &state(vec![
+            egress(floor(0)),
+            peer("a", &["198.18.0.3/32"], floor(0)),
+            peer(
+                "m",
+                &["198.18.0.2/32"],
+                lease(9, 1_000_000, Some(100_000), 0),
+            ),
+        ]),
+    );
+    assert!(
+        changes.contains(
+            &"ebpf: scope peer:m (slot 2): lease 9 moved from slot 1, used 700 B and its counters carried over"
+                .to_string()
+        ),
+        "{changes:#?}"
+    );
+    assert_eq!(
+        n.maps(),
+        [
+            "slot 0: blocked (class 1:10)",
+            // The slot lease 9 left keeps its counts until its next lease starts (so that
+            // a revocation stays one write); a blocked scope reports none of them.
+            "slot 1: blocked (class 1:100), used 700, stats [700, 7, 0, 0]",
+            "slot 2: lease 9 (volume 100000 B) -> class 1:101, used 700, stats [700, 7, 0, 0]",
+            "dst 198.18.0.2/32 -> slot 2",
+            "dst 198.18.0.3/32 -> slot 1",
+        ]
+    );
+    let m = scope(&counters(&mut dp), &Scope::Peer("m".into())).lease;
+    assert_eq!(m.map(|l| (l.used_bytes, l.passed_packets)), Some((700, 7)));
+
+    // Both peers go: their slots are cleared, their prefixes fall back to egress.
+    n.send(Some(C), 2, 100);
+    let changes = apply(&mut dp, &state(vec![egress(floor(0))]));
+    assert_eq!(
+        changes,
+        [
+            "ebpf: destination 198.18.0.2/32 (slot 2) removed",
+            "ebpf: destination 198.18.0.3/32 (slot 1) removed",
+            "ebpf: slot 1 cleared (was blocked (class 1:100))",
+            "ebpf: slot 2 cleared (was lease 9 (volume 100000 B) -> class 1:101)",
+            "tc: class 1:100 removed",
+            "tc: class 1:101 removed",
+        ]
+    );
+    assert_eq!(n.maps(), ["slot 0: blocked (class 1:10)"]);
+}
+
+/// Tampering is repaired by the next reconcile; a foreign program in our slot is replaced.
+#[test]
+fn repairs_tampering() {
+    let n = Node::new();
+    let mut dp = n.datapath();
+    apply(&mut dp, &three_scopes());
+    let reference = n.maps();
+    n.bpf.take_log();
+
+    n.bpf.tamper_config(
+        &n.dir,
+        2,
+        ScopeConfig {
+            mode: MODE_LEASE,
+            classid: 0x0001_0101,
+            lease_id: 99,
+            volume_limit: u64::MAX,
+        },
+    );
+    n.bpf
+        .tamper_remove_destination(&n.dir, "198.18.0.2/32".parse().expect("net"));
+    n.bpf.attach_foreign(4242);
+    let changes = apply(&mut dp, &three_scopes());
+    assert_eq!(
+        changes,
+        [
+            "ebpf: scope peer:c (slot 2): blocked (class 1:101) (was lease 99 (no volume) -> class 1:101)",
+            "ebpf: destination 198.18.0.2/32 -> peer:b added",
+            "ebpf: program nw_egress attached to fab0 egress, replacing bpf filter pref 1 handle 0x1 running program 4242 (other)",
+        ]
+    );
+    assert_eq!(n.maps(), reference);
+    assert_eq!(n.bpf.attached().0, n.bpf.pinned_program(&n.dir));
+    assert_eq!(apply(&mut dp, &three_scopes()), Vec::<String>::new());
+}
+
+/// A failed map write fails the reconcile without attaching over half-written maps; the
+/// next reconcile completes.
+#[test]
+fn failure_is_repaired_by_the_next_reconcile() {
+    let n = Node::new();
+    let mut dp = n.datapath();
+    n.bpf.fail_next("set_destination");
+    let err = dp.reconcile(&three_scopes()).err().map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some("fake set_destination: injected failure")
+    );
+    assert_eq!(
+        n.bpf.attached(),
+        (None, false),
+        "not attached over partial maps"
+    );
+    assert_eq!(n.tc.root_kind(), "htb", "tc went ahead");
+    let changes = apply(&mut dp, &three_scopes());
+    assert_eq!(
+        changes,
+        [
+            "ebpf: destination 198.18.0.2/32 -> peer:b added",
+            "ebpf: destination 198.18.0.3/32 -> peer:c added",
+            "ebpf: program nw_egress attached to fab0 egress (clsact, pref 1, handle 0x1)",
+        ]
+    );
+}
+
+/// An invalid desired state is rejected before anything is touched.
+#[test]
+fn invalid_state_changes_nothing() {
+    let n = Node::new();
+    let mut dp = n.datapath();
+    let err = dp
+        .reconcile(&state(vec![peer("b", &[], floor(0))]))
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some("invalid desired state: scope egress missing (it is always present)")
+    );
+    assert_eq!(n.bpf.take_log(), Vec::<String>::new());
+    assert_eq!(n.bpf.pin_dirs(), Vec::<PathBuf>::new());
+    assert_eq!(n.tc.root_kind(), "noqueue");
+}
+
+/// remove() detaches, unpins and removes the tc state; a second remove is a no-op.
+#[test]
+fn remove_leaves_nothing() {
+    let n = Node::new();
+    let mut dp = n.datapath();
+    apply(&mut dp, &three_scopes());
+    dp.remove().unwrap_or_else(|e| panic!("remove: {e}"));
+    assert_eq!(n.bpf.attached(), (None, false));
+    assert_eq!(n.bpf.pin_dirs(), Vec::<PathBuf>::new());
+    assert_eq!(n.tc.root_kind(), "noqueue");
+    assert_eq!(counters(&mut dp), vec![]);
+    dp.remove().unwrap_or_else(|e| panic!("second remove: {e}"));
+    // And a later reconcile starts from scratch.
+    apply(&mut dp, &three_scopes());
+    assert_eq!(n.bpf.used(&n.dir, 0), Some(500));
+}
+
+#[test]
+fn default_pin_dir() {
+    assert_eq!(
+        EbpfDatapath::default_pin_dir("node-1"),
+        Path::new("/sys/fs/bpf/nicwarden/node-1")
+    );
+    assert_eq!(EbpfDatapath::new("fab0", &pin_dir()).pin_dir(), pin_dir());
+}
+
+#[test]
+fn config_bytes_round_trip() {
+    let c = ScopeConfig {
+        mode: 1,
+        classid: 0x0001_0100,
+        lease_id: 0x0102_0304_0506_0708,
+        volume_limit: 1 << 62,
+    };
+    assert_eq!(ScopeConfig::from_bytes(&c.to_bytes()), c);
+    assert_eq!(c.to_bytes()[..4], 1u32.to_ne_bytes());
+    assert_eq!(
+        c.describe(),
+        "lease 72623859790382856 (no volume) -> class 1:100"
+    );
+}
+
+#[test]
+fn in_netns_names_the_namespace_it_cannot_enter() {
+    let mut dp = EbpfDatapath::in_netns("nicwarden-no-such-ns", DEV, &pin_dir());
+    let err = dp
+        .reconcile(&three_scopes())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.starts_with("enter network namespace nicwarden-no-such-ns: No such file or directory"),
+        "{err}"
+    );
+}
