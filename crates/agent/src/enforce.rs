@@ -20,6 +20,12 @@ pub struct ScopeKernel {
     pub rate_bps: u64,
     /// Packets dropped because the lease's volume is spent.
     pub volume_drops: u64,
+    /// Arriving from the scope's peers (`ebpf` backend): bytes let in, packets dropped by
+    /// the ingress policer or because the scope is blocked.
+    #[serde(default)]
+    pub ingress_bytes: u64,
+    #[serde(default)]
+    pub ingress_drops: u64,
 }
 
 /// What the datapath part of the agent shows on `/status`.
@@ -139,6 +145,8 @@ impl Enforcer {
                 drops: c.class.drops,
                 rate_bps,
                 volume_drops: 0,
+                ingress_bytes: c.ingress.bytes,
+                ingress_drops: c.ingress.policed_drops + c.ingress.blocked_drops,
             };
             if let Some(l) = &c.lease {
                 let base = *self.drop_base.entry(l.lease).or_insert(c.class.drops);
@@ -261,6 +269,7 @@ mod tests {
                     volume_drops: u64::from(exhausted),
                     exhausted,
                 }),
+                ingress: nicwarden_datapath::IngressStats::default(),
             }]
         };
         assert_eq!(e.usage(Time(0), &counters(false)).0[0].2.bytes, 900);
@@ -285,6 +294,7 @@ mod tests {
                     volume_drops: 2,
                     exhausted: false,
                 }),
+                ingress: nicwarden_datapath::IngressStats::default(),
             }]
         };
         let (u, k) = e.usage(Time(1000), &sample(5000, 4, 700));

@@ -69,6 +69,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
     let _lock = nicwarden_process::lock_data_dir(&cfg.data_dir, "agent")?;
+    // Before enrolling: a node that cannot enforce should not take a certificate.
+    let datapath = open_datapath(&cfg.datapath, &cfg.node)?;
     let ident = match identity::load(&cfg.data_dir)? {
         Some(i) => i,
         None => {
@@ -83,7 +85,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             identity::enroll(&cfg.data_dir, &cfg.node, &cfg.controller, token).await?
         }
     };
-    let datapath = open_datapath(&cfg.datapath, &cfg.node)?;
     let tls = nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key)?;
     let persisted = identity::load_state(&cfg.data_dir)?;
     let status_listener = tokio::net::TcpListener::bind(cfg.status_listen)
@@ -161,7 +162,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         last_reconcile: Instant::now(),
     };
     // Fail closed from the first moment: until leases arrive every scope is at its floor.
+    // If the kernel refuses this first state, stop with its reason rather than run a node
+    // that enforces nothing (later failures are retried: the last state stays in force).
     lp.enforce(lp.clock.now());
+    if let Some(err) = lp.dp_status.as_ref().and_then(|s| s.last_error.clone()) {
+        anyhow::bail!(
+            "cannot enforce on {} with the `{}` datapath: {err}",
+            lp.cfg.datapath.fabric_iface,
+            lp.cfg.datapath.backend
+        );
+    }
     tokio::select! {
         r = lp.run(ev_rx) => r,
         _ = nicwarden_process::shutdown_signal() => {
@@ -258,6 +268,15 @@ pub fn open_datapath(
     cfg: &config::DatapathConfig,
     node: &str,
 ) -> anyhow::Result<Option<Box<dyn Datapath>>> {
+    if cfg.enabled() {
+        // Resolved in this process's network namespace (sysfs may be the host's).
+        nix::net::if_::if_nametoindex(cfg.fabric_iface.as_str()).map_err(|e| {
+            anyhow::anyhow!(
+                "fabric interface {} not found in this network namespace ({e}): set --fabric-iface / [datapath] fabric_iface",
+                cfg.fabric_iface
+            )
+        })?;
+    }
     match cfg.backend.as_str() {
         "none" => Ok(None),
         "tc" => {

@@ -8,7 +8,9 @@
 //! ([`Datapath::reconcile`], idempotent, repairing partial state) and reports
 //! [`ScopeCounters`]. [`LinuxDatapath`] is the tc + nftables backend; [`EbpfDatapath`] (see
 //! [`ebpf`]) is the eBPF backend: a tc program on the clsact egress hook decides per packet
-//! (exact volume, blocked scopes, classification by an LPM trie) and HTB still shapes.
+//! (exact volume, blocked scopes, classification by an LPM trie) and HTB still shapes; a
+//! second one on the clsact ingress hook polices what arrives from each scope's addresses
+//! with a token bucket at the scope's rate (and drops it when the scope is blocked).
 //!
 //! Kernel state outlives the agent on purpose: the agent never removes it on exit, so a node
 //! whose agent died keeps enforcing its last state (fail closed), and a restarted agent
@@ -106,6 +108,22 @@ pub struct LeaseCounters {
     pub exhausted: bool,
 }
 
+/// What arrived on the fabric interface from a scope's addresses (a peer scope's
+/// destination prefixes, read as sources; everything else is the egress scope), as the eBPF
+/// backend's ingress policer saw it. Bytes are IP packet lengths. Like [`ClassStats`] they
+/// belong to the scope's slot (see [`ebpf::maps`]). The tc backend does not police ingress
+/// and reports zeros.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressStats {
+    /// Admitted by the policer.
+    pub bytes: u64,
+    pub packets: u64,
+    /// Packets dropped because they exceeded the scope's rate (token bucket).
+    pub policed_drops: u64,
+    /// Packets dropped because the scope is blocked.
+    pub blocked_drops: u64,
+}
+
 /// Kernel counters of one scope.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScopeCounters {
@@ -113,6 +131,9 @@ pub struct ScopeCounters {
     pub class: ClassStats,
     /// `Some` when the scope is enforcing a lease.
     pub lease: Option<LeaseCounters>,
+    /// Ingress policing (eBPF backend; zeros from the tc backend).
+    #[serde(default)]
+    pub ingress: IngressStats,
 }
 
 /// One applied change, human-readable (e.g. "tc: class 1:10 (egress) rate 50000000 -> 100000000 bit/s").
@@ -308,6 +329,8 @@ impl Datapath for LinuxDatapath {
                         exhausted: l.volume.is_some_and(|v| used >= v),
                     }
                 }),
+                // The tc backend does not police what arrives.
+                ingress: IngressStats::default(),
             })
             .collect())
     }

@@ -3,8 +3,8 @@
 use crate::fake::fixtures::{egress, floor, lease, peer};
 use crate::fake::FakeKernel;
 use crate::{
-    ClassStats, Datapath, DesiredState, LeaseCounters, LinuxDatapath, ScopeCounters, ScopeEnforce,
-    ScopeSpec,
+    ClassStats, Datapath, DesiredState, IngressStats, LeaseCounters, LinuxDatapath, ScopeCounters,
+    ScopeEnforce, ScopeSpec,
 };
 use nicwarden_lease::{LeaseId, Scope};
 
@@ -449,6 +449,7 @@ fn counters_per_scope() {
                     volume_drops: 4,
                     exhausted: true
                 }),
+                ingress: IngressStats::default(),
             },
             ScopeCounters {
                 scope: Scope::Peer("b".into()),
@@ -460,6 +461,7 @@ fn counters_per_scope() {
                     volume_drops: 0,
                     exhausted: false
                 }),
+                ingress: IngressStats::default(),
             },
             ScopeCounters {
                 scope: Scope::Peer("c".into()),
@@ -469,6 +471,7 @@ fn counters_per_scope() {
                     drops: 9
                 },
                 lease: None,
+                ingress: IngressStats::default(),
             },
         ]
     );

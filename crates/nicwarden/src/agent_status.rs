@@ -110,6 +110,8 @@ pub fn render(st: &AgentStatus) -> String {
                 "PACKETS",
                 "DROPPED",
                 "VOLUME DROPS",
+                "RECEIVED",
+                "RECEIVE DROPS",
             ]);
             for s in &dp.scopes {
                 k.row(vec![
@@ -119,6 +121,8 @@ pub fn render(st: &AgentStatus) -> String {
                     s.packets.to_string(),
                     s.drops.to_string(),
                     s.volume_drops.to_string(),
+                    fmt_bytes(s.ingress_bytes),
+                    s.ingress_drops.to_string(),
                 ]);
             }
             out.push_str(&k.render());
@@ -319,6 +323,8 @@ mod tests {
                     drops: 5,
                     rate_bps: 199_000_000,
                     volume_drops: 0,
+                    ingress_bytes: 0,
+                    ingress_drops: 0,
                 }],
             }),
         };

@@ -1,16 +1,17 @@
 //! An in-memory bpf subsystem for tests: [`FakeBpf`] keeps pinned maps per pin directory
-//! (they outlive the [`BpfOps`] handles, as pins outlive processes), the program attached to
-//! each device's egress, and a log of every write; [`FakeBpf::packet`] runs the C program's
-//! logic on the fake maps.
+//! (they outlive the [`BpfOps`] handles, as pins outlive processes), the programs attached to
+//! the device's egress and ingress, and a log of every write; [`FakeBpf::packet`] runs the
+//! egress program's logic on the fake maps, [`FakeBpf::arrive`] the ingress program's (on a
+//! clock the test passes in).
 //!
 //! Public so that crates driving an [`EbpfDatapath`] (the agent) can test
 //! against it without a kernel: `FakeBpf::new("fab0").datapath(&FakeKernel::new("fab0"), dir)`.
 
-use super::maps::{ScopeConfig, ScopeStats, MODE_FLOOR, MODE_LEASE, PROGRAM, SLOTS};
-use super::ops::{Attachment, BpfOps};
+use super::maps::{Police, ScopeConfig, ScopeStats, MODE_FLOOR, MODE_LEASE, SLOTS};
+use super::ops::{Attachment, BpfOps, Hook};
 use super::EbpfDatapath;
 use crate::fake::FakeKernel;
-use crate::DatapathError;
+use crate::{DatapathError, IngressStats};
 use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -27,8 +28,9 @@ struct State {
     dev: String,
     bpffs_mounted: bool,
     pins: BTreeMap<PathBuf, Pinned>,
-    /// Program id at our filter slot of the device's egress, and whether clsact exists.
-    attached: Option<u32>,
+    /// Program id at our filter slot of each of the device's clsact hooks, and whether clsact
+    /// exists.
+    attached: BTreeMap<Hook, u32>,
     clsact: bool,
     next_prog_id: u32,
     log: Vec<String>,
@@ -40,8 +42,11 @@ struct Pinned {
     configs: Vec<ScopeConfig>,
     used: Vec<u64>,
     stats: Vec<ScopeStats>,
+    police: Vec<Police>,
+    istats: Vec<IngressStats>,
     destinations: BTreeMap<Ipv4Net, u32>,
-    program: Option<u32>,
+    /// Program ids, per hook.
+    programs: BTreeMap<Hook, u32>,
 }
 
 impl Pinned {
@@ -50,9 +55,20 @@ impl Pinned {
             configs: vec![ScopeConfig::default(); SLOTS as usize],
             used: vec![0; SLOTS as usize],
             stats: vec![ScopeStats::default(); SLOTS as usize],
+            police: vec![Police::default(); SLOTS as usize],
+            istats: vec![IngressStats::default(); SLOTS as usize],
             destinations: BTreeMap::new(),
-            program: None,
+            programs: BTreeMap::new(),
         }
+    }
+
+    /// Longest prefix match in `nw_dst`; a miss is slot 0.
+    fn slot_of(&self, addr: Ipv4Addr) -> usize {
+        self.destinations
+            .iter()
+            .filter(|(net, _)| net.contains(&addr))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map_or(0, |(_, slot)| *slot) as usize
     }
 }
 
@@ -72,7 +88,7 @@ impl FakeBpf {
                 dev: dev.to_string(),
                 bpffs_mounted: false,
                 pins: BTreeMap::new(),
-                attached: None,
+                attached: BTreeMap::new(),
                 clsact: false,
                 next_prog_id: 100,
                 log: Vec::new(),
@@ -119,22 +135,34 @@ impl FakeBpf {
         self.lock().pins.keys().cloned().collect()
     }
 
-    /// The program attached to the device's egress, if any; and whether clsact exists.
-    pub fn attached(&self) -> (Option<u32>, bool) {
-        let s = self.lock();
-        (s.attached, s.clsact)
+    /// The program attached at the device's `hook`, if any.
+    pub fn attached(&self, hook: Hook) -> Option<u32> {
+        self.lock().attached.get(&hook).copied()
     }
 
-    /// The id of the program pinned under `pin_dir`.
-    pub fn pinned_program(&self, pin_dir: &Path) -> Option<u32> {
-        self.lock().pins.get(pin_dir).and_then(|p| p.program)
+    /// Whether the device has a clsact qdisc.
+    pub fn clsact(&self) -> bool {
+        self.lock().clsact
     }
 
-    /// Attaches another program (id `prog`) at our slot, as a foreign tool would.
-    pub fn attach_foreign(&self, prog: u32) {
+    /// The id of the `hook`'s program pinned under `pin_dir`.
+    pub fn pinned_program(&self, pin_dir: &Path, hook: Hook) -> Option<u32> {
+        self.lock()
+            .pins
+            .get(pin_dir)
+            .and_then(|p| p.programs.get(&hook).copied())
+    }
+
+    /// Attaches another program (id `prog`) at our slot of `hook`, as a foreign tool would.
+    pub fn attach_foreign(&self, hook: Hook, prog: u32) {
         let mut s = self.lock();
-        s.attached = Some(prog);
+        s.attached.insert(hook, prog);
         s.clsact = true;
+    }
+
+    /// Removes our filter at `hook` behind the datapath's back (`tc filter del`).
+    pub fn tamper_detach(&self, hook: Hook) {
+        self.lock().attached.remove(&hook);
     }
 
     pub fn config(&self, pin_dir: &Path, slot: u32) -> Option<ScopeConfig> {
@@ -150,12 +178,29 @@ impl FakeBpf {
         }
     }
 
+    /// Overwrites a slot's policer behind the datapath's back.
+    pub fn tamper_police(&self, pin_dir: &Path, slot: u32, police: Police) {
+        if let Some(p) = self.lock().pins.get_mut(pin_dir) {
+            if let Some(c) = p.police.get_mut(slot as usize) {
+                *c = police;
+            }
+        }
+    }
+
     pub fn used(&self, pin_dir: &Path, slot: u32) -> Option<u64> {
         self.with_pinned(pin_dir, |p| p.used.get(slot as usize).copied())
     }
 
     pub fn stats(&self, pin_dir: &Path, slot: u32) -> Option<ScopeStats> {
         self.with_pinned(pin_dir, |p| p.stats.get(slot as usize).copied())
+    }
+
+    pub fn police(&self, pin_dir: &Path, slot: u32) -> Option<Police> {
+        self.with_pinned(pin_dir, |p| p.police.get(slot as usize).copied())
+    }
+
+    pub fn ingress_stats(&self, pin_dir: &Path, slot: u32) -> Option<IngressStats> {
+        self.with_pinned(pin_dir, |p| p.istats.get(slot as usize).copied())
     }
 
     pub fn destinations(&self, pin_dir: &Path) -> Option<BTreeMap<Ipv4Net, u32>> {
@@ -178,22 +223,13 @@ impl FakeBpf {
     /// attached the packet passes with priority 0.
     pub fn packet(&self, dst: Option<Ipv4Addr>, len: u64) -> Verdict {
         let mut s = self.lock();
-        let Some(prog) = s.attached else {
-            return Verdict::Pass(0);
-        };
-        let Some(p) = s.pins.values_mut().find(|p| p.program == Some(prog)) else {
+        let Some(p) = s.attached_maps(Hook::Egress) else {
             return Verdict::Pass(0);
         };
         let Some(dst) = dst else {
             return Verdict::Pass(super::maps::classid(crate::plan::CONTROL_MINOR));
         };
-        // Longest prefix match.
-        let slot = p
-            .destinations
-            .iter()
-            .filter(|(net, _)| net.contains(&dst))
-            .max_by_key(|(net, _)| net.prefix_len())
-            .map_or(0, |(_, slot)| *slot) as usize;
+        let slot = p.slot_of(dst);
         let (Some(cfg), Some(stats), Some(used)) = (
             p.configs.get(slot).copied(),
             p.stats.get_mut(slot),
@@ -218,6 +254,50 @@ impl FakeBpf {
         stats.bytes += len;
         stats.packets += 1;
         Verdict::Pass(cfg.classid)
+    }
+
+    /// Runs the attached ingress program on one packet arriving on the device at `now_ns`
+    /// (the program's `bpf_ktime_get_ns()`): `src` is the IPv4 source (`None`: ARP, IPv6 or
+    /// anything else that is not IPv4, which passes uncounted), `len` its IP length. Without
+    /// a program attached the packet passes. `Verdict::Pass` carries 0 (ingress steers
+    /// nothing).
+    pub fn arrive(&self, src: Option<Ipv4Addr>, len: u64, now_ns: u64) -> Verdict {
+        let mut s = self.lock();
+        let Some(p) = s.attached_maps(Hook::Ingress) else {
+            return Verdict::Pass(0);
+        };
+        let Some(src) = src else {
+            return Verdict::Pass(0);
+        };
+        let slot = p.slot_of(src);
+        let (Some(cfg), Some(stats), Some(police)) = (
+            p.configs.get(slot).copied(),
+            p.istats.get_mut(slot),
+            p.police.get_mut(slot),
+        ) else {
+            return Verdict::Drop;
+        };
+        if cfg.mode != MODE_LEASE && cfg.mode != MODE_FLOOR {
+            stats.blocked_drops += 1;
+            return Verdict::Drop;
+        }
+        if !police.admit(len, now_ns) {
+            stats.policed_drops += 1;
+            return Verdict::Drop;
+        }
+        stats.bytes += len;
+        stats.packets += 1;
+        Verdict::Pass(0)
+    }
+}
+
+impl State {
+    /// The maps of the program attached at `hook`, if one of ours is.
+    fn attached_maps(&mut self, hook: Hook) -> Option<&mut Pinned> {
+        let prog = *self.attached.get(&hook)?;
+        self.pins
+            .values_mut()
+            .find(|p| p.programs.get(&hook) == Some(&prog))
     }
 }
 
@@ -291,30 +371,36 @@ impl BpfOps for FakeBpfOps {
             s.bpffs_mounted = true;
             created.push("bpf filesystem mounted on /sys/fs/bpf".to_string());
         }
-        let next_id = s.next_prog_id;
+        let mut next_id = s.next_prog_id;
         let pinned = s.pins.entry(pin_dir.to_path_buf()).or_insert_with(|| {
             created.push(format!("maps created, pinned under {}", pin_dir.display()));
             Pinned::new()
         });
-        if pinned.program.is_none() {
-            pinned.program = Some(next_id);
-            created.push(format!("program {PROGRAM} loaded, pinned"));
-            s.next_prog_id += 1;
+        for hook in Hook::ALL {
+            if let std::collections::btree_map::Entry::Vacant(e) = pinned.programs.entry(hook) {
+                e.insert(next_id);
+                next_id += 1;
+                created.push(format!("program {} loaded, pinned", hook.program()));
+            }
         }
+        s.next_prog_id = next_id;
         self.opened = Some(pin_dir.to_path_buf());
         Ok(created)
     }
 
-    fn egress_attachment(&mut self, dev: &str) -> Result<Attachment, DatapathError> {
-        let (s, dir) = self.pinned("egress_attachment")?;
+    fn attachment(&mut self, dev: &str, hook: Hook) -> Result<Attachment, DatapathError> {
+        let (s, dir) = self.pinned("attachment")?;
         if dev != s.dev {
             return Err(fake_err(
-                format!("list tc egress filters of {dev}"),
+                format!("list tc {} filters of {dev}", hook.name()),
                 &format!("Cannot find device \"{dev}\""),
             ));
         }
-        let ours = s.pins.get(&dir).and_then(|p| p.program);
-        Ok(match s.attached {
+        let ours = s
+            .pins
+            .get(&dir)
+            .and_then(|p| p.programs.get(&hook).copied());
+        Ok(match s.attached.get(&hook).copied() {
             None => Attachment::None,
             Some(id) if Some(id) == ours => Attachment::Ours,
             Some(id) => Attachment::Other(format!(
@@ -323,37 +409,45 @@ impl BpfOps for FakeBpfOps {
         })
     }
 
-    fn attach_egress(&mut self, dev: &str) -> Result<(), DatapathError> {
-        let (mut s, dir) = self.pinned("attach_egress")?;
+    fn attach(&mut self, dev: &str, hook: Hook) -> Result<(), DatapathError> {
+        let (mut s, dir) = self.pinned("attach")?;
         if dev != s.dev {
             return Err(fake_err(
-                format!("attach tc egress program {PROGRAM} on {dev}"),
+                format!(
+                    "attach tc {} program {} on {dev}",
+                    hook.name(),
+                    hook.program()
+                ),
                 "No such device (os error 19)",
             ));
         }
-        let id = s.pins.get(&dir).and_then(|p| p.program);
-        s.attached = id;
+        let id = s
+            .pins
+            .get(&dir)
+            .and_then(|p| p.programs.get(&hook).copied())
+            .unwrap_or(0);
+        s.attached.insert(hook, id);
         s.clsact = true;
-        s.log.push(format!(
-            "attach program {} to {dev} egress",
-            id.unwrap_or(0)
-        ));
+        s.log
+            .push(format!("attach program {id} to {dev} {}", hook.name()));
         Ok(())
     }
 
-    fn detach_egress(&mut self, dev: &str) -> Result<bool, DatapathError> {
-        let mut s = Self::check(&self.bpf, "detach_egress")?;
+    fn detach(&mut self, dev: &str, hook: Hook) -> Result<bool, DatapathError> {
+        let mut s = Self::check(&self.bpf, "detach")?;
         if dev != s.dev {
             return Err(fake_err(
-                format!("list tc egress filters of {dev}"),
+                format!("list tc {} filters of {dev}", hook.name()),
                 &format!("Cannot find device \"{dev}\""),
             ));
         }
-        let removed = s.attached.is_some() || s.clsact;
-        s.attached = None;
-        s.clsact = false;
+        let mut removed = s.attached.remove(&hook).is_some();
+        if s.clsact && s.attached.is_empty() {
+            s.clsact = false;
+            removed = true;
+        }
         if removed {
-            s.log.push(format!("detach {dev} egress"));
+            s.log.push(format!("detach {dev} {}", hook.name()));
         }
         Ok(removed)
     }
@@ -425,6 +519,34 @@ impl BpfOps for FakeBpfOps {
         with_maps!(self, "set_stats", |p, log| {
             p.stats[i] = *stats;
             log.push(format!("stats {slot} = {:?}", stats.to_array()));
+            Ok(())
+        })
+    }
+
+    fn police(&mut self, slot: u32) -> Result<Police, DatapathError> {
+        let i = Self::slot_check(slot, "police")?;
+        with_maps!(self, "police", |p, _log| Ok(p.police[i]))
+    }
+
+    fn set_police(&mut self, slot: u32, police: &Police) -> Result<(), DatapathError> {
+        let i = Self::slot_check(slot, "set_police")?;
+        with_maps!(self, "set_police", |p, log| {
+            p.police[i] = *police;
+            log.push(format!("police {slot} = {}", police.describe()));
+            Ok(())
+        })
+    }
+
+    fn ingress_stats(&mut self, slot: u32) -> Result<IngressStats, DatapathError> {
+        let i = Self::slot_check(slot, "ingress_stats")?;
+        with_maps!(self, "ingress_stats", |p, _log| Ok(p.istats[i]))
+    }
+
+    fn set_ingress_stats(&mut self, slot: u32, stats: &IngressStats) -> Result<(), DatapathError> {
+        let i = Self::slot_check(slot, "set_ingress_stats")?;
+        with_maps!(self, "set_ingress_stats", |p, log| {
+            p.istats[i] = *stats;
+            log.push(format!("istats {slot} = {:?}", stats.to_array()));
             Ok(())
         })
     }

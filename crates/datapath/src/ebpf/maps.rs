@@ -11,6 +11,12 @@
 //! | `nw_config` | array of [`SLOTS`] | `u32` slot | [`ScopeConfig`] `{u32 mode; u32 classid; u64 lease_id; u64 volume_limit}` |
 //! | `nw_stats` | per-CPU array of [`SLOTS`] | `u32` slot | [`ScopeStats`] `{u64 bytes, packets, volume_drops, blocked_drops}` |
 //! | `nw_used` | array of [`SLOTS`] (shared, atomically added to) | `u32` slot | `u64` bytes counted against the volume |
+//! | `nw_police` | array of [`SLOTS`] (shared, BTF, `bpf_spin_lock`) | `u32` slot | [`Police`] `{bpf_spin_lock lock; u32 pad; u64 rate; u64 burst; s64 tokens; u64 last_ns; u64 frac}` |
+//! | `nw_istats` | per-CPU array of [`SLOTS`] | `u32` slot | [`IngressStats`] `{u64 bytes, packets, policed_drops, blocked_drops}` |
+//!
+//! `nw_dst`, `nw_config`, `nw_stats` and `nw_used` are the egress program's (`nw_egress`);
+//! the ingress program (`nw_ingress`) reads `nw_dst` (by *source* address) and `nw_config`
+//! (the mode) and keeps `nw_police` and `nw_istats`.
 //!
 //! # Slots
 //!
@@ -31,16 +37,32 @@
 //! until its next lease starts (so that ending a lease stays one config write); they are not
 //! reported meanwhile.
 //!
+//! # Ingress policing
+//!
+//! `nw_police` of a slot that passes traffic (lease or floor above 0) holds the slot's rate in
+//! bytes/s (the lease or floor rate as HTB has it, [`crate::plan::ClassPlan::rate_bps`] / 8)
+//! and burst (the class's effective burst, [`crate::plan::effective_burst`]); the agent writes
+//! them with a full bucket whenever they differ (a rate change starts a full bucket), the
+//! program keeps `tokens`, `last_ns` and `frac` ([`Police::admit`] is its arithmetic). A
+//! blocked slot's bucket is left as it is: the program drops before it looks (so a revocation
+//! stays one config write). `nw_istats` belongs to the slot, like the HTB class statistics
+//! (it follows the slot, not a peer renumbered to another slot), and is zeroed with it.
+//!
+//! # Order of the writes
+//!
 //! Order of the writes of one reconcile: counters (`nw_used`, `nw_stats`) of slots whose
-//! lease starts or moves, then the configs of the wanted slots, then destinations added or
-//! moved, then destinations removed, then slots cleared (counters first, config last). So a
-//! config names a lease only once its counter is in place: every byte that passes under a
-//! new lease is charged to it. (The old lease of a slot may pass what is in flight in the
-//! few microseconds between the two map writes; nothing is charged to no one.) Each later
-//! decision about a scope (revocation, floor, a new volume) is one write of its config.
+//! lease starts or moves and the policers (`nw_police`) whose rate or burst changes, then the
+//! configs of the wanted slots, then destinations added or
+//! moved, then destinations removed, then slots cleared (counters and policer first, config
+//! last). So a config names a lease only once its counter is in place: every byte that passes
+//! under a new lease is charged to it, and a scope opens only with its policer set. (The old
+//! lease of a slot may pass what is in flight in the few microseconds between the two map
+//! writes; nothing is charged to no one.) Each later decision about a scope (revocation, a
+//! new volume) is one write of its config; one that also changes the rate (a new lease at
+//! another rate, a floor above 0) writes the policer first.
 
-use crate::plan::{Plan, ScopePlan, EGRESS_MINOR, MAX_PEER_SCOPES, PEER_MINOR_BASE};
-use crate::Change;
+use crate::plan::{Plan, ScopePlan, EGRESS_MINOR, MAX_PEER_SCOPES, MAX_RATE_BPS, PEER_MINOR_BASE};
+use crate::{Change, IngressStats};
 use ipnet::Ipv4Net;
 use nicwarden_lease::Scope;
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,7 +86,24 @@ pub const MAP_DST: &str = "nw_dst";
 pub const MAP_CONFIG: &str = "nw_config";
 pub const MAP_STATS: &str = "nw_stats";
 pub const MAP_USED: &str = "nw_used";
+pub const MAP_POLICE: &str = "nw_police";
+pub const MAP_ISTATS: &str = "nw_istats";
+/// The egress program.
 pub const PROGRAM: &str = "nw_egress";
+/// The ingress program.
+pub const PROGRAM_INGRESS: &str = "nw_ingress";
+
+/// Highest policed rate in bytes/s the program computes with (`NW_RATE_MAX`).
+pub const POLICE_RATE_MAX: u64 = (1 << 39) - 1;
+/// Highest burst in bytes the program honours (`NW_BURST_MAX`).
+pub const POLICE_BURST_MAX: u64 = 1 << 62;
+/// After this long without a packet a bucket is full, whatever it held (`NW_REFILL_FULL_US`).
+pub const POLICE_REFILL_FULL_US: u64 = 16_000_000;
+
+const _: () = assert!(
+    MAX_RATE_BPS / 8 <= POLICE_RATE_MAX,
+    "every accepted rate must be policed exactly"
+);
 
 /// One slot of `nw_config`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -187,6 +226,150 @@ impl ScopeStats {
     }
 }
 
+/// One slot of `nw_police`: the ingress token bucket. The lock word is not part of it (the
+/// kernel neither returns nor overwrites it; reads and writes take the lock).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Police {
+    /// Bytes per second; 0 admits nothing.
+    pub rate: u64,
+    /// Bytes.
+    pub burst: u64,
+    /// Bytes in the bucket; below 0 after a packet larger than the burst (a debt).
+    pub tokens: i64,
+    /// `bpf_ktime_get_ns()` up to which the bucket is refilled (0: never, which refills it
+    /// fully on the next packet).
+    pub last_ns: u64,
+    /// The refill's remainder, in millionths of a byte.
+    pub frac: u64,
+}
+
+impl Police {
+    /// Size of the C struct (with the 4-byte lock and its padding in front).
+    pub const SIZE: usize = 48;
+
+    /// A policer at `rate` bytes/s with `burst` bytes, its bucket full.
+    pub fn full(rate: u64, burst: u64) -> Self {
+        Police {
+            rate,
+            burst,
+            tokens: i64::try_from(burst.min(POLICE_BURST_MAX)).unwrap_or(i64::MAX),
+            last_ns: 0,
+            frac: 0,
+        }
+    }
+
+    /// The C struct's bytes (native byte order; the lock word and the padding are zero).
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[8..16].copy_from_slice(&self.rate.to_ne_bytes());
+        b[16..24].copy_from_slice(&self.burst.to_ne_bytes());
+        b[24..32].copy_from_slice(&self.tokens.to_ne_bytes());
+        b[32..40].copy_from_slice(&self.last_ns.to_ne_bytes());
+        b[40..48].copy_from_slice(&self.frac.to_ne_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: &[u8; Self::SIZE]) -> Self {
+        let at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            w
+        };
+        Police {
+            rate: u64::from_ne_bytes(at(8)),
+            burst: u64::from_ne_bytes(at(16)),
+            tokens: i64::from_ne_bytes(at(24)),
+            last_ns: u64::from_ne_bytes(at(32)),
+            frac: u64::from_ne_bytes(at(40)),
+        }
+    }
+
+    /// Rate and burst: what the agent decides (the rest is the program's).
+    pub fn setting(&self) -> (u64, u64) {
+        (self.rate, self.burst)
+    }
+
+    /// e.g. "5000000 B/s, burst 65536 B", "unset", "closed" (rate 0 with a burst).
+    pub fn describe(&self) -> String {
+        match self.setting() {
+            (0, 0) => "unset".to_string(),
+            (0, _) => "closed".to_string(),
+            (rate, burst) => format!("{rate} B/s, burst {burst} B"),
+        }
+    }
+
+    /// The program's arithmetic (`nw_police_admit` in the C program; keep the two in step):
+    /// refills the bucket up to `now_ns` and takes `len` bytes from it if they fit; true
+    /// admits the packet.
+    ///
+    /// Time is consumed in whole microseconds (the rest waits for the next packet) and the
+    /// sub-byte part of a refill is carried in `frac`, so over any period the bucket gains
+    /// exactly `rate × period` bytes (capped at the burst). A packet needs `min(len, burst)`
+    /// tokens and takes `len`: one larger than the burst passes only from a full bucket and
+    /// leaves a debt, so the rate holds on average.
+    pub fn admit(&mut self, len: u64, now_ns: u64) -> bool {
+        let rate = self.rate.min(POLICE_RATE_MAX);
+        let burst = i64::try_from(self.burst.min(POLICE_BURST_MAX)).unwrap_or(i64::MAX);
+        if now_ns > self.last_ns {
+            let us = (now_ns - self.last_ns) / 1000;
+            if us >= POLICE_REFILL_FULL_US {
+                self.tokens = burst;
+                self.frac = 0;
+                self.last_ns = now_ns;
+            } else if us > 0 {
+                // us < 2^24 and rate < 2^39: no overflow, as in the C program.
+                let num = us * rate + self.frac;
+                let mut tokens = self
+                    .tokens
+                    .saturating_add(i64::try_from(num / 1_000_000).unwrap_or(i64::MAX));
+                self.frac = num % 1_000_000;
+                self.last_ns += us * 1000;
+                if tokens >= burst {
+                    tokens = burst;
+                    self.frac = 0;
+                }
+                self.tokens = tokens;
+            }
+        }
+        let len = i64::try_from(len).unwrap_or(i64::MAX);
+        if rate != 0 && self.tokens >= len.min(burst) {
+            self.tokens -= len;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl IngressStats {
+    /// The C struct `nw_istats` as four `u64`.
+    pub fn to_array(&self) -> [u64; 4] {
+        [
+            self.bytes,
+            self.packets,
+            self.policed_drops,
+            self.blocked_drops,
+        ]
+    }
+
+    pub fn from_array(a: [u64; 4]) -> Self {
+        IngressStats {
+            bytes: a[0],
+            packets: a[1],
+            policed_drops: a[2],
+            blocked_drops: a[3],
+        }
+    }
+
+    /// Adds another CPU's values.
+    pub fn add(&mut self, other: &IngressStats) {
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.policed_drops = self.policed_drops.wrapping_add(other.policed_drops);
+        self.blocked_drops = self.blocked_drops.wrapping_add(other.blocked_drops);
+    }
+}
+
 /// The slot of a scope laid out in a plan.
 pub fn slot_of(scope: &ScopePlan) -> u32 {
     if scope.class_minor == EGRESS_MINOR {
@@ -226,6 +409,16 @@ pub fn wanted_config(scope: &ScopePlan) -> ScopeConfig {
     }
 }
 
+/// Rate (bytes/s) and burst (bytes) the ingress policer of a scope should have; `None` for a
+/// blocked scope (its bucket is not looked at).
+pub fn wanted_police(plan: &Plan, scope: &ScopePlan) -> Option<(u64, u64)> {
+    if scope.blocked {
+        return None;
+    }
+    plan.class(scope.class_minor)
+        .map(|c| (c.rate_bps / 8, c.burst_bytes))
+}
+
 /// Destination prefix → slot, as `nw_dst` should hold it.
 pub fn wanted_destinations(plan: &Plan) -> BTreeMap<Ipv4Net, u32> {
     plan.scopes
@@ -245,6 +438,10 @@ pub struct MapsKernel {
     pub stats: BTreeMap<u32, ScopeStats>,
     /// `nw_dst`.
     pub destinations: BTreeMap<Ipv4Net, u32>,
+    /// `nw_police` of the slots in [`slots_to_read`].
+    pub police: BTreeMap<u32, Police>,
+    /// `nw_istats` (summed) of the slots in [`slots_to_read`].
+    pub ingress: BTreeMap<u32, IngressStats>,
 }
 
 impl MapsKernel {
@@ -256,6 +453,12 @@ impl MapsKernel {
     }
     fn stats(&self, slot: u32) -> ScopeStats {
         self.stats.get(&slot).copied().unwrap_or_default()
+    }
+    fn police(&self, slot: u32) -> Police {
+        self.police.get(&slot).copied().unwrap_or_default()
+    }
+    fn ingress(&self, slot: u32) -> IngressStats {
+        self.ingress.get(&slot).copied().unwrap_or_default()
     }
 }
 
@@ -287,6 +490,16 @@ pub enum MapWrite {
     Config {
         slot: u32,
         config: ScopeConfig,
+    },
+    /// Written as given (rate, burst and the bucket).
+    Police {
+        slot: u32,
+        police: Police,
+    },
+    /// Written as the given sums on one CPU and zero on the others.
+    IngressStats {
+        slot: u32,
+        stats: IngressStats,
     },
     Destination {
         net: Ipv4Net,
@@ -386,6 +599,18 @@ pub fn diff(plan: &Plan, kernel: &MapsKernel) -> MapDiff {
                 }
             }
         }
+        if let Some((rate, burst)) = wanted_police(plan, s) {
+            let have = kernel.police(slot);
+            if have.setting() != (rate, burst) {
+                let police = Police::full(rate, burst);
+                counters.push(MapWrite::Police { slot, police });
+                changes.push(change(format!(
+                    "{name}: ingress policed at {} (was {})",
+                    police.describe(),
+                    have.describe()
+                )));
+            }
+        }
         let want = wanted_config(s);
         let have = kernel.config(slot);
         if want != have {
@@ -456,6 +681,18 @@ pub fn diff(plan: &Plan, kernel: &MapsKernel) -> MapDiff {
                 stats: ScopeStats::default(),
             });
         }
+        if kernel.police(slot) != Police::default() {
+            clears.push(MapWrite::Police {
+                slot,
+                police: Police::default(),
+            });
+        }
+        if kernel.ingress(slot) != IngressStats::default() {
+            clears.push(MapWrite::IngressStats {
+                slot,
+                stats: IngressStats::default(),
+            });
+        }
         clears.push(MapWrite::Config {
             slot,
             config: ScopeConfig::default(),
@@ -471,4 +708,138 @@ pub fn diff(plan: &Plan, kernel: &MapsKernel) -> MapDiff {
     writes.extend(dst_writes);
     writes.extend(clears);
     MapDiff { writes, changes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+    const S: u64 = 1_000_000_000;
+
+    /// Runs `packets` (time in ns, IP length) through a policer; returns the verdicts as a
+    /// string of `+` (admitted) and `-` (dropped) and the tokens left.
+    #[track_caller]
+    fn run(police: &mut Police, packets: &[(u64, u64)]) -> (String, i64) {
+        let verdicts = packets
+            .iter()
+            .map(|&(t, len)| if police.admit(len, t) { '+' } else { '-' })
+            .collect();
+        (verdicts, police.tokens)
+    }
+
+    #[test]
+    fn bucket_arithmetic() {
+        #[track_caller]
+        fn check(rate: u64, burst: u64, packets: &[(u64, u64)], expect: &str, tokens: i64) {
+            let mut p = Police::full(rate, burst);
+            assert_eq!(
+                run(&mut p, packets),
+                (expect.to_string(), tokens),
+                "rate {rate} burst {burst}"
+            );
+        }
+        // A full bucket passes the burst, then nothing until it refills.
+        check(1000, 3000, &[(0, 1000), (0, 2000), (0, 1)], "++-", 0);
+        // 1 ms at 1000 B/s is 1 byte.
+        check(1000, 3000, &[(0, 3000), (MS, 1), (MS, 1)], "++-", 0);
+        // Refill caps at the burst.
+        check(
+            1000,
+            3000,
+            &[(0, 3000), (10 * S, 3000), (10 * S, 1)],
+            "++-",
+            0,
+        );
+        // A packet larger than the burst passes from a full bucket only, leaving a debt that
+        // later packets wait out.
+        check(1000, 1000, &[(0, 1500), (0, 100), (S / 2, 100)], "+--", 0);
+        check(1000, 1000, &[(0, 1500), (S / 2 + S / 10, 100)], "++", 0);
+        check(1000, 1000, &[(0, 900), (0, 1500)], "+-", 100);
+        // Rate 0 admits nothing, whatever the bucket holds.
+        check(0, 1000, &[(0, 1), (100 * S, 1)], "--", 1000);
+        // After 16 s without packets the bucket is full, even from a debt.
+        check(1, 1000, &[(0, 5000), (20 * S, 1000)], "++", 0);
+        // A fresh policer (last_ns 0) is full at any later time.
+        check(7, 1000, &[(123 * S, 1000), (123 * S, 1)], "+-", 0);
+        // Time that runs backwards (another CPU refilled later) refills nothing.
+        check(1000, 1000, &[(S, 1000), (S / 2, 1), (S + MS, 1)], "+-+", 0);
+    }
+
+    /// Over any period the bucket gains exactly rate × period: refills that are not whole
+    /// microseconds or whole bytes are carried, not lost.
+    #[test]
+    fn refill_is_exact_at_any_packet_spacing() {
+        for (rate, step_ns, period) in [
+            (1_234_567u64, 777u64, S),
+            (1_000_000, 1_999, S),
+            (3, 100_003, 15 * S),
+            (125_000_000, 333, S / 20),
+        ] {
+            let burst = 1_000_000;
+            let mut p = Police::full(rate, burst);
+            // Drain the bucket at t = 1 µs, then at every step offer 1-byte packets until one
+            // is dropped, for `period`.
+            let start = 1_000;
+            assert!(p.admit(burst, start));
+            let mut admitted = 0u64;
+            let mut t = start;
+            while t < start + period {
+                t += step_ns;
+                while p.admit(1, t) {
+                    admitted += 1;
+                }
+            }
+            let elapsed = t - start;
+            let expect = u128::from(rate) * u128::from(elapsed) / u128::from(S);
+            let expect = u64::try_from(expect).unwrap_or(u64::MAX);
+            // The last refill may wait for the next whole microsecond.
+            let slack = rate / 1_000_000 + 1;
+            assert!(
+                admitted <= expect && expect - admitted <= slack,
+                "rate {rate} step {step_ns}: admitted {admitted}, expected {expect}"
+            );
+        }
+    }
+
+    /// The largest rate over the longest partial refill does not overflow (debug builds
+    /// panic on overflow).
+    #[test]
+    fn no_overflow_at_the_limits() {
+        let mut p = Police::full(POLICE_RATE_MAX, POLICE_BURST_MAX);
+        assert!(p.admit(u64::from(u32::MAX), 5));
+        assert!(p.admit(1, POLICE_REFILL_FULL_US * 1000 - 1));
+        let mut p = Police::full(u64::MAX, u64::MAX);
+        assert!(p.admit(u64::MAX, 5));
+        assert!(!p.admit(1, 6));
+        assert!(
+            !p.admit(1, POLICE_REFILL_FULL_US * 1000 - 1),
+            "a debt of 2^62 B"
+        );
+        assert!(p.admit(1, POLICE_REFILL_FULL_US * 3000), "full after 16 s");
+    }
+
+    #[test]
+    fn police_bytes_round_trip() {
+        let p = Police {
+            rate: 5_000_000,
+            burst: 65_536,
+            tokens: -1234,
+            last_ns: 0x0102_0304_0506_0708,
+            frac: 999_999,
+        };
+        let b = p.to_bytes();
+        assert_eq!(b[..8], [0u8; 8], "the lock word and the padding stay zero");
+        assert_eq!(b[8..16], 5_000_000u64.to_ne_bytes());
+        assert_eq!(Police::from_bytes(&b), p);
+        assert_eq!(p.describe(), "5000000 B/s, burst 65536 B");
+        assert_eq!(Police::default().describe(), "unset");
+        let s = IngressStats {
+            bytes: 1,
+            packets: 2,
+            policed_drops: 3,
+            blocked_drops: 4,
+        };
+        assert_eq!(IngressStats::from_array(s.to_array()), s);
+    }
 }

@@ -1,5 +1,5 @@
 //! The "ebpf" backend: an eBPF tc program decides per packet (volume, blocked scopes,
-//! classification), HTB shapes the rate.
+//! classification), HTB shapes the rate; a second one polices what arrives.
 //!
 //! * **Program** (`bpf/nicwarden.bpf.c`, compiled by `build.rs`, embedded): a direct-action
 //!   classifier on the fabric interface's clsact egress hook, preference
@@ -12,12 +12,12 @@
 //! * **Shaping** stays with tc: the same HTB layout as the tc backend ([`crate::plan`]) but
 //!   without u32 filters ([`Steering::SkbPriority`]): the program names each packet's class in
 //!   `skb->priority`. No nftables.
-//! * **Pins**: maps and program are pinned under the pin directory (the agent's convention:
-//!   [`EbpfDatapath::default_pin_dir`], `/sys/fs/bpf/nicwarden/<node>`); the filter holds the
-//!   program. A new `EbpfDatapath` over the same pin directory (an agent restart) finds the
-//!   maps, the program and the attachment and changes nothing: counters continue, none
-//!   counted twice, enforcement never stops. A new agent *build* loads its own program and
-//!   swaps it into the filter atomically, over the same maps.
+//! * **Pins**: maps and programs are pinned under the pin directory (the agent's convention:
+//!   [`EbpfDatapath::default_pin_dir`], `/sys/fs/bpf/nicwarden/<node>`); the filters hold the
+//!   programs. A new `EbpfDatapath` over the same pin directory (an agent restart) finds the
+//!   maps, the programs and the attachments and changes nothing: counters continue, none
+//!   counted twice, enforcement never stops. A new agent *build* loads its own programs and
+//!   swaps them into the filters atomically, over the same maps (creating the maps it adds).
 //!
 //! Reconcile order: maps first (they are the decision: a revocation, a block or a new volume
 //! is one config write, effective at once), then tc, then the attachment (only on first
@@ -25,10 +25,20 @@
 //! lands before the program is attached, so unsteered traffic falls to HTB's default class,
 //! which drops: fail closed throughout.
 //!
-//! Ingress (later): policing what arrives goes in the same object as a second program
-//! attached at clsact *ingress* with its own per-direction config and counters; the slot
-//! layout, the pinning and the attachment logic here carry over (`BpfOps` grows
-//! `attach_ingress`/`ingress_attachment`).
+//! * **Ingress policing** (the same object's second program, `nw_ingress`, on the clsact
+//!   *ingress* hook, same preference and handle): what arrives is looked up by its IPv4
+//!   *source* in the same trie (a peer scope's prefixes are that peer's addresses; a miss is
+//!   the egress scope), dropped if the scope is blocked (a node without a valid lease has no
+//!   fabric traffic in either direction) and otherwise admitted by the slot's token bucket at
+//!   the scope's rate with its HTB burst; so a peer without an agent (or with a lying one)
+//!   cannot push more at this node than this node's lease for that scope accepts. ARP and
+//!   everything that is not IPv4 passes. Counters: [`crate::IngressStats`] in
+//!   [`ScopeCounters::ingress`]. Both programs are attached, pinned, reused, repaired and
+//!   removed alike.
+//!
+//! Reconcile order, ingress: the policers are written with the other counters, before the
+//! configs (a scope opens with its bucket set); the ingress program is attached after the
+//! egress one.
 //!
 //! Namespaces and threads: the real [`BpfOps`] speaks netlink (and runs `tc`) in the network
 //! namespace of the *calling thread*; call every method of an `EbpfDatapath` from a thread
@@ -43,8 +53,8 @@ pub mod ops;
 mod tests;
 
 pub use fake::{FakeBpf, Verdict};
-pub use maps::{ScopeConfig, ScopeStats};
-pub use ops::{Attachment, BpfOps, RealBpf};
+pub use maps::{Police, ScopeConfig, ScopeStats};
+pub use ops::{Attachment, BpfOps, Hook, RealBpf};
 
 use crate::ops::{RealTc, TcOps};
 use crate::plan::{Plan, Steering};
@@ -170,6 +180,8 @@ impl EbpfDatapath {
         for slot in maps::slots_to_read(plan, &configs) {
             kernel.used.insert(slot, self.bpf.used(slot)?);
             kernel.stats.insert(slot, self.bpf.stats(slot)?);
+            kernel.police.insert(slot, self.bpf.police(slot)?);
+            kernel.ingress.insert(slot, self.bpf.ingress_stats(slot)?);
         }
         kernel.configs = configs;
         kernel.destinations = self.bpf.destinations()?;
@@ -185,6 +197,10 @@ impl EbpfDatapath {
                 MapWrite::Used { slot, used } => self.bpf.set_used(*slot, *used)?,
                 MapWrite::Stats { slot, stats } => self.bpf.set_stats(*slot, stats)?,
                 MapWrite::Config { slot, config } => self.bpf.set_config(*slot, config)?,
+                MapWrite::Police { slot, police } => self.bpf.set_police(*slot, police)?,
+                MapWrite::IngressStats { slot, stats } => {
+                    self.bpf.set_ingress_stats(*slot, stats)?
+                }
                 MapWrite::Destination { net, slot } => self.bpf.set_destination(*net, *slot)?,
                 MapWrite::RemoveDestination { net } => self.bpf.remove_destination(*net)?,
             }
@@ -193,27 +209,33 @@ impl EbpfDatapath {
         Ok(changes)
     }
 
+    /// Attaches both programs where they are missing or something else took their slot.
     fn reconcile_attach(&mut self) -> Result<Vec<Change>, DatapathError> {
+        let mut changes = Vec::new();
+        for hook in Hook::ALL {
+            changes.extend(self.reconcile_hook(hook)?);
+        }
+        Ok(changes)
+    }
+
+    fn reconcile_hook(&mut self, hook: Hook) -> Result<Option<Change>, DatapathError> {
         let dev = self.tc.dev().to_string();
-        let was = match self.bpf.egress_attachment(&dev)? {
-            Attachment::Ours => return Ok(Vec::new()),
+        let was = match self.bpf.attachment(&dev, hook)? {
+            Attachment::Ours => return Ok(None),
             Attachment::None => None,
             Attachment::Other(what) => Some(what),
         };
-        self.bpf.attach_egress(&dev)?;
+        self.bpf.attach(&dev, hook)?;
+        let (program, name) = (hook.program(), hook.name());
         let text = match was {
             None => format!(
-                "program {} attached to {dev} egress (clsact, pref {}, handle {:#x})",
-                maps::PROGRAM,
+                "program {program} attached to {dev} {name} (clsact, pref {}, handle {:#x})",
                 ops::FILTER_PREF,
                 ops::FILTER_HANDLE
             ),
-            Some(what) => format!(
-                "program {} attached to {dev} egress, replacing {what}",
-                maps::PROGRAM
-            ),
+            Some(what) => format!("program {program} attached to {dev} {name}, replacing {what}"),
         };
-        Ok(vec![Change(format!("ebpf: {text}"))])
+        Ok(Some(Change(format!("ebpf: {text}"))))
     }
 }
 
@@ -319,10 +341,12 @@ impl EbpfDatapath {
                     })
                 }
             };
+            let ingress = self.bpf.ingress_stats(slot)?;
             out.push(ScopeCounters {
                 scope: s.scope.clone(),
                 class,
                 lease,
+                ingress,
             });
         }
         Ok(out)
@@ -332,9 +356,11 @@ impl EbpfDatapath {
         self.applied = None;
         self.current = None;
         let dev = self.tc.dev().to_string();
-        // The program first: traffic then falls to HTB's drop class until the root goes.
+        // The programs first: egress traffic then falls to HTB's drop class until the root
+        // goes; ingress is no longer policed.
         let results = [
-            self.bpf.detach_egress(&dev).map(|_| ()),
+            self.bpf.detach(&dev, Hook::Egress).map(|_| ()),
+            self.bpf.detach(&dev, Hook::Ingress).map(|_| ()),
             self.tc.remove(),
             self.bpf.unpin(&self.pin_dir).map(|_| ()),
         ];

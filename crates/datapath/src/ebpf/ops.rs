@@ -8,10 +8,11 @@
 //! pins live on the bpf filesystem of the caller's mount namespace.
 
 use super::maps::{
-    ScopeConfig, ScopeStats, DST_MAX, MAP_CONFIG, MAP_DST, MAP_STATS, MAP_USED, PROGRAM, SLOTS,
+    Police, ScopeConfig, ScopeStats, DST_MAX, MAP_CONFIG, MAP_DST, MAP_ISTATS, MAP_POLICE,
+    MAP_STATS, MAP_USED, PROGRAM, PROGRAM_INGRESS, SLOTS,
 };
 use crate::ops::run;
-use crate::DatapathError;
+use crate::{DatapathError, IngressStats};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
 use aya::programs::links::Link as _;
@@ -32,14 +33,54 @@ use std::process::Command;
 pub(crate) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nicwarden.bpf.o"));
 
-/// Preference of our filter on the clsact egress hook (first, before anything else).
+/// Preference of our filter on each clsact hook (first, before anything else).
 pub const FILTER_PREF: u16 = 1;
 /// Handle of our filter at [`FILTER_PREF`].
 pub const FILTER_HANDLE: u32 = 1;
 /// Where the bpf filesystem is mounted when it is missing.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
-/// What sits at our filter slot (clsact egress, pref [`FILTER_PREF`], handle [`FILTER_HANDLE`]).
+/// `BPF_F_LOCK`: a map read or write of a value with a `bpf_spin_lock` takes the lock.
+const BPF_F_LOCK: u64 = 4;
+
+/// A clsact hook and the program nicwarden attaches there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    /// `nw_egress`: volume, blocked scopes, HTB steering.
+    Egress,
+    /// `nw_ingress`: policing what arrives.
+    Ingress,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 2] = [Hook::Egress, Hook::Ingress];
+
+    /// "egress" or "ingress", as tc names the hook.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Egress => "egress",
+            Hook::Ingress => "ingress",
+        }
+    }
+
+    /// The program attached at this hook.
+    pub fn program(self) -> &'static str {
+        match self {
+            Hook::Egress => PROGRAM,
+            Hook::Ingress => PROGRAM_INGRESS,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::Egress => TcAttachType::Egress,
+            Hook::Ingress => TcAttachType::Ingress,
+        }
+    }
+}
+
+/// What sits at our filter slot of a hook (clsact egress or ingress, pref [`FILTER_PREF`],
+/// handle [`FILTER_HANDLE`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attachment {
     /// Nothing (or no clsact qdisc at all).
@@ -53,19 +94,21 @@ pub enum Attachment {
 /// What the eBPF backend needs from the kernel's bpf subsystem. `open` comes first; the map
 /// calls fail until it succeeded. Slots and layouts: see [`super::maps`].
 pub trait BpfOps: Send {
-    /// Loads the program and its maps, reusing what is pinned under `pin_dir` (maps by name,
-    /// the program by a hash of its code) and creating and pinning what is missing (mounting
-    /// the bpf filesystem first if needed). When already open, re-pins what was unpinned
-    /// behind its back. Returns what it created or re-pinned (empty: everything reused).
+    /// Loads the programs and their maps, reusing what is pinned under `pin_dir` (maps by
+    /// name, each program by a hash of the object) and creating and pinning what is missing
+    /// (mounting the bpf filesystem first if needed). When already open, re-pins what was
+    /// unpinned behind its back. Returns what it created or re-pinned (empty: everything
+    /// reused).
     fn open(&mut self, pin_dir: &Path) -> Result<Vec<String>, DatapathError>;
-    /// What is attached at our filter slot on `dev`'s egress.
-    fn egress_attachment(&mut self, dev: &str) -> Result<Attachment, DatapathError>;
-    /// Attaches our program at our filter slot on `dev`'s egress (adding the clsact qdisc if
-    /// missing), replacing atomically whatever sits there. The attachment outlives the process.
-    fn attach_egress(&mut self, dev: &str) -> Result<(), DatapathError>;
-    /// Removes the filter at our slot (and the clsact qdisc if nothing else uses it); false if
-    /// there was nothing to remove.
-    fn detach_egress(&mut self, dev: &str) -> Result<bool, DatapathError>;
+    /// What is attached at our filter slot on `dev`'s `hook`.
+    fn attachment(&mut self, dev: &str, hook: Hook) -> Result<Attachment, DatapathError>;
+    /// Attaches the hook's program at our filter slot on `dev`'s `hook` (adding the clsact
+    /// qdisc if missing), replacing atomically whatever sits there. The attachment outlives
+    /// the process.
+    fn attach(&mut self, dev: &str, hook: Hook) -> Result<(), DatapathError>;
+    /// Removes the filter at our slot of `hook` (and the clsact qdisc if nothing else uses
+    /// it); false if there was nothing to remove.
+    fn detach(&mut self, dev: &str, hook: Hook) -> Result<bool, DatapathError>;
     /// `nw_config`, every slot.
     fn configs(&mut self) -> Result<Vec<ScopeConfig>, DatapathError>;
     /// `nw_config` of one slot.
@@ -82,35 +125,51 @@ pub trait BpfOps: Send {
     fn stats(&mut self, slot: u32) -> Result<ScopeStats, DatapathError>;
     /// Sets a slot's stats: `stats` on one CPU, zero on the others.
     fn set_stats(&mut self, slot: u32, stats: &ScopeStats) -> Result<(), DatapathError>;
-    /// Closes the maps and program and removes everything pinned under `pin_dir`, and the
+    /// `nw_police` of a slot (read under its lock).
+    fn police(&mut self, slot: u32) -> Result<Police, DatapathError>;
+    /// Writes a slot's policer as given (under its lock).
+    fn set_police(&mut self, slot: u32, police: &Police) -> Result<(), DatapathError>;
+    /// `nw_istats` of a slot, summed over CPUs.
+    fn ingress_stats(&mut self, slot: u32) -> Result<IngressStats, DatapathError>;
+    /// Sets a slot's ingress stats: `stats` on one CPU, zero on the others.
+    fn set_ingress_stats(&mut self, slot: u32, stats: &IngressStats) -> Result<(), DatapathError>;
+    /// Closes the maps and programs and removes everything pinned under `pin_dir`, and the
     /// directory; false if there was nothing.
     fn unpin(&mut self, pin_dir: &Path) -> Result<bool, DatapathError>;
 }
 
-/// The pin file name of the program built into this binary: its name and a hash of the
-/// object, so that a new agent version loads (and atomically swaps in) its own program while
-/// reusing the pinned maps.
-pub fn program_pin_name() -> String {
+/// The pin file name of a program built into this binary (`program`: [`Hook::program`]): its
+/// name and a hash of the object, so that a new agent version loads (and atomically swaps in)
+/// its own programs while reusing the pinned maps.
+pub fn program_pin_name(program: &str) -> String {
     // FNV-1a, 64 bit: stable across builds and platforms, no dependency.
     let hash = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
-    format!("{PROGRAM}_{hash:016x}")
+    format!("{program}_{hash:016x}")
 }
 
 fn nl_err(op: String) -> impl FnOnce(io::Error) -> DatapathError {
     move |e| DatapathError::bpf(op, &e)
 }
 
-/// The bpf maps and program, open.
+/// One program, open, and where it is pinned.
+struct Prog {
+    prog: SchedClassifier,
+    pin: PathBuf,
+}
+
+/// The bpf maps and programs, open.
 struct Opened {
     pin_dir: PathBuf,
     dst: Map,
     config: Map,
     stats: Map,
     used: Map,
-    prog: SchedClassifier,
-    prog_pin: PathBuf,
+    police: Map,
+    istats: Map,
+    egress: Prog,
+    ingress: Prog,
 }
 
 /// [`BpfOps`] over aya and the running kernel.
@@ -133,7 +192,7 @@ impl RealBpf {
 }
 
 /// The expected shape of each pinned map: (name, type, key size, value size, entries).
-const MAP_SHAPES: [(&str, MapType, u32, u32, u32); 4] = [
+const MAP_SHAPES: [(&str, MapType, u32, u32, u32); 6] = [
     (MAP_DST, MapType::LpmTrie, 8, 4, DST_MAX as u32),
     (
         MAP_CONFIG,
@@ -144,6 +203,8 @@ const MAP_SHAPES: [(&str, MapType, u32, u32, u32); 4] = [
     ),
     (MAP_STATS, MapType::PerCpuArray, 4, 32, SLOTS),
     (MAP_USED, MapType::Array, 4, 8, SLOTS),
+    (MAP_POLICE, MapType::Array, 4, Police::SIZE as u32, SLOTS),
+    (MAP_ISTATS, MapType::PerCpuArray, 4, 32, SLOTS),
 ];
 
 fn check_shape(path: &Path, shape: &(&str, MapType, u32, u32, u32)) -> Result<u32, DatapathError> {
@@ -228,76 +289,25 @@ impl Opened {
         let config = take_map(&mut ebpf, MAP_CONFIG)?;
         let stats = take_map(&mut ebpf, MAP_STATS)?;
         let used = take_map(&mut ebpf, MAP_USED)?;
-
-        // The program: the pinned one if it is this build's and uses these maps.
-        let prog_pin = pin_dir.join(program_pin_name());
-        let pinned = if prog_pin.exists() {
-            let op = || format!("open pinned program {}", prog_pin.display());
-            let prog =
-                SchedClassifier::from_pin(&prog_pin).map_err(|e| DatapathError::bpf(op(), &e))?;
-            let info = prog.info().map_err(|e| DatapathError::bpf(op(), &e))?;
-            let mut ids = info
-                .map_ids()
-                .map_err(|e| DatapathError::bpf(op(), &e))?
-                .unwrap_or_default();
-            ids.sort_unstable();
-            if ids == map_ids {
-                Some(prog)
-            } else {
-                // Pinned maps re-created behind its back: this program counts into maps
-                // nobody can read. Replace it.
-                std::fs::remove_file(&prog_pin).map_err(|e| {
-                    DatapathError::bpf(format!("unpin stale program {}", prog_pin.display()), &e)
-                })?;
-                created.push(format!(
-                    "program at {} used other maps ({ids:?}, not {map_ids:?}): replaced",
-                    prog_pin.display()
-                ));
-                None
-            }
-        } else {
-            None
-        };
-        let prog = match pinned {
-            Some(p) => p,
-            None => {
-                let op = || format!("load tc program {PROGRAM}");
-                let p: &mut SchedClassifier = ebpf
-                    .program_mut(PROGRAM)
-                    .ok_or_else(|| DatapathError::Bpf {
-                        op: op(),
-                        detail: "not in the compiled eBPF object".to_string(),
-                    })?
-                    .try_into()
-                    .map_err(|e: ProgramError| DatapathError::bpf(op(), &e))?;
-                p.load().map_err(|e| DatapathError::bpf(op(), &e))?;
-                p.pin(&prog_pin).map_err(|e| {
-                    DatapathError::bpf(
-                        format!("pin program {PROGRAM} at {}", prog_pin.display()),
-                        &e,
-                    )
-                })?;
-                created.push(format!(
-                    "program {PROGRAM} loaded, pinned at {}",
-                    prog_pin.display()
-                ));
-                SchedClassifier::from_pin(&prog_pin).map_err(|e| {
-                    DatapathError::bpf(format!("open pinned program {}", prog_pin.display()), &e)
-                })?
-            }
-        };
-        // `ebpf` (and its unpinned copy of the program) is dropped here; the pins keep the
+        let police = take_map(&mut ebpf, MAP_POLICE)?;
+        let istats = take_map(&mut ebpf, MAP_ISTATS)?;
+        let egress = Prog::load(&mut ebpf, pin_dir, Hook::Egress, &map_ids, created)?;
+        let ingress = Prog::load(&mut ebpf, pin_dir, Hook::Ingress, &map_ids, created)?;
+        // `ebpf` (and its unpinned copies of the programs) is dropped here; the pins keep the
         // kernel objects.
 
-        // Programs of other builds: the filter keeps the attached one alive until ours
-        // replaces it; their pins only hold memory.
-        let own = program_pin_name();
+        // Programs of other builds: the filters keep the attached ones alive until ours
+        // replace them; their pins only hold memory.
         let entries = std::fs::read_dir(pin_dir).map_err(|e| {
             DatapathError::bpf(format!("list pin directory {}", pin_dir.display()), &e)
         })?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("{PROGRAM}_")) && name != own {
+            let old = Hook::ALL.iter().any(|h| {
+                name.starts_with(&format!("{}_", h.program()))
+                    && name != program_pin_name(h.program())
+            });
+            if old {
                 std::fs::remove_file(entry.path()).map_err(|e| {
                     DatapathError::bpf(format!("unpin old program {}", entry.path().display()), &e)
                 })?;
@@ -311,8 +321,10 @@ impl Opened {
             config,
             stats,
             used,
-            prog,
-            prog_pin,
+            police,
+            istats,
+            egress,
+            ingress,
         })
     }
 
@@ -331,6 +343,8 @@ impl Opened {
             (MAP_CONFIG, &self.config),
             (MAP_STATS, &self.stats),
             (MAP_USED, &self.used),
+            (MAP_POLICE, &self.police),
+            (MAP_ISTATS, &self.istats),
         ] {
             let path = self.pin_dir.join(name);
             if !path.exists() {
@@ -340,20 +354,94 @@ impl Opened {
                 created.push(format!("map {name} re-pinned at {}", path.display()));
             }
         }
-        if !self.prog_pin.exists() {
-            self.prog.pin(&self.prog_pin).map_err(|e| {
-                DatapathError::bpf(format!("re-pin program at {}", self.prog_pin.display()), &e)
-            })?;
-            created.push(format!("program re-pinned at {}", self.prog_pin.display()));
+        for p in [&mut self.egress, &mut self.ingress] {
+            if !p.pin.exists() {
+                p.prog.pin(&p.pin).map_err(|e| {
+                    DatapathError::bpf(format!("re-pin program at {}", p.pin.display()), &e)
+                })?;
+                created.push(format!("program re-pinned at {}", p.pin.display()));
+            }
         }
         Ok(())
     }
 
-    fn program_id(&self) -> Result<u32, DatapathError> {
-        self.prog
-            .info()
-            .map(|i| i.id())
-            .map_err(|e| DatapathError::bpf(format!("read the id of program {PROGRAM}"), &e))
+    fn prog(&mut self, hook: Hook) -> &mut Prog {
+        match hook {
+            Hook::Egress => &mut self.egress,
+            Hook::Ingress => &mut self.ingress,
+        }
+    }
+}
+
+impl Prog {
+    /// The hook's program: the pinned one if it is this build's and uses only these maps
+    /// (`map_ids`, sorted), else loaded from the object and pinned.
+    fn load(
+        ebpf: &mut Ebpf,
+        pin_dir: &Path,
+        hook: Hook,
+        map_ids: &[u32],
+        created: &mut Vec<String>,
+    ) -> Result<Prog, DatapathError> {
+        let name = hook.program();
+        let pin = pin_dir.join(program_pin_name(name));
+        let pinned = if pin.exists() {
+            let op = || format!("open pinned program {}", pin.display());
+            let prog = SchedClassifier::from_pin(&pin).map_err(|e| DatapathError::bpf(op(), &e))?;
+            let info = prog.info().map_err(|e| DatapathError::bpf(op(), &e))?;
+            let ids = info
+                .map_ids()
+                .map_err(|e| DatapathError::bpf(op(), &e))?
+                .unwrap_or_default();
+            if ids.iter().all(|id| map_ids.binary_search(id).is_ok()) {
+                Some(prog)
+            } else {
+                // Pinned maps re-created behind its back: this program counts into maps
+                // nobody can read. Replace it.
+                std::fs::remove_file(&pin).map_err(|e| {
+                    DatapathError::bpf(format!("unpin stale program {}", pin.display()), &e)
+                })?;
+                created.push(format!(
+                    "program at {} used other maps ({ids:?}, not among {map_ids:?}): replaced",
+                    pin.display()
+                ));
+                None
+            }
+        } else {
+            None
+        };
+        let prog = match pinned {
+            Some(p) => p,
+            None => {
+                let op = || format!("load tc program {name}");
+                let p: &mut SchedClassifier = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| DatapathError::Bpf {
+                        op: op(),
+                        detail: "not in the compiled eBPF object".to_string(),
+                    })?
+                    .try_into()
+                    .map_err(|e: ProgramError| DatapathError::bpf(op(), &e))?;
+                p.load().map_err(|e| DatapathError::bpf(op(), &e))?;
+                p.pin(&pin).map_err(|e| {
+                    DatapathError::bpf(format!("pin program {name} at {}", pin.display()), &e)
+                })?;
+                created.push(format!(
+                    "program {name} loaded, pinned at {}",
+                    pin.display()
+                ));
+                SchedClassifier::from_pin(&pin).map_err(|e| {
+                    DatapathError::bpf(format!("open pinned program {}", pin.display()), &e)
+                })?
+            }
+        };
+        Ok(Prog { prog, pin })
+    }
+
+    fn id(&self, hook: Hook) -> Result<u32, DatapathError> {
+        self.prog.info().map(|i| i.id()).map_err(|e| {
+            DatapathError::bpf(format!("read the id of program {}", hook.program()), &e)
+        })
     }
 }
 
@@ -372,9 +460,12 @@ impl BpfOps for RealBpf {
         Ok(created)
     }
 
-    fn egress_attachment(&mut self, dev: &str) -> Result<Attachment, DatapathError> {
-        let ours = self.opened("query the tc egress program")?.program_id()?;
-        let filters = list_filters(dev, "egress")?;
+    fn attachment(&mut self, dev: &str, hook: Hook) -> Result<Attachment, DatapathError> {
+        let ours = self
+            .opened(&format!("query the tc {} program", hook.name()))?
+            .prog(hook)
+            .id(hook)?;
+        let filters = list_filters(dev, hook.name())?;
         Ok(
             match filters
                 .iter()
@@ -387,9 +478,13 @@ impl BpfOps for RealBpf {
         )
     }
 
-    fn attach_egress(&mut self, dev: &str) -> Result<(), DatapathError> {
-        let op = format!("attach tc egress program {PROGRAM} on {dev}");
-        let o = self.opened(&op)?;
+    fn attach(&mut self, dev: &str, hook: Hook) -> Result<(), DatapathError> {
+        let op = format!(
+            "attach tc {} program {} on {dev}",
+            hook.name(),
+            hook.program()
+        );
+        let prog = &mut self.opened(&op)?.prog(hook).prog;
         match tc::qdisc_add_clsact(dev) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -399,47 +494,42 @@ impl BpfOps for RealBpf {
             priority: FILTER_PREF,
             handle: FILTER_HANDLE,
         });
-        let id = match o
-            .prog
-            .attach_with_options(dev, TcAttachType::Egress, options)
-        {
+        let id = match prog.attach_with_options(dev, hook.attach_type(), options) {
             Ok(id) => id,
             Err(e) if is_exists(&e) => {
                 // Something sits at our slot: replace it in place (one atomic filter change).
                 let link = SchedClassifierLink::attached(
                     dev,
-                    TcAttachType::Egress,
+                    hook.attach_type(),
                     FILTER_PREF,
                     FILTER_HANDLE,
                 )
                 .map_err(nl_err(op.clone()))?;
-                o.prog
-                    .attach_to_link(link)
+                prog.attach_to_link(link)
                     .map_err(|e| DatapathError::bpf(op.clone(), &e))?
             }
             Err(e) => return Err(DatapathError::bpf(op, &e)),
         };
-        let link = o
-            .prog
+        let link = prog
             .take_link(id)
             .map_err(|e| DatapathError::bpf(op.clone(), &e))?;
         // The filter must outlive this process (the kernel keeps enforcing when the agent is
         // gone), and the link's Drop would detach it. A netlink tc link owns no file
-        // descriptor (the filter is named by interface, preference and handle), so
+        // descriptor (the filter is named by interface, hook, preference and handle), so
         // forgetting it leaks nothing.
         std::mem::forget(link);
         Ok(())
     }
 
-    fn detach_egress(&mut self, dev: &str) -> Result<bool, DatapathError> {
-        let op = format!("detach tc egress program on {dev}");
+    fn detach(&mut self, dev: &str, hook: Hook) -> Result<bool, DatapathError> {
+        let op = format!("detach tc {} program on {dev}", hook.name());
         let mut removed = false;
-        let filters = list_filters(dev, "egress")?;
+        let filters = list_filters(dev, hook.name())?;
         if filters
             .iter()
             .any(|f| f.pref == FILTER_PREF && f.handle == Some(FILTER_HANDLE))
         {
-            SchedClassifierLink::attached(dev, TcAttachType::Egress, FILTER_PREF, FILTER_HANDLE)
+            SchedClassifierLink::attached(dev, hook.attach_type(), FILTER_PREF, FILTER_HANDLE)
                 .map_err(nl_err(op.clone()))?
                 .detach()
                 .map_err(|e| DatapathError::bpf(op.clone(), &e))?;
@@ -548,15 +638,43 @@ impl BpfOps for RealBpf {
         let op = || format!("write slot {slot} of map {MAP_STATS}");
         let mut array: PerCpuArray<&mut MapData, [u64; 4]> =
             map_op(op, PerCpuArray::try_from(&mut o.stats))?;
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| DatapathError::Bpf {
-            op: op(),
-            detail: format!("count CPUs ({what}): {e}"),
-        })?;
-        let mut values = vec![[0u64; 4]; cpus];
-        if let Some(first) = values.first_mut() {
-            *first = stats.to_array();
+        let values = one_cpu(op, stats.to_array())?;
+        map_op(op, array.set(slot, values, 0))
+    }
+
+    fn police(&mut self, slot: u32) -> Result<Police, DatapathError> {
+        let o = self.opened("read map nw_police")?;
+        let op = || format!("read slot {slot} of map {MAP_POLICE}");
+        let array: Array<&MapData, [u8; Police::SIZE]> = map_op(op, Array::try_from(&o.police))?;
+        map_op(op, array.get(&slot, BPF_F_LOCK)).map(|b| Police::from_bytes(&b))
+    }
+
+    fn set_police(&mut self, slot: u32, police: &Police) -> Result<(), DatapathError> {
+        let o = self.opened("write map nw_police")?;
+        let op = || format!("write slot {slot} of map {MAP_POLICE}");
+        let mut array: Array<&mut MapData, [u8; Police::SIZE]> =
+            map_op(op, Array::try_from(&mut o.police))?;
+        map_op(op, array.set(slot, police.to_bytes(), BPF_F_LOCK))
+    }
+
+    fn ingress_stats(&mut self, slot: u32) -> Result<IngressStats, DatapathError> {
+        let o = self.opened("read map nw_istats")?;
+        let op = || format!("read slot {slot} of map {MAP_ISTATS}");
+        let array: PerCpuArray<&MapData, [u64; 4]> = map_op(op, PerCpuArray::try_from(&o.istats))?;
+        let per_cpu = map_op(op, array.get(&slot, 0))?;
+        let mut sum = IngressStats::default();
+        for v in per_cpu.iter() {
+            sum.add(&IngressStats::from_array(*v));
         }
-        let values = PerCpuValues::try_from(values).map_err(|e| DatapathError::bpf(op(), &e))?;
+        Ok(sum)
+    }
+
+    fn set_ingress_stats(&mut self, slot: u32, stats: &IngressStats) -> Result<(), DatapathError> {
+        let o = self.opened("write map nw_istats")?;
+        let op = || format!("write slot {slot} of map {MAP_ISTATS}");
+        let mut array: PerCpuArray<&mut MapData, [u64; 4]> =
+            map_op(op, PerCpuArray::try_from(&mut o.istats))?;
+        let values = one_cpu(op, stats.to_array())?;
         map_op(op, array.set(slot, values, 0))
     }
 
@@ -571,6 +689,22 @@ impl BpfOps for RealBpf {
         })?;
         Ok(true)
     }
+}
+
+/// Per-CPU values: `first` on the first CPU, zero on the others.
+fn one_cpu(
+    op: impl Fn() -> String,
+    first: [u64; 4],
+) -> Result<PerCpuValues<[u64; 4]>, DatapathError> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| DatapathError::Bpf {
+        op: op(),
+        detail: format!("count CPUs ({what}): {e}"),
+    })?;
+    let mut values = vec![[0u64; 4]; cpus];
+    if let Some(v) = values.first_mut() {
+        *v = first;
+    }
+    PerCpuValues::try_from(values).map_err(|e| DatapathError::bpf(op(), &e))
 }
 
 /// One filter on a clsact hook, from `tc -j filter show dev DEV egress|ingress`.
@@ -786,9 +920,13 @@ mod tests {
 
     #[test]
     fn program_pin_name_is_stable() {
-        let name = program_pin_name();
-        assert_eq!(name, program_pin_name());
-        assert!(name.starts_with("nw_egress_") && name.len() == "nw_egress_".len() + 16);
+        for hook in Hook::ALL {
+            let name = program_pin_name(hook.program());
+            assert_eq!(name, program_pin_name(hook.program()));
+            let prefix = format!("{}_", hook.program());
+            assert!(name.starts_with(&prefix) && name.len() == prefix.len() + 16);
+        }
+        assert_ne!(program_pin_name(PROGRAM), program_pin_name(PROGRAM_INGRESS));
     }
 
     #[test]

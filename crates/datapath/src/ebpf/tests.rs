@@ -1,11 +1,13 @@
 //! The eBPF backend's reconcile logic against the in-memory bpf subsystem ([`FakeBpf`]) and
 //! the in-memory tc ([`FakeKernel`]).
 
-use super::maps::{ScopeConfig, ScopeStats, MODE_LEASE};
-use super::{EbpfDatapath, FakeBpf, Verdict};
+use super::maps::{Police, ScopeConfig, ScopeStats, MODE_LEASE};
+use super::{EbpfDatapath, FakeBpf, Hook, Verdict};
 use crate::fake::fixtures::{egress, floor, lease, peer};
 use crate::fake::FakeKernel;
-use crate::{ClassStats, Datapath, DesiredState, LeaseCounters, ScopeCounters, ScopeSpec};
+use crate::{
+    ClassStats, Datapath, DesiredState, IngressStats, LeaseCounters, ScopeCounters, ScopeSpec,
+};
 use nicwarden_lease::{LeaseId, Scope};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -51,14 +53,22 @@ impl Node {
     fn datapath(&self) -> EbpfDatapath {
         self.bpf.datapath(&self.tc, &self.dir)
     }
-    /// The maps, rendered: non-empty slots (config, used, stats) and destinations.
+    /// The maps, rendered: non-empty slots (config, used, stats, policer rate and burst,
+    /// ingress stats) and destinations.
     fn maps(&self) -> Vec<String> {
         let mut out = Vec::new();
         for slot in 0..super::maps::SLOTS {
             let config = self.bpf.config(&self.dir, slot).unwrap_or_default();
             let used = self.bpf.used(&self.dir, slot).unwrap_or(0);
             let stats = self.bpf.stats(&self.dir, slot).unwrap_or_default();
-            if config.is_cleared() && used == 0 && stats == ScopeStats::default() {
+            let police = self.bpf.police(&self.dir, slot).unwrap_or_default();
+            let ingress = self.bpf.ingress_stats(&self.dir, slot).unwrap_or_default();
+            if config.is_cleared()
+                && used == 0
+                && stats == ScopeStats::default()
+                && police == Police::default()
+                && ingress == IngressStats::default()
+            {
                 continue;
             }
             let mut line = format!("slot {slot}: {}", config.describe());
@@ -67,6 +77,12 @@ impl Node {
             }
             if stats != ScopeStats::default() {
                 line.push_str(&format!(", stats {:?}", stats.to_array()));
+            }
+            if police.setting() != (0, 0) {
+                line.push_str(&format!(", police {}/{}", police.rate, police.burst));
+            }
+            if ingress != IngressStats::default() {
+                line.push_str(&format!(", ingress {:?}", ingress.to_array()));
             }
             out.push(line);
         }
@@ -80,6 +96,24 @@ impl Node {
         (0..n)
             .filter(|_| matches!(self.bpf.packet(dst, len), Verdict::Pass(_)))
             .count() as u64
+    }
+    /// `n` packets of `len` IP bytes arrive from `src` (None: not IPv4), all at `now_ns`;
+    /// returns how many passed.
+    fn receive(&self, src: Option<Ipv4Addr>, n: u64, len: u64, now_ns: u64) -> u64 {
+        (0..n)
+            .filter(|_| self.bpf.arrive(src, len, now_ns) == Verdict::Pass(0))
+            .count() as u64
+    }
+    /// Our programs attached at both hooks (and clsact present).
+    fn attached_ours(&self) -> bool {
+        Hook::ALL.iter().all(|h| {
+            self.bpf.attached(*h).is_some()
+                && self.bpf.attached(*h) == self.bpf.pinned_program(&self.dir, *h)
+        }) && self.bpf.clsact()
+    }
+    /// Nothing attached at either hook, no clsact.
+    fn nothing_attached(&self) -> bool {
+        Hook::ALL.iter().all(|h| self.bpf.attached(*h).is_none()) && !self.bpf.clsact()
     }
 }
 
@@ -118,7 +152,7 @@ fn map_contents_for_desired_states() {
         let n = Node::new();
         apply(&mut n.datapath(), &desired);
         assert_eq!(n.maps(), expect);
-        assert_eq!(n.bpf.attached(), (n.bpf.pinned_program(&n.dir), true));
+        assert!(n.attached_ours());
     }
     check(
         state(vec![egress(floor(0))]),
@@ -126,13 +160,14 @@ fn map_contents_for_desired_states() {
     );
     check(
         state(vec![egress(floor(2_000_000))]),
-        &["slot 0: floor -> class 1:10"],
+        &["slot 0: floor -> class 1:10, police 250000/65536"],
     );
+    // Policers at the scope's rate in bytes/s with its HTB burst; none for a blocked scope.
     check(
         three_scopes(),
         &[
-            "slot 0: lease 7 (volume 1000000 B) -> class 1:10, used 500",
-            "slot 1: lease 9 (no volume) -> class 1:100",
+            "slot 0: lease 7 (volume 1000000 B) -> class 1:10, used 500, police 12500000/65536",
+            "slot 1: lease 9 (no volume) -> class 1:100, police 1250000/65536",
             "slot 2: blocked (class 1:101)",
             "dst 198.18.0.2/32 -> slot 1",
             "dst 198.18.0.3/32 -> slot 2",
@@ -151,8 +186,8 @@ fn map_contents_for_desired_states() {
         ]),
         &[
             "slot 0: blocked (class 1:10)",
-            "slot 1: lease 3 (volume 10000 B) -> class 1:100, used 10000",
-            "slot 2: floor -> class 1:101",
+            "slot 1: lease 3 (volume 10000 B) -> class 1:100, used 10000, police 125000000/625000",
+            "slot 2: floor -> class 1:101, police 125000/65536",
             "dst 10.0.0.0/8 -> slot 2",
             "dst 198.19.0.0/23 -> slot 1",
             "dst 198.19.8.8/32 -> slot 1",
@@ -173,9 +208,12 @@ fn first_install_reports_changes_and_installs_no_filters() {
             "ebpf: bpf filesystem mounted on /sys/fs/bpf".to_string(),
             format!("ebpf: maps created, pinned under {dir}"),
             "ebpf: program nw_egress loaded, pinned".to_string(),
+            "ebpf: program nw_ingress loaded, pinned".to_string(),
             "ebpf: scope egress (slot 0): lease 7 counted from 500 B (volume 1000000 B)".to_string(),
+            "ebpf: scope egress (slot 0): ingress policed at 12500000 B/s, burst 65536 B (was unset)".to_string(),
             "ebpf: scope egress (slot 0): lease 7 (volume 1000000 B) -> class 1:10 (was unset)".to_string(),
             "ebpf: scope peer:b (slot 1): lease 9 counted from 0 B (no volume)".to_string(),
+            "ebpf: scope peer:b (slot 1): ingress policed at 1250000 B/s, burst 65536 B (was unset)".to_string(),
             "ebpf: scope peer:b (slot 1): lease 9 (no volume) -> class 1:100 (was unset)".to_string(),
             "ebpf: scope peer:c (slot 2): blocked (class 1:101) (was unset)".to_string(),
             "ebpf: destination 198.18.0.2/32 -> peer:b added".to_string(),
@@ -187,6 +225,7 @@ fn first_install_reports_changes_and_installs_no_filters() {
             "tc: class 1:100 (peer:b) added: rate 10000000 bit/s, burst 65536 B, quantum 125000, leaf pfifo limit 1000".to_string(),
             "tc: class 1:101 (peer:c) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)".to_string(),
             "ebpf: program nw_egress attached to fab0 egress (clsact, pref 1, handle 0x1)".to_string(),
+            "ebpf: program nw_ingress attached to fab0 ingress (clsact, pref 1, handle 0x1)".to_string(),
         ]
     );
     assert_eq!(n.tc.filter_counts(), vec![]);
@@ -232,6 +271,8 @@ fn reapply_is_a_no_op_and_restart_continues() {
         n.send(Some(OTHER), 3, 100);
         n.send(Some(B), 2, 200);
         n.send(Some(C), 1, 300);
+        n.receive(Some(B), 4, 200, T0);
+        n.receive(Some(C), 5, 200, T0);
         let before = counters(&mut dp);
         let maps = n.maps();
         n.bpf.take_log();
@@ -243,10 +284,11 @@ fn reapply_is_a_no_op_and_restart_continues() {
         assert_eq!(n.tc.take_log(), Vec::<String>::new());
         assert_eq!(n.maps(), maps);
         assert_eq!(counters(&mut restarted), before);
-        // And they continue from there.
+        // And they continue from there, the buckets with them.
         n.send(Some(OTHER), 1, 100);
         n.send(Some(B), 1, 100);
         n.send(Some(C), 1, 100);
+        n.receive(Some(B), 1, 100, T0);
         assert_ne!(counters(&mut restarted), before);
     }
     check(three_scopes());
@@ -342,12 +384,16 @@ fn same_lease_keeps_used() {
     apply(&mut dp, &with(100_000_000, 0));
     n.send(Some(OTHER), 10, 1000);
     n.bpf.take_log();
-    // A rate change is tc's business only.
+    // A rate change is tc's business and the ingress policer's (a full bucket at the new
+    // rate); the count stays.
     assert_eq!(
         apply(&mut dp, &with(50_000_000, 0)),
-        ["tc: class 1:10 (egress) rate 100000000 -> 50000000 bit/s"]
+        [
+            "ebpf: scope egress (slot 0): ingress policed at 6250000 B/s, burst 65536 B (was 12500000 B/s, burst 65536 B)",
+            "tc: class 1:10 (egress) rate 100000000 -> 50000000 bit/s",
+        ]
     );
-    assert_eq!(n.bpf.take_log(), Vec::<String>::new());
+    assert_eq!(n.bpf.take_log(), ["police 0 = 6250000 B/s, burst 65536 B"]);
     assert_eq!(n.bpf.used(&n.dir, 0), Some(10_000));
     // The controller recorded less: kept.
     assert_eq!(
@@ -374,7 +420,8 @@ fn same_lease_keeps_used() {
     );
 }
 
-/// A revocation (lease -> blocked) and a floor are one config write each.
+/// A revocation (lease -> blocked) and a new volume are one config write each (a blocked
+/// scope's policer is left as it is); what changes the rate writes the policer first.
 #[test]
 fn decisions_are_one_map_write() {
     #[track_caller]
@@ -390,12 +437,21 @@ fn decisions_are_one_map_write() {
         assert_eq!(n.bpf.take_log(), log);
     }
     check(floor(0), &["config 1 = blocked (class 1:100)"]);
-    check(floor(1_000), &["config 1 = floor -> class 1:100"]);
+    check(
+        floor(1_000),
+        &[
+            "police 1 = 125 B/s, burst 1250 B",
+            "config 1 = floor -> class 1:100",
+        ],
+    );
     check(
         lease(9, 1_000_000, Some(20_000), 0),
         &["config 1 = lease 9 (volume 20000 B) -> class 1:100"],
     );
-    check(lease(9, 2_000_000, Some(10_000), 0), &[]);
+    check(
+        lease(9, 2_000_000, Some(10_000), 0),
+        &["police 1 = 250000 B/s, burst 65536 B"],
+    );
 }
 
 /// Exact volume: nothing beyond it passes; the counters tell what happened.
@@ -443,6 +499,129 @@ fn volume_is_exact() {
     );
 }
 
+/// A long time after boot: a fresh bucket is full at any such time.
+const T0: u64 = 1_000 * 1_000_000_000;
+const SEC: u64 = 1_000_000_000;
+
+/// Ingress, packet by packet: the source picks the slot (a miss is the egress scope), a
+/// blocked scope drops, the others are policed by their bucket; what is not IPv4 passes
+/// uncounted. The counters tell what happened.
+#[test]
+fn ingress_polices_by_source() {
+    let n = Node::new();
+    let mut dp = n.datapath();
+    // Peer b at 80 kbit/s = 10 000 B/s, burst 65 536 B (the default: 64 KiB).
+    apply(
+        &mut dp,
+        &state(vec![
+            egress(lease(7, 100_000_000, None, 0)),
+            peer("b", &["198.18.0.2/32"], lease(9, 80_000, None, 0)),
+            peer("c", &["198.18.0.3/32"], floor(0)),
+        ]),
+    );
+    assert_eq!(
+        n.bpf.police(&n.dir, 1).map(|p| p.setting()),
+        Some((10_000, 65_536))
+    );
+    // The full bucket: 65 packets of 1000 B, not the 66th; nothing more at the same time.
+    assert_eq!(n.receive(Some(B), 100, 1000, T0), 65);
+    // One second later: 10 000 B more (plus the 536 B left).
+    assert_eq!(n.receive(Some(B), 100, 1000, T0 + SEC), 10);
+    // 1.5 s later still: 15 000 + 536 B.
+    assert_eq!(n.receive(Some(B), 100, 1000, T0 + 5 * SEC / 2), 15);
+    // Blocked: nothing, whatever the bucket (none is written for it).
+    assert_eq!(n.receive(Some(C), 5, 100, T0), 0);
+    // Any other source is the egress scope (12.5 MB/s, burst 64 KiB).
+    assert_eq!(n.receive(Some(OTHER), 60, 1000, T0), 60);
+    assert_eq!(n.receive(Some(Ipv4Addr::new(10, 1, 2, 3)), 10, 1000, T0), 5);
+    // ARP, IPv6, ...: pass, counted nowhere.
+    assert_eq!(n.receive(None, 1000, 1500, T0), 1000);
+    // Egress is not ingress: sending to b charges b's volume counters, not its bucket.
+    assert_eq!(n.send(Some(B), 3, 100), 3);
+
+    let c = counters(&mut dp);
+    assert_eq!(
+        scope(&c, &Scope::Peer("b".into())).ingress,
+        IngressStats {
+            bytes: 90_000,
+            packets: 90,
+            policed_drops: 35 + 90 + 85,
+            blocked_drops: 0,
+        }
+    );
+    assert_eq!(
+        scope(&c, &Scope::Peer("c".into())).ingress,
+        IngressStats {
+            blocked_drops: 5,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        scope(&c, &Scope::Egress).ingress,
+        IngressStats {
+            bytes: 65_000,
+            packets: 65,
+            policed_drops: 5,
+            blocked_drops: 0,
+        }
+    );
+    // Ingress drops are not egress drops.
+    assert_eq!(scope(&c, &Scope::Peer("c".into())).class.drops, 0);
+    assert_eq!(
+        scope(&c, &Scope::Peer("b".into()))
+            .lease
+            .map(|l| l.passed_packets),
+        Some(3)
+    );
+
+    // Everything blocked (no lease): no fabric traffic in either direction, only ARP.
+    apply(
+        &mut dp,
+        &state(vec![
+            egress(floor(0)),
+            peer("b", &["198.18.0.2/32"], floor(0)),
+            peer("c", &["198.18.0.3/32"], floor(0)),
+        ]),
+    );
+    for src in [B, C, OTHER] {
+        assert_eq!(n.receive(Some(src), 3, 100, T0 + 100 * SEC), 0, "{src}");
+    }
+    assert_eq!(n.receive(None, 3, 60, T0 + 100 * SEC), 3, "ARP passes");
+}
+
+/// A sender at three times a scope's rate for 2 s gets the burst and exactly the rate.
+#[test]
+fn ingress_admits_the_rate_of_an_overload() {
+    let n = Node::new();
+    let mut dp = n.datapath();
+    let rate = 8_000_000; // 1 MB/s
+    apply(
+        &mut dp,
+        &state(vec![
+            egress(floor(0)),
+            peer("b", &["198.18.0.0/24"], lease(9, rate, None, 0)),
+        ]),
+    );
+    let burst = 65_536;
+    // 1000-byte packets at 3 MB/s: one every 333 333 ns, for 2 s.
+    let (mut offered, mut admitted) = (0u64, 0u64);
+    let mut t = T0;
+    while t < T0 + 2 * SEC {
+        offered += 1000;
+        admitted += 1000 * n.receive(Some(Ipv4Addr::new(198, 18, 0, 77)), 1, 1000, t);
+        t += 333_333;
+    }
+    let expect = burst + rate / 8 * 2;
+    assert!(offered > 3 * expect - 300_000, "{offered}");
+    assert!(
+        admitted <= expect && expect - admitted < 1000,
+        "admitted {admitted} B, expected {expect} B (burst + 2 s of the rate)"
+    );
+    let b = scope(&counters(&mut dp), &Scope::Peer("b".into())).ingress;
+    assert_eq!(b.bytes, admitted);
+    assert_eq!(b.packets + b.policed_drops, offered / 1000);
+}
+
 /// Peers renumbered (one added before another): a lease that moves slots takes its count
 /// and counters along; a removed scope's slot is cleared.
 #[test]
@@ -486,8 +665,9 @@ fn renumbering_moves_counts_and_removal_clears() {
             "slot 0: blocked (class 1:10)",
             // The slot lease 9 left keeps its counts until its next lease starts (so that
             // a revocation stays one write); a blocked scope reports none of them.
-            "slot 1: blocked (class 1:100), used 700, stats [700, 7, 0, 0]",
-            "slot 2: lease 9 (volume 100000 B) -> class 1:101, used 700, stats [700, 7, 0, 0]",
+            // (Its policer too: a blocked slot's bucket is not looked at.)
+            "slot 1: blocked (class 1:100), used 700, stats [700, 7, 0, 0], police 125000/65536",
+            "slot 2: lease 9 (volume 100000 B) -> class 1:101, used 700, stats [700, 7, 0, 0], police 125000/65536",
             "dst 198.18.0.2/32 -> slot 2",
             "dst 198.18.0.3/32 -> slot 1",
         ]
@@ -495,8 +675,10 @@ fn renumbering_moves_counts_and_removal_clears() {
     let m = scope(&counters(&mut dp), &Scope::Peer("m".into())).lease;
     assert_eq!(m.map(|l| (l.used_bytes, l.passed_packets)), Some((700, 7)));
 
-    // Both peers go: their slots are cleared, their prefixes fall back to egress.
+    // Both peers go: their slots are cleared (ingress counters and policers too), their
+    // prefixes fall back to egress.
     n.send(Some(C), 2, 100);
+    assert_eq!(n.receive(Some(B), 2, 100, T0), 2);
     let changes = apply(&mut dp, &state(vec![egress(floor(0))]));
     assert_eq!(
         changes,
@@ -533,18 +715,22 @@ fn repairs_tampering() {
     );
     n.bpf
         .tamper_remove_destination(&n.dir, "198.18.0.2/32".parse().expect("net"));
-    n.bpf.attach_foreign(4242);
+    n.bpf.tamper_police(&n.dir, 1, Police::full(1, 1));
+    n.bpf.attach_foreign(Hook::Egress, 4242);
+    n.bpf.tamper_detach(Hook::Ingress);
     let changes = apply(&mut dp, &three_scopes());
     assert_eq!(
         changes,
         [
+            "ebpf: scope peer:b (slot 1): ingress policed at 1250000 B/s, burst 65536 B (was 1 B/s, burst 1 B)",
             "ebpf: scope peer:c (slot 2): blocked (class 1:101) (was lease 99 (no volume) -> class 1:101)",
             "ebpf: destination 198.18.0.2/32 -> peer:b added",
             "ebpf: program nw_egress attached to fab0 egress, replacing bpf filter pref 1 handle 0x1 running program 4242 (other)",
+            "ebpf: program nw_ingress attached to fab0 ingress (clsact, pref 1, handle 0x1)",
         ]
     );
     assert_eq!(n.maps(), reference);
-    assert_eq!(n.bpf.attached().0, n.bpf.pinned_program(&n.dir));
+    assert!(n.attached_ours());
     assert_eq!(apply(&mut dp, &three_scopes()), Vec::<String>::new());
 }
 
@@ -560,11 +746,7 @@ fn failure_is_repaired_by_the_next_reconcile() {
         err.as_deref(),
         Some("fake set_destination: injected failure")
     );
-    assert_eq!(
-        n.bpf.attached(),
-        (None, false),
-        "not attached over partial maps"
-    );
+    assert!(n.nothing_attached(), "not attached over partial maps");
     assert_eq!(n.tc.root_kind(), "htb", "tc went ahead");
     let changes = apply(&mut dp, &three_scopes());
     assert_eq!(
@@ -573,6 +755,7 @@ fn failure_is_repaired_by_the_next_reconcile() {
             "ebpf: destination 198.18.0.2/32 -> peer:b added",
             "ebpf: destination 198.18.0.3/32 -> peer:c added",
             "ebpf: program nw_egress attached to fab0 egress (clsact, pref 1, handle 0x1)",
+            "ebpf: program nw_ingress attached to fab0 ingress (clsact, pref 1, handle 0x1)",
         ]
     );
 }
@@ -602,7 +785,7 @@ fn remove_leaves_nothing() {
     let mut dp = n.datapath();
     apply(&mut dp, &three_scopes());
     dp.remove().unwrap_or_else(|e| panic!("remove: {e}"));
-    assert_eq!(n.bpf.attached(), (None, false));
+    assert!(n.nothing_attached());
     assert_eq!(n.bpf.pin_dirs(), Vec::<PathBuf>::new());
     assert_eq!(n.tc.root_kind(), "noqueue");
     assert_eq!(counters(&mut dp), vec![]);

@@ -105,11 +105,30 @@ impl Testbed {
         LinuxDatapath::in_netns(&self.node, DEV)
     }
 
-    /// Static neighbour entries, so data-path tests do not depend on ARP timing.
+    /// Static neighbour entries on both sides, so data-path tests do not depend on ARP
+    /// timing.
     pub fn static_neighbours(&self) {
-        let link = sh(&["ip", "-n", &self.peer, "-j", "link", "show", "dev", "peer0"]);
-        let v: serde_json::Value = serde_json::from_str(&link).expect("ip link JSON");
-        let mac = v[0]["address"].as_str().expect("mac").to_string();
+        let mac_of = |ns: &str, dev: &str| {
+            let link = sh(&["ip", "-n", ns, "-j", "link", "show", "dev", dev]);
+            let v: serde_json::Value = serde_json::from_str(&link).expect("ip link JSON");
+            v[0]["address"].as_str().expect("mac").to_string()
+        };
+        let node_mac = mac_of(&self.node, DEV);
+        sh(&[
+            "ip",
+            "-n",
+            &self.peer,
+            "neigh",
+            "replace",
+            &NODE_ADDR.to_string(),
+            "lladdr",
+            &node_mac,
+            "dev",
+            "peer0",
+            "nud",
+            "permanent",
+        ]);
+        let mac = mac_of(&self.peer, "peer0");
         for a in [PEER_B, PEER_C, OTHER] {
             sh(&[
                 "ip",
@@ -166,6 +185,21 @@ impl Testbed {
         let rx = Self::socket(&self.peer, dst, PORT);
         let tx = Self::socket(&self.node, NODE_ADDR, 0);
         let sent = send(&tx, dst, count, size, Duration::from_secs(5));
+        Received::collect(
+            &rx,
+            Duration::from_millis(300),
+            Duration::from_secs(3),
+            sent,
+        )
+    }
+
+    /// Sends `count` datagrams of `size` bytes from the peer's address `from` to the node
+    /// (a socket on the node receives them, so the node answers nothing); then counts what
+    /// arrived (waiting up to 300 ms for stragglers).
+    pub fn send_to_node(&self, from: Ipv4Addr, count: usize, size: usize) -> Received {
+        let rx = Self::socket(&self.node, NODE_ADDR, PORT);
+        let tx = Self::socket(&self.peer, from, 0);
+        let sent = send(&tx, NODE_ADDR, count, size, Duration::from_secs(5));
         Received::collect(
             &rx,
             Duration::from_millis(300),

@@ -28,11 +28,20 @@ where
     F: Fn(Lab) -> Fut + Send + Sync,
     Fut: Future<Output = ()>,
 {
+    with_lab_on(&BACKENDS, nodes, body)
+}
+
+/// [`with_lab`] for the given backends only.
+fn with_lab_on<F, Fut>(backends: &[&str], nodes: usize, body: F)
+where
+    F: Fn(Lab) -> Fut + Send + Sync,
+    Fut: Future<Output = ()>,
+{
     if !nicwarden_testbed::has_privileges() {
         eprintln!("skipped: needs root (network namespaces, tc, nftables, bpf)");
         return;
     }
-    for backend in BACKENDS {
+    for &backend in backends {
         eprintln!("== datapath backend {backend}");
         let tb = Arc::new(
             Testbed::create(TestbedSpec {
@@ -148,13 +157,13 @@ fn udp(dst: &Node, port: u16, secs: u64, rate: Option<u64>) -> SendSpec {
     s
 }
 
-async fn wait_active(lab: &Lab, node: &str, lease: u64) {
+async fn wait_active(lab: &Lab, node: &str, scope: &str, lease: u64) {
     lab.wait_status(
         node,
         "the lease active in its datapath",
         Duration::from_secs(10),
         |s| {
-            nicwarden_lab::scope(s, "egress").is_some_and(|d| {
+            nicwarden_lab::scope(s, scope).is_some_and(|d| {
                 d.state == SlotState::Active && d.lease.map(|l| l.0) == Some(lease)
             }) && s.datapath.as_ref().is_some_and(|d| d.last_error.is_none())
         },
@@ -163,11 +172,19 @@ async fn wait_active(lab: &Lab, node: &str, lease: u64) {
     .expect("lease active");
 }
 
+/// node2 receives in these tests: with no lease of its own its fabric is closed in both
+/// directions (the eBPF ingress program drops what arrives), so it gets one that does not
+/// bind.
+async fn open_receiver(lab: &Lab) {
+    grant(lab, json!({"node": "node2", "rate_bps": 1_000_000_000u64})).await;
+}
+
 async fn grant(lab: &Lab, req: serde_json::Value) -> u64 {
     let node = req["node"].as_str().expect("node").to_string();
+    let scope = req["scope"].as_str().unwrap_or("egress").to_string();
     let v = lab.grant(req).await.expect("grant");
     let id = v["id"].as_u64().expect("lease id");
-    wait_active(lab, &node, id).await;
+    wait_active(lab, &node, &scope, id).await;
     id
 }
 
@@ -175,8 +192,8 @@ async fn grant(lab: &Lab, req: serde_json::Value) -> u64 {
 fn tcp_goodput_under_a_50_mbit_lease_is_within_5_percent() {
     with_lab(2, |lab| async move {
         grant(&lab, json!({"node": "node1", "rate_bps": 50_000_000u64})).await;
-        // The receiver must be allowed to send its ACKs.
-        grant(&lab, json!({"node": "node2", "rate_bps": 1_000_000_000u64})).await;
+        // The receiver must be open, also for its ACKs.
+        open_receiver(&lab).await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
         let mut spec = SendSpec::new(Proto::Tcp, SocketAddr::from((n2.fabric_ip, 5201)));
         spec.duration = Duration::from_secs(5);
@@ -200,6 +217,7 @@ fn a_10_mb_volume_lets_10_mb_through_then_nothing() {
             json!({"node": "node1", "rate_bps": 1_000_000_000u64, "volume_bytes": volume}),
         )
         .await;
+        open_receiver(&lab).await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
         // Paced below the lease's rate, so nothing is lost to shaping: every datagram the
         // volume admits arrives. 15 MB offered, 10 MB allowed.
@@ -268,6 +286,7 @@ fn a_10_mb_volume_lets_10_mb_through_then_nothing() {
 fn a_revoked_lease_stops_traffic_within_a_second() {
     with_lab(2, |lab| async move {
         let lease = grant(&lab, json!({"node": "node1", "rate_bps": 100_000_000u64})).await;
+        open_receiver(&lab).await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
         let flow = Flow::start(
             &n1,
@@ -303,6 +322,7 @@ fn a_lapsed_lease_stops_traffic_at_its_deadline_when_the_controller_is_gone() {
             json!({"node": "node1", "rate_bps": 100_000_000u64, "ttl_s": 3, "renew_s": 1}),
         )
         .await;
+        open_receiver(&lab).await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
         let flow = Flow::start(
             &n1,
@@ -346,6 +366,7 @@ fn killing_the_agent_leaves_enforcement_in_place_until_cleanup() {
         grant(&lab, json!({"node": "node1", "rate_bps": 50_000_000u64})).await;
         lab.kill_agent("node1");
         lab.kill_agent("node3");
+        open_receiver(&lab).await;
         let (n1, n2, n3) = (
             node(&lab, "node1"),
             node(&lab, "node2"),
@@ -464,6 +485,7 @@ fn a_restarted_agent_resumes_its_leases_without_touching_the_kernel() {
             json!({"node": "node1", "rate_bps": 100_000_000u64, "volume_bytes": 1_000_000_000u64}),
         )
         .await;
+        open_receiver(&lab).await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
         let flow = Flow::start(
             &n1,
@@ -527,5 +549,59 @@ fn a_restarted_agent_resumes_its_leases_without_touching_the_kernel() {
             Some(0),
             "datagrams lost during the restart: {got}"
         );
+    });
+}
+
+#[test]
+fn ingress_policing_holds_a_sender_without_an_agent_to_the_receivers_lease() {
+    // Only the eBPF backend polices what arrives.
+    with_lab_on(&["ebpf"], 2, |mut lab| async move {
+        // node1 could send a lot, but its agent is gone and its enforcement removed: it is a
+        // node without an agent. node2 accepts 50 Mbit/s from it.
+        grant(&lab, json!({"node": "node1", "rate_bps": 1_000_000_000u64})).await;
+        grant(
+            &lab,
+            json!({"node": "node2", "rate_bps": 50_000_000u64, "scope": "peer:node1"}),
+        )
+        .await;
+        // node2 must also be able to receive from the rest (its egress scope).
+        open_receiver(&lab).await;
+        lab.kill_agent("node1");
+        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
+        let out = n1
+            .netns
+            .command(BIN)
+            .args(["agent", "--cleanup", "--node", "node1", "--bpf-pin-dir"])
+            .arg(lab.pin_dir("node1"))
+            .env("RUST_LOG", "off")
+            .output()
+            .expect("run agent --cleanup");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let spec = udp(&n2, 5209, 3, Some(400_000_000));
+        let (sent, got, _) = Flow::start(&n1, &n2, spec, Duration::from_secs(2)).finish();
+        // The policer counts IP bytes; the sink counts payload (8000 of every 8028).
+        let ip_rate = got.rate_bps() * 8028.0 / 8000.0;
+        let err = (ip_rate - 50e6) / 50e6 * 100.0;
+        eprintln!("sent {sent}\nreceived {got}\nIP rate {ip_rate:.0} bit/s ({err:+.2}%)");
+        assert!(
+            sent.rate_bps() > 200e6,
+            "node1 was not held back at its end: {sent}"
+        );
+        assert!(
+            err.abs() < 5.0,
+            "node2 let {ip_rate:.0} bit/s in under a 50 Mbit/s lease"
+        );
+        let st = lab.status("node2").await.expect("status");
+        let k = st
+            .datapath
+            .as_ref()
+            .and_then(|d| d.scopes.iter().find(|k| k.scope == "peer:node1"))
+            .cloned()
+            .expect("peer:node1 counters");
+        assert!(k.ingress_drops > 0 && k.ingress_bytes > 0, "{k:?}");
     });
 }
