@@ -7,9 +7,10 @@
 //! volume` and `bench latency` drive through [`Datapath::reconcile`].
 //!
 //! Adding the eBPF backend: a `Variant::Ebpf` in [`VARIANTS`], its name, an
-//! `EbpfDatapath::in_netns(..)` arm in [`Variant::datapath`] (which gives it `install`, `volume`
-//! and `latency`), and its flat map of N entries in [`Variant::install_scopes`]. The places
-//! are marked `eBPF:`.
+//! `EbpfDatapath::in_netns(netns, iface, pin_dir)` arm in [`Variant::datapath`] (which gives
+//! it `install`, `backends`, `volume` and `latency`; `pin_dir` a directory of this run on the
+//! bpf filesystem, removed with the testbed), and its flat map of N entries in
+//! [`Variant::install_scopes`]. The places are marked `eBPF:`.
 
 use anyhow::Context as _;
 use nicwarden_datapath::{Datapath, LinuxDatapath, NftOps, RealNft, RealTc, TcOps};
@@ -37,7 +38,7 @@ pub enum Variant {
     /// Only the nftables accounting table of the `tc` backend (quota and counters on
     /// oifname), no HTB: what the accounting alone costs.
     Nftables,
-    // eBPF: `Ebpf`, the eBPF backend (`EbpfDatapath`), once crates/datapath has it.
+    // eBPF: `Ebpf`, the eBPF backend (`EbpfDatapath`).
 }
 
 /// Every variant, in the order the benchmarks measure and print them.
@@ -100,7 +101,7 @@ impl Variant {
                 &node.fabric_iface,
             ))),
             // eBPF: Variant::Ebpf => Some(Box::new(EbpfDatapath::in_netns(
-            //     node.netns.name(), &node.fabric_iface))),
+            //     node.netns.name(), &node.fabric_iface, &pin_dir))),
             Variant::Unenforced | Variant::Nftables => None,
         }
     }
@@ -134,6 +135,8 @@ impl Variant {
         let what = || format!("install {scopes} {} scopes on {}", self.name(), node.name);
         let dsts = scope_destinations(scopes, target);
         match self {
+            // eBPF: an arm `Variant::Ebpf =>` that loads one map (hash or LPM trie) with the N
+            // destinations, looked up once per packet: a flat lookup instead of a chain.
             Variant::Unenforced => Ok(Some(Installed::Nothing)),
             Variant::Tc => {
                 tc(node, &u32_chain(&node.fabric_iface, &dsts)).with_context(what)?;
@@ -142,8 +145,7 @@ impl Variant {
             Variant::Nftables => {
                 nft(node, &daddr_chain(&node.fabric_iface, &dsts)).with_context(what)?;
                 Ok(Some(Installed::Nft(node.clone())))
-            } // eBPF: Variant::Ebpf => one map (hash or LPM trie) of the N destinations, looked
-              // up once per packet: a flat lookup instead of a chain.
+            }
         }
     }
 }
