@@ -321,6 +321,9 @@ pub struct BenchShapingArgs {
     /// Repetitions per rate (medians are printed)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=20))]
     pub reps: u64,
+    /// The datapath backend that shapes
+    #[arg(long, default_value = "tc", value_parser = ["tc", "ebpf"])]
+    pub datapath: String,
     /// Print the results as JSON
     #[arg(long)]
     pub json: bool,

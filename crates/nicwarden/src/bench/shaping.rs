@@ -2,7 +2,7 @@
 //! rate, and what does an unenforced path achieve on the same machine in the same run?
 //!
 //! Method: a 3-node testbed. For each rate, the egress lease is programmed into node1's
-//! datapath (the agent's `tc` backend: HTB + nftables) with the controller's default burst
+//! datapath (the agent's `tc` backend: HTB + u32 + nftables, or `--datapath ebpf`) with the controller's default burst
 //! (10 ms at the rate, at least 16 KiB); node1 sends TCP to node2 for `--secs`; the sink's
 //! goodput (payload bytes over its active period, first to last byte) and the rate the
 //! kernel class counted (link-layer bytes over the same period) are compared with the lease. Then node3, whose
@@ -10,7 +10,7 @@
 //! Enforced and unenforced runs alternate, so both see the same machine state.
 
 use anyhow::{bail, Context as _};
-use nicwarden_datapath::{Datapath, LinuxDatapath};
+use nicwarden_datapath::Datapath;
 use nicwarden_lease::Scope;
 use nicwarden_testbed::traffic::Proto;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use crate::units::fmt_rate;
 /// The sink stops after this long without data (a TCP sink normally stops at EOF).
 const IDLE: Duration = Duration::from_secs(2);
 
-fn egress_class_bytes(dp: &mut LinuxDatapath) -> anyhow::Result<u64> {
+fn egress_class_bytes(dp: &mut dyn Datapath) -> anyhow::Result<u64> {
     Ok(dp
         .counters()
         .context("read node1's counters")?
@@ -45,7 +45,13 @@ pub fn run(args: BenchShapingArgs) -> anyhow::Result<()> {
         ),
     )?;
     let (n1, n3) = (bench.sender(), bench.bystander());
-    let mut dp = LinuxDatapath::in_netns(n1.netns.name(), &n1.fabric_iface);
+    let variant = match args.datapath.as_str() {
+        "ebpf" => super::variant::Variant::Ebpf,
+        _ => super::variant::Variant::Tc,
+    };
+    let mut dp = variant
+        .datapath(n1)
+        .context("a datapath backend to measure")?;
     let secs = Duration::from_secs(args.secs);
     let mut rows = Vec::new();
     for &rate in &args.rates {
@@ -53,9 +59,9 @@ pub fn run(args: BenchShapingArgs) -> anyhow::Result<()> {
             .with_context(|| format!("program a {} lease", fmt_rate(rate)))?;
         let (mut good, mut kern, mut open) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.reps {
-            let before = egress_class_bytes(&mut dp)?;
+            let before = egress_class_bytes(dp.as_mut())?;
             let e = bench.flow(n1, bench.spec(Proto::Tcp, secs), IDLE)?;
-            let after = egress_class_bytes(&mut dp)?;
+            let after = egress_class_bytes(dp.as_mut())?;
             good.push(e.goodput_bps());
             kern.push(
                 after.saturating_sub(before) as f64 * 8.0 / e.got.active().as_secs_f64().max(1e-3),

@@ -6,14 +6,15 @@
 //! that are datapath backends of the agent ([`Variant::datapath`]) are also the ones `bench
 //! volume` and `bench latency` drive through [`Datapath::reconcile`].
 //!
-//! Adding the eBPF backend: a `Variant::Ebpf` in [`VARIANTS`], its name, an
-//! `EbpfDatapath::in_netns(netns, iface, pin_dir)` arm in [`Variant::datapath`] (which gives
-//! it `install`, `backends`, `volume` and `latency`; `pin_dir` a directory of this run on the
-//! bpf filesystem, removed with the testbed), and its flat map of N entries in
-//! [`Variant::install_scopes`]. The places are marked `eBPF:`.
+//! The eBPF backend pins its maps under a directory of this run ([`bench_pin_dir`], named
+//! after the node's namespace); removing the variant removes it. For `bench scale` it holds
+//! N destinations in its LPM map, looked up once per packet: a flat lookup, not a chain.
 
 use anyhow::Context as _;
-use nicwarden_datapath::{Datapath, LinuxDatapath, NftOps, RealNft, RealTc, TcOps};
+use nicwarden_datapath::{
+    BpfOps, Datapath, EbpfDatapath, LinuxDatapath, NftOps, RealBpf, RealNft, RealTc, TcOps,
+};
+use std::path::PathBuf;
 use nicwarden_testbed::Node;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -38,7 +39,8 @@ pub enum Variant {
     /// Only the nftables accounting table of the `tc` backend (quota and counters on
     /// oifname), no HTB: what the accounting alone costs.
     Nftables,
-    // eBPF: `Ebpf`, the eBPF backend (`EbpfDatapath`).
+    /// The agent's `ebpf` backend (`EbpfDatapath`: the tc programs + HTB, no filters).
+    Ebpf,
 }
 
 /// Every variant, in the order the benchmarks measure and print them.
@@ -46,7 +48,7 @@ pub const VARIANTS: &[Variant] = &[
     Variant::Unenforced,
     Variant::Tc,
     Variant::Nftables,
-    // eBPF: Variant::Ebpf,
+    Variant::Ebpf,
 ];
 
 /// The variants that are datapath backends of the agent (today `tc`).
@@ -88,7 +90,7 @@ impl Variant {
             Variant::Unenforced => "unenforced",
             Variant::Tc => "tc",
             Variant::Nftables => "nftables",
-            // eBPF: Variant::Ebpf => "ebpf",
+            Variant::Ebpf => "ebpf",
         }
     }
 
@@ -100,8 +102,11 @@ impl Variant {
                 node.netns.name(),
                 &node.fabric_iface,
             ))),
-            // eBPF: Variant::Ebpf => Some(Box::new(EbpfDatapath::in_netns(
-            //     node.netns.name(), &node.fabric_iface, &pin_dir))),
+            Variant::Ebpf => Some(Box::new(EbpfDatapath::in_netns(
+                node.netns.name(),
+                &node.fabric_iface,
+                &bench_pin_dir(node),
+            ))),
             Variant::Unenforced | Variant::Nftables => None,
         }
     }
@@ -135,8 +140,22 @@ impl Variant {
         let what = || format!("install {scopes} {} scopes on {}", self.name(), node.name);
         let dsts = scope_destinations(scopes, target);
         match self {
-            // eBPF: an arm `Variant::Ebpf =>` that loads one map (hash or LPM trie) with the N
-            // destinations, looked up once per packet: a flat lookup instead of a chain.
+            Variant::Ebpf => {
+                // The backend with a non-binding egress lease (slot 0), then the N
+                // destinations into its LPM map, all to that slot.
+                let mut dp = self
+                    .datapath(node)
+                    .context("the ebpf variant is a datapath")?;
+                dp.reconcile(&lease_state(1, NON_BINDING_BPS, None))
+                    .with_context(what)?;
+                let mut bpf = RealBpf::new();
+                bpf.open(&bench_pin_dir(node)).with_context(what)?;
+                for d in &dsts {
+                    let net = ipnet::Ipv4Net::new(*d, 32).context("a /32")?;
+                    bpf.set_destination(net, 0).with_context(what)?;
+                }
+                Ok(Some(Installed::Datapath(dp)))
+            }
             Variant::Unenforced => Ok(Some(Installed::Nothing)),
             Variant::Tc => {
                 tc(node, &u32_chain(&node.fabric_iface, &dsts)).with_context(what)?;
@@ -148,6 +167,11 @@ impl Variant {
             }
         }
     }
+}
+
+/// Where the `ebpf` variant pins its maps on `node`: one directory per run and node.
+pub fn bench_pin_dir(node: &Node) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/nicwarden-bench").join(node.netns.name())
 }
 
 /// What a variant installed, to be removed with [`Installed::remove`].
