@@ -6,7 +6,8 @@
 //! - `nicwarden node|lease|quota|audit` drive the controller's operator API (HTTP/JSON with
 //!   a bearer token) and print tables, or the raw JSON with `--json`.
 //! - `nicwarden demo` / `nicwarden bench` build a namespaced testbed (root) and run the
-//!   whole system / the shaping benchmark on it; `nicwarden traffic` is the bounded
+//!   whole system / the benchmarks (shaping, backends, scale, volume, latency) on it;
+//!   `nicwarden traffic` is the bounded
 //!   traffic generator and sink.
 //!
 //! Errors print as `error: ...` on stderr with exit status 1; usage errors exit with 2.

@@ -14,10 +14,10 @@ use anyhow::Context as _;
 use nicwarden_datapath::{
     BpfOps, Datapath, EbpfDatapath, LinuxDatapath, NftOps, RealBpf, RealNft, RealTc, TcOps,
 };
-use std::path::PathBuf;
 use nicwarden_testbed::Node;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 use super::{default_burst, lease_state};
 
