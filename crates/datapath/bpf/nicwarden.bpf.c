@@ -176,6 +176,24 @@ struct nw_ipv4 {
 	__be32 daddr;
 };
 
+// Reads the IPv4 header after the Ethernet one: sets `slot` to the scope of the peer address
+// (the destination, or with `by_saddr` the source) when nw_dst holds it, and `len` to the IP
+// total length when it is not 0. Leaves both as they are if the header cannot be read.
+static __always_inline void nw_classify_ipv4(struct __sk_buff *skb, int by_saddr, __u32 *slot,
+					     __u64 *len)
+{
+	struct nw_ipv4 ip;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) != 0)
+		return;
+	struct nw_dst_key key = { .prefixlen = 32, .addr = by_saddr ? ip.saddr : ip.daddr };
+	__u32 *found = bpf_map_lookup_elem(&nw_dst, &key);
+	__u16 tot_len = bpf_ntohs(ip.tot_len);
+	if (found)
+		*slot = *found;
+	if (tot_len != 0)
+		*len = tot_len;
+}
+
 SEC("classifier")
 int nw_egress(struct __sk_buff *skb)
 {
@@ -183,16 +201,7 @@ int nw_egress(struct __sk_buff *skb)
 	__u64 len = skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0;
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		struct nw_ipv4 ip;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) == 0) {
-			struct nw_dst_key key = { .prefixlen = 32, .addr = ip.daddr };
-			__u32 *found = bpf_map_lookup_elem(&nw_dst, &key);
-			__u16 tot_len = bpf_ntohs(ip.tot_len);
-			if (found)
-				slot = *found;
-			if (tot_len != 0)
-				len = tot_len;
-		}
+		nw_classify_ipv4(skb, 0, &slot, &len);
 	} else if (skb->protocol == bpf_htons(ETH_P_ARP)) {
 		skb->priority = NW_CONTROL_CLASSID;
 		return TC_ACT_OK;
@@ -282,16 +291,7 @@ int nw_ingress(struct __sk_buff *skb)
 	// At clsact ingress skb->data is at the MAC header for a tc program, as at egress.
 	__u32 slot = 0;
 	__u64 len = skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0;
-	struct nw_ipv4 ip;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) == 0) {
-		struct nw_dst_key key = { .prefixlen = 32, .addr = ip.saddr };
-		__u32 *found = bpf_map_lookup_elem(&nw_dst, &key);
-		__u16 tot_len = bpf_ntohs(ip.tot_len);
-		if (found)
-			slot = *found;
-		if (tot_len != 0)
-			len = tot_len;
-	}
+	nw_classify_ipv4(skb, 1, &slot, &len);
 	__u64 now = bpf_ktime_get_ns();
 
 	struct nw_config *cfg = bpf_map_lookup_elem(&nw_config, &slot);

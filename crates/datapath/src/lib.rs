@@ -33,6 +33,8 @@ pub mod plan;
 mod shaper;
 mod tc;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 pub use ebpf::{BpfOps, EbpfDatapath, RealBpf};
@@ -241,6 +243,36 @@ impl LinuxDatapath {
     }
 }
 
+/// Joins the results of the parts of one reconcile: all the changes when every part
+/// succeeded, otherwise the first failure (logging any later one as the `nth` failure, and
+/// the changes that were applied before it).
+pub(crate) fn merge_reconcile<const N: usize>(
+    dev: &str,
+    results: [Result<Vec<Change>, DatapathError>; N],
+    nth: &str,
+) -> Result<Vec<Change>, DatapathError> {
+    let mut changes = Vec::new();
+    let mut failure = None;
+    for result in results {
+        match result {
+            Ok(c) => changes.extend(c),
+            Err(e) if failure.is_none() => failure = Some(e),
+            Err(e) => {
+                tracing::warn!(dev = %dev, error = %e, "datapath reconcile: {nth} failure")
+            }
+        }
+    }
+    match failure {
+        None => Ok(changes),
+        Some(e) => {
+            for c in &changes {
+                tracing::info!(dev = %dev, change = %c, "applied before the reconcile failed");
+            }
+            Err(e)
+        }
+    }
+}
+
 impl Datapath for LinuxDatapath {
     fn name(&self) -> &'static str {
         "tc"
@@ -256,29 +288,9 @@ impl Datapath for LinuxDatapath {
         // the desired state as it can, and the next reconcile retries the rest.
         let nft = self.reconcile_nft(&plan);
         let tc = self.tc.reconcile(&plan, last.as_ref());
-        let mut changes = Vec::new();
-        let mut failure = None;
-        for result in [nft, tc] {
-            match result {
-                Ok(c) => changes.extend(c),
-                Err(e) if failure.is_none() => failure = Some(e),
-                Err(e) => {
-                    tracing::warn!(dev = %self.tc.dev(), error = %e, "datapath reconcile: second failure")
-                }
-            }
-        }
-        match failure {
-            None => {
-                self.applied = Some(plan);
-                Ok(changes)
-            }
-            Some(e) => {
-                for c in &changes {
-                    tracing::info!(dev = %self.tc.dev(), change = %c, "applied before the reconcile failed");
-                }
-                Err(e)
-            }
-        }
+        let changes = merge_reconcile(self.tc.dev(), [nft, tc], "second")?;
+        self.applied = Some(plan);
+        Ok(changes)
     }
 
     fn counters(&mut self) -> Result<Vec<ScopeCounters>, DatapathError> {

@@ -2,6 +2,7 @@
 
 use crate::fake::fixtures::{egress, floor, lease, peer};
 use crate::fake::FakeKernel;
+use crate::test_support::apply;
 use crate::{
     ClassStats, Datapath, DesiredState, IngressStats, LeaseCounters, LinuxDatapath, ScopeCounters,
     ScopeEnforce, ScopeSpec,
@@ -56,18 +57,6 @@ fn fresh() -> (FakeKernel, LinuxDatapath) {
     let k = FakeKernel::new(DEV);
     let dp = k.datapath();
     (k, dp)
-}
-
-fn strings(changes: &[crate::Change]) -> Vec<String> {
-    changes.iter().map(|c| c.to_string()).collect()
-}
-
-#[track_caller]
-fn apply(dp: &mut LinuxDatapath, desired: &DesiredState) -> Vec<String> {
-    match dp.reconcile(desired) {
-        Ok(c) => strings(&c),
-        Err(e) => panic!("reconcile failed: {e}"),
-    }
 }
 
 /// First install on an empty kernel: the exact tc commands and nft script.

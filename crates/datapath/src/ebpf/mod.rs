@@ -277,29 +277,9 @@ impl EbpfDatapath {
             Ok(_) => self.reconcile_attach(),
             Err(_) => Ok(Vec::new()),
         };
-        let mut changes = Vec::new();
-        let mut failure = None;
-        for result in [maps, tc, attach] {
-            match result {
-                Ok(c) => changes.extend(c),
-                Err(e) if failure.is_none() => failure = Some(e),
-                Err(e) => {
-                    tracing::warn!(dev = %self.tc.dev(), error = %e, "datapath reconcile: another failure")
-                }
-            }
-        }
-        match failure {
-            None => {
-                self.applied = Some(plan);
-                Ok(changes)
-            }
-            Some(e) => {
-                for c in &changes {
-                    tracing::info!(dev = %self.tc.dev(), change = %c, "applied before the reconcile failed");
-                }
-                Err(e)
-            }
-        }
+        let changes = crate::merge_reconcile(self.tc.dev(), [maps, tc, attach], "another")?;
+        self.applied = Some(plan);
+        Ok(changes)
     }
 
     fn do_counters(&mut self) -> Result<Vec<ScopeCounters>, DatapathError> {

@@ -5,6 +5,7 @@ use super::maps::{Police, ScopeConfig, ScopeStats, MODE_LEASE};
 use super::{EbpfDatapath, FakeBpf, Hook, Verdict};
 use crate::fake::fixtures::{egress, floor, lease, peer};
 use crate::fake::FakeKernel;
+use crate::test_support::apply;
 use crate::{
     ClassStats, Datapath, DesiredState, IngressStats, LeaseCounters, ScopeCounters, ScopeSpec,
 };
@@ -117,16 +118,11 @@ impl Node {
     }
 }
 
-fn strings(changes: &[crate::Change]) -> Vec<String> {
-    changes.iter().map(|c| c.to_string()).collect()
-}
-
-#[track_caller]
-fn apply(dp: &mut EbpfDatapath, desired: &DesiredState) -> Vec<String> {
-    match dp.reconcile(desired) {
-        Ok(c) => strings(&c),
-        Err(e) => panic!("reconcile failed: {e}"),
-    }
+/// A node and a datapath on it.
+fn fresh() -> (Node, EbpfDatapath) {
+    let n = Node::new();
+    let dp = n.datapath();
+    (n, dp)
 }
 
 #[track_caller]
@@ -198,8 +194,7 @@ fn map_contents_for_desired_states() {
 /// The first install: what is reported, and the tc layout without any filter.
 #[test]
 fn first_install_reports_changes_and_installs_no_filters() {
-    let n = Node::new();
-    let mut dp = n.datapath();
+    let (n, mut dp) = fresh();
     let changes = apply(&mut dp, &three_scopes());
     let dir = n.dir.display();
     assert_eq!(
@@ -265,8 +260,7 @@ fn takes_over_the_tc_backends_htb() {
 fn reapply_is_a_no_op_and_restart_continues() {
     #[track_caller]
     fn check(desired: DesiredState) {
-        let n = Node::new();
-        let mut dp = n.datapath();
+        let (n, mut dp) = fresh();
         apply(&mut dp, &desired);
         n.send(Some(OTHER), 3, 100);
         n.send(Some(B), 2, 200);
@@ -303,8 +297,7 @@ fn reapply_is_a_no_op_and_restart_continues() {
 /// blocked drops stay.
 #[test]
 fn lease_change_resets_used() {
-    let n = Node::new();
-    let mut dp = n.datapath();
+    let (n, mut dp) = fresh();
     apply(
         &mut dp,
         &state(vec![
@@ -373,8 +366,7 @@ fn lease_change_resets_used() {
 /// scopes), and is raised, never lowered, to the controller's record.
 #[test]
 fn same_lease_keeps_used() {
-    let n = Node::new();
-    let mut dp = n.datapath();
+    let (n, mut dp) = fresh();
     let with = |rate: u64, start: u64| {
         state(vec![
             egress(lease(7, rate, Some(1_000_000), start)),
@@ -426,8 +418,7 @@ fn same_lease_keeps_used() {
 fn decisions_are_one_map_write() {
     #[track_caller]
     fn check(after: crate::ScopeEnforce, log: &[&str]) {
-        let n = Node::new();
-        let mut dp = n.datapath();
+        let (n, mut dp) = fresh();
         let with = |b: crate::ScopeEnforce| {
             state(vec![egress(floor(0)), peer("b", &["198.18.0.2/32"], b)])
         };
@@ -457,8 +448,7 @@ fn decisions_are_one_map_write() {
 /// Exact volume: nothing beyond it passes; the counters tell what happened.
 #[test]
 fn volume_is_exact() {
-    let n = Node::new();
-    let mut dp = n.datapath();
+    let (n, mut dp) = fresh();
     apply(
         &mut dp,
         &state(vec![
@@ -508,8 +498,7 @@ const SEC: u64 = 1_000_000_000;
 /// uncounted. The counters tell what happened.
 #[test]
 fn ingress_polices_by_source() {
-    let n = Node::new();
-    let mut dp = n.datapath();
+    let (n, mut dp) = fresh();
     // Peer b at 80 kbit/s = 10 000 B/s, burst 65 536 B (the default: 64 KiB).
     apply(
         &mut dp,
@@ -592,8 +581,7 @@ fn ingress_polices_by_source() {
 /// A sender at three times a scope's rate for 2 s gets the burst and exactly the rate.
 #[test]
 fn ingress_admits_the_rate_of_an_overload() {
-    let n = Node::new();
-    let mut dp = n.datapath();
+    let (n, mut dp) = fresh();
     let rate = 8_000_000; // 1 MB/s
     apply(
         &mut dp,
@@ -626,8 +614,7 @@ fn ingress_admits_the_rate_of_an_overload() {
 /// and counters along; a removed scope's slot is cleared.
 #[test]
 fn renumbering_moves_counts_and_removal_clears() {
-    let n = Node::new();
-    let mut dp = n.datapath();
+    let (n, mut dp) = fresh();
     apply(
         &mut dp,
         &state(vec![
@@ -697,8 +684,7 @@ fn renumbering_moves_counts_and_removal_clears() {
 /// Tampering is repaired by the next reconcile; a foreign program in our slot is replaced.
 #[test]
 fn repairs_tampering() {
-    let n = Node::new();
-    let mut dp = n.datapath();
+    let (n, mut dp) = fresh();
     apply(&mut dp, &three_scopes());
     let reference = n.maps();
     n.bpf.take_log();
@@ -738,8 +724,7 @@ fn repairs_tampering() {
 /// next reconcile completes.
 #[test]
 fn failure_is_repaired_by_the_next_reconcile() {
-    let n = Node::new();
-    let mut dp = n.datapath();
+    let (n, mut dp) = fresh();
     n.bpf.fail_next("set_destination");
     let err = dp.reconcile(&three_scopes()).err().map(|e| e.to_string());
     assert_eq!(
@@ -763,8 +748,7 @@ fn failure_is_repaired_by_the_next_reconcile() {
 /// An invalid desired state is rejected before anything is touched.
 #[test]
 fn invalid_state_changes_nothing() {
-    let n = Node::new();
-    let mut dp = n.datapath();
+    let (n, mut dp) = fresh();
     let err = dp
         .reconcile(&state(vec![peer("b", &[], floor(0))]))
         .err()
@@ -781,8 +765,7 @@ fn invalid_state_changes_nothing() {
 /// remove() detaches, unpins and removes the tc state; a second remove is a no-op.
 #[test]
 fn remove_leaves_nothing() {
-    let n = Node::new();
-    let mut dp = n.datapath();
+    let (n, mut dp) = fresh();
     apply(&mut dp, &three_scopes());
     dp.remove().unwrap_or_else(|e| panic!("remove: {e}"));
     assert!(n.nothing_attached());

@@ -5,6 +5,7 @@
 //! `/sys/fs/bpf/nicwarden-test/<node namespace>`, removed when the test ends (also on panic).
 
 use crate::testbed::{self, testbed, Testbed, DEV, NODE_ADDR, OTHER, PEER_B, PEER_C, PORT};
+use crate::{scope, timed};
 use nicwarden_datapath::ebpf::{BpfOps, RealBpf, ScopeConfig};
 use nicwarden_datapath::fake::fixtures::{egress, floor, lease, peer};
 use nicwarden_datapath::plan::effective_burst;
@@ -93,10 +94,6 @@ impl Node {
         names.sort();
         Some(names)
     }
-}
-
-fn scope<'a>(counters: &'a [ScopeCounters], s: &Scope) -> &'a ScopeCounters {
-    counters.iter().find(|c| &c.scope == s).unwrap()
 }
 
 fn lease_of(counters: &[ScopeCounters], s: &Scope) -> LeaseCounters {
@@ -371,13 +368,6 @@ fn ebpf_remove_leaves_nothing() {
     assert_eq!(n.tb.send_to_node(PEER_C, 5, 100).packets, 5);
     // Idempotent.
     n.in_node(|| dp.remove()).unwrap();
-}
-
-fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    let start = Instant::now();
-    let out = f();
-    eprintln!("timing: {what}: {:?}", start.elapsed());
-    out
 }
 
 /// How long a lease change takes to apply: the whole reconcile (reads the maps and tc, writes

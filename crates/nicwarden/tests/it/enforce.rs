@@ -179,6 +179,21 @@ async fn open_receiver(lab: &Lab) {
     grant(lab, json!({"node": "node2", "rate_bps": 1_000_000_000u64})).await;
 }
 
+/// A UDP flow node1 → node2 at 20 Mbit/s for `secs` on `port` (node2 opened to receive),
+/// once 1 MB has arrived; the sink stops after `idle` s without data.
+async fn flowing(lab: &Lab, port: u16, secs: u64, idle: u64) -> (Flow, Node, Node) {
+    open_receiver(lab).await;
+    let (n1, n2) = (node(lab, "node1"), node(lab, "node2"));
+    let flow = Flow::start(
+        &n1,
+        &n2,
+        udp(&n2, port, secs, Some(20_000_000)),
+        Duration::from_secs(idle),
+    );
+    flow.wait_bytes(1_000_000, Duration::from_secs(5)).await;
+    (flow, n1, n2)
+}
+
 async fn grant(lab: &Lab, req: serde_json::Value) -> u64 {
     let node = req["node"].as_str().expect("node").to_string();
     let scope = req["scope"].as_str().unwrap_or("egress").to_string();
@@ -286,15 +301,7 @@ fn a_10_mb_volume_lets_10_mb_through_then_nothing() {
 fn a_revoked_lease_stops_traffic_within_a_second() {
     with_lab(2, |lab| async move {
         let lease = grant(&lab, json!({"node": "node1", "rate_bps": 100_000_000u64})).await;
-        open_receiver(&lab).await;
-        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
-        let flow = Flow::start(
-            &n1,
-            &n2,
-            udp(&n2, 5203, 6, Some(20_000_000)),
-            Duration::from_secs(8),
-        );
-        flow.wait_bytes(1_000_000, Duration::from_secs(5)).await;
+        let (flow, _, _) = flowing(&lab, 5203, 6, 8).await;
         let revoked_at = Instant::now();
         lab.revoke(lease, "test").await.expect("revoke");
         let (sent, got, last) = flow.finish();
@@ -322,15 +329,7 @@ fn a_lapsed_lease_stops_traffic_at_its_deadline_when_the_controller_is_gone() {
             json!({"node": "node1", "rate_bps": 100_000_000u64, "ttl_s": 3, "renew_s": 1}),
         )
         .await;
-        open_receiver(&lab).await;
-        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
-        let flow = Flow::start(
-            &n1,
-            &n2,
-            udp(&n2, 5204, 8, Some(20_000_000)),
-            Duration::from_secs(8),
-        );
-        flow.wait_bytes(1_000_000, Duration::from_secs(5)).await;
+        let (flow, _, _) = flowing(&lab, 5204, 8, 8).await;
         lab.kill_controller();
         // The deadline the agent holds now that no renewal can come.
         let asked = Instant::now();
@@ -485,15 +484,7 @@ fn a_restarted_agent_resumes_its_leases_without_touching_the_kernel() {
             json!({"node": "node1", "rate_bps": 100_000_000u64, "volume_bytes": 1_000_000_000u64}),
         )
         .await;
-        open_receiver(&lab).await;
-        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
-        let flow = Flow::start(
-            &n1,
-            &n2,
-            udp(&n2, 5208, 5, Some(20_000_000)),
-            Duration::from_secs(3),
-        );
-        flow.wait_bytes(1_000_000, Duration::from_secs(5)).await;
+        let (flow, _, _) = flowing(&lab, 5208, 5, 3).await;
         let before = lab
             .wait_status("node1", "usage counted", Duration::from_secs(5), |s| {
                 nicwarden_lab::scope(s, "egress").is_some_and(|d| d.usage.bytes > 0)
