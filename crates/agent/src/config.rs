@@ -27,7 +27,7 @@ pub struct AgentConfig {
     pub report_interval_ms: u64,
     /// Longest wait between reconnect attempts, ms.
     pub max_backoff_ms: u64,
-    /// Counter source until the datapath exists: `none` (all zero) or
+    /// Counter source with datapath backend `none`: `none` (all zero) or
     /// `simulated:RATE_BPS` (pretend traffic is offered at RATE in every allowed scope,
     /// capped by the decision: used for tests and demos of volume and floors).
     pub counters: String,

@@ -1,5 +1,6 @@
-//! Where usage counters come from. The datapath (tc/nftables/eBPF) will be one source; until
-//! then the agent offers `none` (all zero) and `simulated:RATE` (for tests and demos).
+//! Usage counters for an agent without a kernel datapath (`[datapath] backend = "none"`):
+//! `none` (all zero) and `simulated:RATE` (for tests and demos). With a datapath, usage comes
+//! from the kernel's counters (see [`crate::enforce`]).
 
 use nicwarden_lease::agent::{Enforce, ScopeDecision};
 use nicwarden_lease::{LeaseId, Scope, Time, Usage};

@@ -369,10 +369,10 @@ impl Loop {
         let now = self.clock.now();
         // Expire first, so a report never shows a lapsed lease as active.
         self.expire(now);
-        let decisions = self.core.decision(now);
         if self.datapath.is_some() {
             self.sample_kernel(now);
         } else {
+            let decisions = self.core.decision(now);
             for (scope, _id, usage) in self.counters.sample(now, &decisions) {
                 self.core.record_usage(&scope, usage);
             }

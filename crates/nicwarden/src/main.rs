@@ -7,8 +7,7 @@
 //!   a bearer token) and print tables, or the raw JSON with `--json`.
 //! - `nicwarden demo` / `nicwarden bench` build a namespaced testbed (root) and run the
 //!   whole system / the benchmarks (shaping, backends, scale, volume, latency) on it;
-//!   `nicwarden traffic` is the bounded
-//!   traffic generator and sink.
+//!   `nicwarden traffic` is the bounded traffic generator and sink.
 //!
 //! Errors print as `error: ...` on stderr with exit status 1; usage errors exit with 2.
 
