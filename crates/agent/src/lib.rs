@@ -396,7 +396,10 @@ impl Loop {
                 deadline_in_ms: d.deadline_in_ms.unwrap_or(0),
             })
             .collect();
-        self.send(pb::agent_message::Msg::Usage(pb::UsageReport { scopes }));
+        self.send(pb::agent_message::Msg::Usage(pb::UsageReport {
+            scopes,
+            sample_time_ms: now.0,
+        }));
     }
 
     /// Keeps the held-lease set in step with an accepted directive: a lease replaces what
