@@ -300,18 +300,9 @@ impl Telemetry {
         out
     }
 
-    /// Records the terms a scope is leased at from `now_ms` (None: no lease). Only changes
-    /// are kept, at most `max_term_changes` per series.
-    pub fn note_terms(
-        &mut self,
-        now_ms: u64,
-        node: &str,
-        scope: &str,
-        lease_id: Option<u64>,
-        leased_bps: u64,
-        floor_bps: u64,
-        volume_bytes: Option<u64>,
-    ) {
+    /// Records the terms a scope is leased at from `t.t_ms` (`lease_id` None: no lease).
+    /// Only changes are kept, at most `max_term_changes` per series.
+    pub fn note_terms(&mut self, node: &str, scope: &str, t: Terms) {
         let cap = self.cfg.history_secs;
         let max = self.cfg.max_term_changes.max(1);
         let max_scopes = self.cfg.max_scopes_per_node;
@@ -323,13 +314,6 @@ impl Telemetry {
             .scopes
             .entry(scope.to_string())
             .or_insert_with(|| Series::new(cap));
-        let t = Terms {
-            t_ms: now_ms,
-            lease_id,
-            leased_bps,
-            floor_bps,
-            volume_bytes,
-        };
         let same = series.terms.back().is_some_and(|b| {
             (b.lease_id, b.leased_bps, b.floor_bps, b.volume_bytes)
                 == (t.lease_id, t.leased_bps, t.floor_bps, t.volume_bytes)
@@ -672,13 +656,23 @@ mod tests {
         assert_eq!(t.take_changed(7_000), vec!["a"]);
     }
 
+    fn terms(t_ms: u64, lease_id: Option<u64>, leased_bps: u64, volume: Option<u64>) -> Terms {
+        Terms {
+            t_ms,
+            lease_id,
+            leased_bps,
+            floor_bps: 0,
+            volume_bytes: volume,
+        }
+    }
+
     #[test]
     fn terms_are_a_step_function_of_changes() {
         let mut t = small();
-        t.note_terms(1_000, "n", "egress", Some(1), 100, 0, None);
-        t.note_terms(2_000, "n", "egress", Some(1), 100, 0, None);
-        t.note_terms(3_000, "n", "egress", Some(1), 50, 0, Some(9));
-        t.note_terms(4_000, "n", "egress", None, 0, 0, None);
+        t.note_terms("n", "egress", terms(1_000, Some(1), 100, None));
+        t.note_terms("n", "egress", terms(2_000, Some(1), 100, None));
+        t.note_terms("n", "egress", terms(3_000, Some(1), 50, Some(9)));
+        t.note_terms("n", "egress", terms(4_000, None, 0, None));
         let all = t.terms("n", "egress", 0, u64::MAX);
         assert_eq!(
             all.iter().map(|x| x.t_ms).collect::<Vec<_>>(),
@@ -701,7 +695,7 @@ mod tests {
         let mut t = small();
         let a = ScopeState::Active;
         t.ingest(1_000, "n", &report(1, vec![scope("peer:x", 0, 0, a)]));
-        t.note_terms(1_000, "n", "egress", Some(3), 10, 0, None);
+        t.note_terms("n", "egress", terms(1_000, Some(3), 10, None));
         t.gc(1_000_000);
         assert_eq!(t.scopes("n"), vec!["egress"]);
         t.remove_node("n");
