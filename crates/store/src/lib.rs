@@ -36,6 +36,7 @@ mod engine;
 mod error;
 mod mem;
 mod sqlite;
+mod telemetry_db;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -44,6 +45,7 @@ pub use audit::{AuditEntry, AuditLog, AuditVerification, GENESIS_HASH};
 pub use error::StoreError;
 pub use mem::MemStore;
 pub use sqlite::SqliteStore;
+pub use telemetry_db::{MinuteRow, TelemetryDb};
 
 /// Store-wide revision; strictly increasing with every write txn, like etcd's.
 pub type Revision = u64;

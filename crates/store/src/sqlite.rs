@@ -119,7 +119,7 @@ impl SqliteStore {
 }
 
 /// Make sure `path` is a regular file with mode 0600, creating it if absent.
-fn prepare_file(path: &Path) -> Result<(), StoreError> {
+pub(crate) fn prepare_file(path: &Path) -> Result<(), StoreError> {
     match fs::metadata(path) {
         Ok(meta) if !meta.is_file() => Err(StoreError::open(path, "not a regular file")),
         Ok(meta) => {
