@@ -104,6 +104,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/leases", get(list_leases).post(grant))
         .route("/leases/{id}", get(get_lease).put(amend))
         .route("/leases/{id}/revoke", post(revoke))
+        .route("/leases/{id}/renew", post(renew))
+        .route("/telemetry/fleet", get(fleet))
+        .route("/telemetry/series", get(series))
+        .route("/events", get(events))
+        .route("/events/stream", get(event_stream))
         .route("/quota", get(get_quota))
         .route("/quota/{name}", axum::routing::put(set_quota))
         .route("/audit", get(audit))
@@ -114,6 +119,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .route("/", get(crate::dashboard::index))
+        .route("/assets/{file}", get(crate::dashboard::asset))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .with_state(state)
 }
@@ -276,4 +283,208 @@ async fn audit_verify(State(st): State<ApiState>) -> Result<Json<serde_json::Val
             "message": format!("audit log broken at entry {index}: {reason}"),
         }),
     }))
+}
+
+async fn renew(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<LeaseView>, ApiError> {
+    st.ctl.renew_by_operator(lease_id(&id)?).map(Json)
+}
+
+async fn fleet(State(st): State<ApiState>) -> Json<FleetView> {
+    let ctl = st.ctl.clone();
+    // Up to a whole fleet's worth of JSON: built off the async workers.
+    match tokio::task::spawn_blocking(move || ctl.fleet()).await {
+        Ok(v) => Json(v),
+        Err(_) => Json(st.ctl.fleet()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeriesQuery {
+    node: String,
+    scope: Option<String>,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+    step: Option<String>,
+}
+
+async fn series(
+    State(st): State<ApiState>,
+    q: Result<Query<SeriesQuery>, QueryRejection>,
+) -> Result<Json<SeriesResponse>, ApiError> {
+    let q = query(q)?;
+    let now = crate::core::now_ms();
+    let step_ms = match q.step.as_deref().unwrap_or("1s") {
+        "1s" => 1000,
+        "1m" => 60_000,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "step must be 1s (in-memory history) or 1m (per-minute store), got `{other}`"
+            )))
+        }
+    };
+    let until = q.until_ms.unwrap_or(now);
+    let default_window = if step_ms == 1000 { 300_000 } else { 3_600_000 };
+    let since = q.since_ms.unwrap_or(until.saturating_sub(default_window));
+    if until < since {
+        return Err(ApiError::invalid(format!(
+            "until_ms ({until}) is before since_ms ({since})"
+        )));
+    }
+    if step_ms == 1000 {
+        let secs = st.ctl.live.telemetry().config().history_secs as u64;
+        if since + secs * 1000 + 1000 < now {
+            return Err(ApiError::invalid(format!(
+                "step=1s covers the last {secs} s; since_ms is older: use step=1m for older data"
+            )));
+        }
+    } else if since + st.ctl.live.minute_retention_ms + 60_000 < now {
+        return Err(ApiError::invalid(format!(
+            "step=1m covers the last {} h; since_ms is older",
+            st.ctl.live.minute_retention_ms / 3_600_000
+        )));
+    }
+    if let Some(s) = &q.scope {
+        s.parse::<nicwarden_lease::Scope>()
+            .map_err(|e| ApiError::invalid(format!("scope: {e}")))?;
+    }
+    st.ctl
+        .series(&q.node, q.scope.as_deref(), since, until, step_ms)
+        .map(Json)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    since_id: Option<u64>,
+    limit: Option<usize>,
+    kind: Option<String>,
+    node: Option<String>,
+    severity: Option<String>,
+}
+
+fn event_filter(q: &EventsQuery) -> Result<nicwarden_telemetry::EventFilter, ApiError> {
+    let min_severity = match q.severity.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(nicwarden_telemetry::Severity::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "severity must be info, warning or critical, got `{s}`"
+            ))
+        })?),
+    };
+    Ok(nicwarden_telemetry::EventFilter {
+        kind: q.kind.clone().filter(|k| !k.is_empty()),
+        node: q.node.clone().filter(|n| !n.is_empty()),
+        min_severity,
+    })
+}
+
+async fn events(
+    State(st): State<ApiState>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<EventsResponse>, ApiError> {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(200);
+    if limit == 0 || limit > crate::live::EVENT_LOG_CAPACITY {
+        return Err(ApiError::invalid(format!(
+            "limit must be between 1 and {}",
+            crate::live::EVENT_LOG_CAPACITY
+        )));
+    }
+    let f = event_filter(&q)?;
+    let s = st.ctl.live.events_since(q.since_id.unwrap_or(0), limit, &f);
+    Ok(Json(EventsResponse {
+        events: s.events,
+        last_id: s.last_id,
+        gap: s.gap,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    since_id: Option<u64>,
+}
+
+/// `text/event-stream`: stored events after `since_id` (or `Last-Event-ID`), then live
+/// events and ticks. A subscriber that falls behind gets `resync` and carries on.
+async fn event_stream(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    q: Result<Query<StreamQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    use tokio::sync::broadcast::error::RecvError;
+    let q = query(q)?;
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::invalid("Last-Event-ID must be an event id (a number)"))?,
+        ),
+    };
+    let after = last_event_id.or(q.since_id).unwrap_or(0);
+    let (backlog, rx) = st.ctl.live.subscribe(after);
+    let mut first: Vec<Sse> = Vec::new();
+    if backlog.gap {
+        first.push(Sse::default().event("resync").data("{}"));
+    }
+    let mut last = after;
+    for e in backlog.events {
+        last = e.id;
+        if let Ok(json) = serde_json::to_string(&e) {
+            first.push(
+                Sse::default()
+                    .event("event")
+                    .id(e.id.to_string())
+                    .data(json),
+            );
+        }
+    }
+    let live = futures::stream::unfold((rx, last), |(mut rx, last)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(f) => match &*f {
+                    crate::live::Frame::Event { id, json } => {
+                        // Already sent in the backlog.
+                        if *id <= last {
+                            continue;
+                        }
+                        let ev = Sse::default()
+                            .event("event")
+                            .id(id.to_string())
+                            .data(json.as_str());
+                        return Some((Ok::<_, std::convert::Infallible>(ev), (rx, *id)));
+                    }
+                    crate::live::Frame::Tick { json } => {
+                        let ev = Sse::default().event("tick").data(json.as_str());
+                        return Some((Ok(ev), (rx, last)));
+                    }
+                },
+                Err(RecvError::Lagged(n)) => {
+                    tracing::info!(
+                        skipped = n,
+                        "event stream subscriber fell behind; asking it to resync"
+                    );
+                    let ev = Sse::default().event("resync").data("{}");
+                    return Some((Ok(ev), (rx, last)));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    use futures::StreamExt;
+    let stream = futures::stream::iter(first.into_iter().map(Ok)).chain(live);
+    Ok(axum::response::sse::Sse::new(stream)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(std::time::Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response())
 }

@@ -120,3 +120,100 @@ pub struct QuotaView {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// A scope of a node, now: the ledger's terms joined with the agent's latest report.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ScopeNow {
+    pub scope: String,
+    pub lease_id: Option<u64>,
+    /// `active`, `pending` (granted, not yet reported by the agent), `revoked`, `expired`,
+    /// `exhausted` or `none` (no lease: the floor applies).
+    pub state: String,
+    pub leased_bps: u64,
+    pub floor_bps: u64,
+    /// Measured over the agent's last report interval (0 when the node is stale).
+    pub rate_bps: f64,
+    /// Cumulative counters of the current lease, as the agent reported them.
+    pub bytes: u64,
+    pub packets: u64,
+    pub dropped_packets: u64,
+    pub volume_bytes: Option<u64>,
+    pub used_bytes: u64,
+    pub expires_in_ms: Option<u64>,
+}
+
+/// A node, now (`GET /v1/telemetry/fleet`, and the live `tick` events).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeNow {
+    pub node: String,
+    pub group: String,
+    pub connected: bool,
+    pub last_report_unix_ms: Option<u64>,
+    /// Not connected, or no report within `stale_after_ms`.
+    pub stale: bool,
+    /// `none`, `active`, `partial`, or the state of its non-active scopes.
+    pub state: String,
+    pub leased_bps: u64,
+    pub floor_bps: u64,
+    pub rate_bps: f64,
+    pub volume_bytes: Option<u64>,
+    pub used_bytes: u64,
+    pub expires_in_ms: Option<u64>,
+    pub scopes: Vec<ScopeNow>,
+}
+
+/// `GET /v1/telemetry/fleet`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FleetView {
+    pub now_unix_ms: u64,
+    pub stale_after_ms: u64,
+    pub nodes: Vec<NodeNow>,
+}
+
+/// One lease-terms change in a series (a step function).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TermsPoint {
+    pub t: u64,
+    pub leased_bps: u64,
+    pub floor_bps: u64,
+    pub volume_bytes: Option<u64>,
+    pub lease_id: Option<u64>,
+}
+
+/// One scope's time series, in columns.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SeriesView {
+    pub scope: String,
+    /// Start of each interval, unix ms, ascending.
+    pub t: Vec<u64>,
+    /// Measured over the interval (per minute: the mean).
+    pub rate_bps: Vec<f64>,
+    pub bytes: Vec<u64>,
+    pub packets: Vec<u64>,
+    pub dropped_packets: Vec<u64>,
+    /// The scope's state at the end of each interval.
+    pub state: Vec<String>,
+    /// Per minute only: the highest 1-second rate within the minute.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peak_rate_bps: Vec<f64>,
+    pub leased: Vec<TermsPoint>,
+}
+
+/// `GET /v1/telemetry/series`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SeriesResponse {
+    pub node: String,
+    pub step_ms: u64,
+    pub series: Vec<SeriesView>,
+}
+
+/// `GET /v1/events`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventsResponse {
+    pub events: Vec<nicwarden_telemetry::Event>,
+    /// The newest event id: resume the stream from here.
+    pub last_id: u64,
+    /// Some events after `since_id` were already dropped from the in-memory log (the
+    /// audit log keeps the durable record).
+    pub gap: bool,
+}

@@ -25,6 +25,13 @@ pub struct ControllerConfig {
     pub expiry_grace_ms: u64,
     /// Validity of node certificates, days.
     pub node_cert_days: u32,
+    /// Seconds of 1-second telemetry kept in memory per (node, scope). Memory is fixed per
+    /// series: 21 bytes x this (3600: 74 KiB).
+    pub telemetry_history_secs: usize,
+    /// Hours of per-minute telemetry kept in `<data_dir>/telemetry.db`.
+    pub telemetry_minute_retention_hours: u64,
+    /// A node whose agent has not reported for this long is shown as stale, ms.
+    pub telemetry_stale_after_ms: u64,
 }
 
 impl Default for ControllerConfig {
@@ -38,6 +45,9 @@ impl Default for ControllerConfig {
             fabric_algorithm: "static".into(),
             expiry_grace_ms: 1000,
             node_cert_days: 365,
+            telemetry_history_secs: 3600,
+            telemetry_minute_retention_hours: 24,
+            telemetry_stale_after_ms: 5000,
         }
     }
 }
@@ -76,6 +86,24 @@ impl ControllerConfig {
             return Err(ConfigError::Invalid(format!(
                 "agent_listen and api_listen are both {}",
                 self.agent_listen
+            )));
+        }
+        if !(10..=86_400).contains(&self.telemetry_history_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "telemetry_history_secs must be between 10 and 86400, got {}",
+                self.telemetry_history_secs
+            )));
+        }
+        if !(1..=24 * 366).contains(&self.telemetry_minute_retention_hours) {
+            return Err(ConfigError::Invalid(format!(
+                "telemetry_minute_retention_hours must be between 1 and 8784, got {}",
+                self.telemetry_minute_retention_hours
+            )));
+        }
+        if self.telemetry_stale_after_ms < 1000 {
+            return Err(ConfigError::Invalid(format!(
+                "telemetry_stale_after_ms must be at least 1000 (agents report every second), got {}",
+                self.telemetry_stale_after_ms
             )));
         }
         if self.node_cert_days == 0 {

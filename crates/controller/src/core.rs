@@ -7,6 +7,7 @@
 //! not know about, so nothing is double-granted and sequence numbers never go back.
 
 use crate::api_types::*;
+use crate::live::Live;
 use crate::metrics::{Metrics, ResultLabel, StateLabel};
 use nicwarden_lease::ledger::{
     Effect, ErrorKind, LeaseRecord, LeaseStatus, LeaseTerms, Ledger, LedgerConfig, LedgerError,
@@ -17,6 +18,7 @@ use nicwarden_lease::{Directive, Floor, LeaseId, Scope, Time, Usage};
 use nicwarden_pki::{ControllerIdentity, JoinToken};
 use nicwarden_proto::pb;
 use nicwarden_store::{AuditLog, Op, SqliteStore, Store, StoreError, Txn};
+use nicwarden_telemetry::{ScopeState, Severity, Telemetry, Terms};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -136,6 +138,8 @@ pub struct Controller {
     store: Arc<SqliteStore>,
     identity: Arc<ControllerIdentity>,
     pub metrics: Metrics,
+    /// Telemetry, events and their subscribers.
+    pub live: Live,
     /// Woken when the ledger's next timeout may have moved earlier.
     pub timer: Notify,
     node_cert_days: u32,
@@ -154,6 +158,7 @@ impl Controller {
         fabric_algorithm: Algorithm,
         ledger_config: LedgerConfig,
         node_cert_days: u32,
+        live: Live,
     ) -> Result<Self, anyhow::Error> {
         use nicwarden_store::StoreExt;
         let tree: Option<QuotaTree> = store.get_json(KEY_TREE)?;
@@ -184,12 +189,19 @@ impl Controller {
             store,
             identity,
             metrics: Metrics::new(),
+            live,
             timer: Notify::new(),
             node_cert_days,
         };
         {
             let inner = ctl.lock();
             ctl.update_lease_gauges(&inner);
+            // The charts' leased-rate lines start from what is active now.
+            let now = now_ms();
+            let mut tele = ctl.live.telemetry();
+            for l in inner.ledger.leases().filter(|l| l.status.is_active()) {
+                note_lease(&mut tele, now, l);
+            }
         }
         Ok(ctl)
     }
@@ -244,10 +256,28 @@ impl Controller {
 
     /// Signs and pushes directives to connected agents; records expirations.
     fn dispatch(&self, inner: &mut Inner, effects: Vec<Effect>) {
+        let now = now_ms();
         for eff in effects {
             match eff {
                 Effect::Send(d) => {
                     let node = d.node().to_string();
+                    {
+                        let mut tele = self.live.telemetry();
+                        match &d {
+                            Directive::Lease(l) => {
+                                if let Some(rec) = inner.ledger.lease(l.id) {
+                                    note_lease(&mut tele, now, rec);
+                                }
+                            }
+                            Directive::Revoke(r) => note_floor(
+                                &mut tele,
+                                now,
+                                &r.node,
+                                &r.scope.to_string(),
+                                r.floor.rate_bps,
+                            ),
+                        }
+                    }
                     let signed =
                         nicwarden_proto::sign_directive(&d, |m| self.identity.lease_key.sign(m));
                     let msg = pb::ControllerMessage {
@@ -276,6 +306,28 @@ impl Controller {
                 Effect::Expired { lease, node } => {
                     self.metrics.lease_expirations.inc();
                     tracing::warn!(%node, %lease, "lease expired without renewal");
+                    let rec = inner.ledger.lease(lease);
+                    let scope = rec.map(|r| r.terms.scope.to_string());
+                    if let Some(r) = rec {
+                        note_floor(
+                            &mut self.live.telemetry(),
+                            now,
+                            &node,
+                            &r.terms.scope.to_string(),
+                            r.terms.floor.rate_bps,
+                        );
+                    }
+                    self.live.event(
+                        "lease.expired",
+                        Severity::Warning,
+                        Some(&node),
+                        Some(lease.0),
+                        scope.as_deref(),
+                        format!(
+                            "lease {lease} of {node} {} expired: not renewed before its deadline; the node is at its floor",
+                            scope.as_deref().unwrap_or("?")
+                        ),
+                    );
                     self.audit(
                         "controller",
                         "lease.expired",
@@ -388,6 +440,18 @@ impl Controller {
             "node.add",
             serde_json::json!({"node": req.name, "group": group, "capacity_bps": capacity}),
         );
+        self.live.telemetry().mark_changed(&req.name);
+        self.live.event(
+            "node.added",
+            Severity::Info,
+            Some(&req.name),
+            None,
+            None,
+            format!(
+                "node {} added to group {group}; waiting for its agent to enroll",
+                req.name
+            ),
+        );
         Ok(AddNodeResponse {
             name: req.name,
             join_token: token.encode(),
@@ -479,6 +543,24 @@ impl Controller {
             .set(inner.sessions.len() as i64);
         drop(inner);
         self.audit("operator", "node.remove", serde_json::json!({"node": name}));
+        let scopes: Vec<String> = {
+            let mut tele = self.live.telemetry();
+            let s = tele.scopes(name).into_iter().map(str::to_string).collect();
+            tele.remove_node(name);
+            s
+        };
+        if let Err(e) = self.live.db().delete_node(name) {
+            tracing::warn!(node = %name, error = %e, "deleting the node's telemetry history failed");
+        }
+        self.metrics.forget_node(name, &scopes);
+        self.live.event(
+            "node.removed",
+            Severity::Warning,
+            Some(name),
+            None,
+            None,
+            format!("node {name} removed: its leases are revoked and its certificate refused"),
+        );
         Ok(view)
     }
 
@@ -498,9 +580,27 @@ impl Controller {
             .get_or_create(&ResultLabel { result })
             .inc();
         match &res {
-            Ok(_) => self.audit("agent", "node.enroll", serde_json::json!({"node": node})),
+            Ok(_) => {
+                self.audit("agent", "node.enroll", serde_json::json!({"node": node}));
+                self.live.event(
+                    "node.enrolled",
+                    Severity::Info,
+                    Some(node),
+                    None,
+                    None,
+                    format!("node {node} enrolled: certificate issued"),
+                );
+            }
             Err(e) => {
                 tracing::warn!(%node, error = %e, "enrollment refused");
+                self.live.event(
+                    "node.enroll_refused",
+                    Severity::Warning,
+                    Some(node).filter(|n| nicwarden_pki::validate_node_name(n).is_ok()),
+                    None,
+                    None,
+                    format!("enrollment as {node} refused: {e}"),
+                );
                 self.audit(
                     "agent",
                     "node.enroll.refused",
@@ -619,6 +719,14 @@ impl Controller {
         let refuse = |m: String| {
             self.metrics.session_refusals.inc();
             tracing::warn!(node = %cert_node, "session refused: {m}");
+            self.live.event(
+                "agent.refused",
+                Severity::Warning,
+                Some(cert_node),
+                None,
+                None,
+                format!("session of {cert_node} refused: {m}"),
+            );
             Err(tonic::Status::permission_denied(m))
         };
         if hello.node != cert_node {
@@ -650,7 +758,24 @@ impl Controller {
             return Err(tonic::Status::internal(e.message));
         }
         self.dispatch(&mut inner, effects);
+        drop(inner);
         tracing::info!(node = %cert_node, session = id, agent_last_seq = hello.last_seq, "agent connected");
+        self.live.telemetry().mark_changed(cert_node);
+        self.live.event(
+            "agent.connected",
+            Severity::Info,
+            Some(cert_node),
+            None,
+            None,
+            format!(
+                "agent of {cert_node} connected (version {})",
+                if hello.agent_version.is_empty() {
+                    "unknown"
+                } else {
+                    &hello.agent_version
+                }
+            ),
+        );
         Ok(id)
     }
 
@@ -661,7 +786,17 @@ impl Controller {
             self.metrics
                 .agents_connected
                 .set(inner.sessions.len() as i64);
+            drop(inner);
             tracing::info!(%node, session, "agent disconnected");
+            self.live.telemetry().mark_changed(node);
+            self.live.event(
+                "agent.disconnected",
+                Severity::Warning,
+                Some(node),
+                None,
+                None,
+                format!("agent of {node} disconnected; its leases lapse at their deadlines unless it reconnects"),
+            );
         }
     }
 
@@ -677,8 +812,49 @@ impl Controller {
         self.lock().sessions.get(node).map(|s| s.id) == Some(session)
     }
 
+    /// An agent renews one of its leases.
     pub fn renew(&self, node: &str, id: LeaseId) -> Result<(), ApiError> {
-        self.mutate("renew", |l, now| Ok(((), l.renew(now, node, id)?)))
+        self.mutate("renew", |l, now| Ok(((), l.renew(now, node, id)?)))?;
+        self.lease_event("lease.renewed", Severity::Info, id, "renewed by its agent");
+        Ok(())
+    }
+
+    /// The operator renews a lease: it is re-issued now with a fresh deadline, as if its
+    /// agent had asked.
+    pub fn renew_by_operator(&self, id: LeaseId) -> Result<LeaseView, ApiError> {
+        let node = self.get_lease(id)?.record.node;
+        self.mutate("renew", |l, now| Ok(((), l.renew(now, &node, id)?)))?;
+        self.audit(
+            "operator",
+            "lease.renew",
+            serde_json::json!({"lease": id.0}),
+        );
+        self.lease_event(
+            "lease.renewed",
+            Severity::Info,
+            id,
+            "renewed by the operator",
+        );
+        self.get_lease(id)
+    }
+
+    /// Emits a lease event whose message names the lease, its node and scope.
+    fn lease_event(&self, kind: &str, severity: Severity, id: LeaseId, what: &str) {
+        let (node, scope, rate) = {
+            let inner = self.lock();
+            match inner.ledger.lease(id) {
+                Some(r) => (r.node.clone(), r.terms.scope.to_string(), r.rate_bps),
+                None => return,
+            }
+        };
+        self.live.event(
+            kind,
+            severity,
+            Some(&node),
+            Some(id.0),
+            Some(&scope),
+            format!("lease {id} of {node} {scope} ({}): {what}", fmt_rate(rate)),
+        );
     }
 
     pub fn record_usage(&self, node: &str, report: &pb::UsageReport) {
@@ -707,18 +883,68 @@ impl Controller {
                 }
             }
         }
-        if let Err(e) = self.persist(&mut inner, "record usage", vec![]) {
-            tracing::error!(%node, error = %e, "persisting usage failed");
-        }
+        // Usage is not persisted here but by `flush_usage` every few seconds (and with any
+        // other change): agents report cumulative counters every second, so a controller
+        // that crashes relearns them from the next report, and 1,000 agents do not cost
+        // 1,000 fsyncs a second.
+        let leased: Vec<(u64, u64)> = report
+            .scopes
+            .iter()
+            .map(|s| {
+                s.scope
+                    .parse::<Scope>()
+                    .ok()
+                    .and_then(|sc| inner.ledger.active_lease_for(node, &sc))
+                    .map(|r| (r.rate_bps, r.terms.floor.rate_bps))
+                    .unwrap_or((0, 0))
+            })
+            .collect();
         drop(inner);
+        let now = now_ms();
+        let tr = telemetry_report(report);
+        let (ingested, rates) = {
+            let mut tele = self.live.telemetry();
+            let ingested = tele.ingest(now, node, &tr);
+            let rates: HashMap<String, f64> = tele
+                .latest(node)
+                .into_iter()
+                .map(|l| (l.scope.clone(), l.rate_bps))
+                .collect();
+            (ingested, rates)
+        };
+        self.metrics.telemetry_reports.inc();
+        if ingested.refused > 0 {
+            tracing::warn!(%node, refused = ingested.refused, "usage report names too many scopes; extra scopes ignored");
+        }
+        for (s, (leased_bps, _floor)) in tr.scopes.iter().zip(leased) {
+            if let Some(rate) = rates.get(&s.scope) {
+                self.metrics.observe_scope(node, s, leased_bps, *rate, now);
+            }
+        }
         for (id, scope, bytes) in exhausted {
             tracing::info!(%node, lease = %id, %scope, bytes, "lease volume exhausted: the node's datapath now drops this scope");
+            self.live.event(
+                "lease.exhausted",
+                Severity::Warning,
+                Some(node),
+                Some(id.0),
+                Some(&scope),
+                format!("lease {id} of {node} {scope}: transfer volume spent ({bytes} bytes); the scope is at its floor"),
+            );
             self.metrics.volume_exhausted.inc();
             self.audit(
                 node,
                 "lease.exhausted",
                 serde_json::json!({"lease": id.0, "node": node, "scope": scope, "used_bytes": bytes}),
             );
+        }
+    }
+
+    /// Persists usage recorded since the last flush (see `record_usage`).
+    pub fn flush_usage(&self) {
+        let mut inner = self.lock();
+        if let Err(e) = self.persist(&mut inner, "record usage", vec![]) {
+            tracing::error!(error = %e, "persisting usage failed; retrying at the next flush");
         }
     }
 
@@ -791,6 +1017,17 @@ impl Controller {
             "lease.grant",
             serde_json::json!({"lease": id.0, "node": req.node, "scope": view.record.terms.scope.to_string(), "rate_bps": view.record.rate_bps}),
         );
+        let what = match view.record.terms.volume_bytes {
+            Some(v) => format!(
+                "granted, {v} bytes of volume, {} s per issuance",
+                view.record.terms.ttl_ms / 1000
+            ),
+            None => format!(
+                "granted, {} s per issuance",
+                view.record.terms.ttl_ms / 1000
+            ),
+        };
+        self.lease_event("lease.granted", Severity::Info, id, &what);
         Ok(view)
     }
 
@@ -810,6 +1047,12 @@ impl Controller {
             "lease.change",
             serde_json::json!({"lease": id.0}),
         );
+        self.lease_event(
+            "lease.changed",
+            Severity::Info,
+            id,
+            "terms changed by the operator",
+        );
         Ok(view)
     }
 
@@ -820,6 +1063,12 @@ impl Controller {
             "operator",
             "lease.revoke",
             serde_json::json!({"lease": id.0, "reason": reason}),
+        );
+        self.lease_event(
+            "lease.revoked",
+            Severity::Warning,
+            id,
+            &format!("revoked: {reason}"),
         );
         Ok(view)
     }
@@ -909,6 +1158,330 @@ impl Controller {
             "quota.set",
             serde_json::json!({"name": name, "capacity_bps": req.capacity_bps, "algorithm": algorithm.to_string()}),
         );
+        self.live.event(
+            "quota.set",
+            Severity::Info,
+            None,
+            None,
+            None,
+            format!(
+                "quota of {name} set to {} ({algorithm})",
+                fmt_rate(req.capacity_bps)
+            ),
+        );
         Ok(self.quota())
+    }
+}
+
+// ---- live telemetry ---------------------------------------------------------------------
+
+/// `200 Mbit/s`-style rate for event messages.
+pub fn fmt_rate(bps: u64) -> String {
+    let b = bps as f64;
+    if b >= 1e9 {
+        format!("{:.3} Gbit/s", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.3} Mbit/s", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.3} kbit/s", b / 1e3)
+    } else {
+        format!("{bps} bit/s")
+    }
+}
+
+/// Records an active lease's terms as the scope's leased rate from `now`.
+fn note_lease(tele: &mut Telemetry, now: u64, l: &LeaseRecord) {
+    tele.note_terms(
+        &l.node,
+        &l.terms.scope.to_string(),
+        Terms {
+            t_ms: now,
+            lease_id: Some(l.id.0),
+            leased_bps: l.rate_bps,
+            floor_bps: l.terms.floor.rate_bps,
+            volume_bytes: l.terms.volume_bytes,
+        },
+    );
+}
+
+/// Records that a scope fell to its floor (lease revoked or expired) at `now`.
+fn note_floor(tele: &mut Telemetry, now: u64, node: &str, scope: &str, floor_bps: u64) {
+    tele.note_terms(
+        node,
+        scope,
+        Terms {
+            t_ms: now,
+            lease_id: None,
+            leased_bps: 0,
+            floor_bps,
+            volume_bytes: None,
+        },
+    );
+}
+
+/// The wire report as the telemetry core takes it.
+fn telemetry_report(r: &pb::UsageReport) -> nicwarden_telemetry::UsageReport {
+    nicwarden_telemetry::UsageReport {
+        sample_time_ms: (r.sample_time_ms != 0).then_some(r.sample_time_ms),
+        scopes: r
+            .scopes
+            .iter()
+            // A scope the lease core cannot parse is not a scope (bounded, clean labels).
+            .filter(|s| s.scope.parse::<Scope>().is_ok())
+            .map(|s| nicwarden_telemetry::ReportScope {
+                scope: s.scope.clone(),
+                lease_id: s.lease_id,
+                bytes: s.bytes,
+                packets: s.packets,
+                dropped_packets: s.dropped_packets,
+                state: ScopeState::parse(&s.state),
+                deadline_in_ms: (s.deadline_in_ms != 0).then_some(s.deadline_in_ms),
+            })
+            .collect(),
+    }
+}
+
+/// A node's overall state from its scopes' (see [`NodeNow::state`]).
+fn node_state(scopes: &[ScopeNow]) -> &'static str {
+    let leased: Vec<&ScopeNow> = scopes
+        .iter()
+        .filter(|s| s.lease_id.is_some() || s.state != "none")
+        .collect();
+    if leased.is_empty() {
+        return "none";
+    }
+    let active = leased.iter().filter(|s| s.state == "active").count();
+    if active == leased.len() {
+        return "active";
+    }
+    if active > 0 {
+        return "partial";
+    }
+    for st in ["exhausted", "revoked", "expired", "pending"] {
+        if leased.iter().any(|s| s.state == st) {
+            return st;
+        }
+    }
+    "none"
+}
+
+impl Controller {
+    fn node_now(&self, inner: &Inner, tele: &Telemetry, rec: &NodeRecord, now: u64) -> NodeNow {
+        let name = rec.name.as_str();
+        let connected = inner.sessions.contains_key(name);
+        let stale = !connected || tele.is_stale(name, now);
+        let mut scopes: BTreeMap<String, ScopeNow> = BTreeMap::new();
+        for l in inner.ledger.active_leases_of(name) {
+            scopes.insert(
+                l.terms.scope.to_string(),
+                ScopeNow {
+                    scope: l.terms.scope.to_string(),
+                    lease_id: Some(l.id.0),
+                    state: "pending".into(),
+                    leased_bps: l.rate_bps,
+                    floor_bps: l.terms.floor.rate_bps,
+                    rate_bps: 0.0,
+                    bytes: l.usage.bytes,
+                    packets: l.usage.packets,
+                    dropped_packets: l.usage.dropped_packets,
+                    volume_bytes: l.terms.volume_bytes,
+                    used_bytes: l.usage.bytes,
+                    expires_in_ms: Some(Time(now).millis_until(l.expires_at)),
+                },
+            );
+        }
+        for r in tele.latest(name) {
+            let rate = if stale { 0.0 } else { r.rate_bps };
+            match scopes.get_mut(&r.scope) {
+                // The report is about the lease the ledger holds: the agent's view of its
+                // enforcement is the truth of what the datapath does.
+                Some(s) if s.lease_id == r.lease_id => {
+                    s.state = r.state.as_str().into();
+                    s.rate_bps = rate;
+                    s.bytes = r.bytes;
+                    s.packets = r.packets;
+                    s.dropped_packets = r.dropped_packets;
+                    s.used_bytes = s.used_bytes.max(r.bytes);
+                }
+                // A newer lease the agent has not reported yet: still pending.
+                Some(_) => {}
+                None => {
+                    let floor = tele
+                        .current_terms(name, &r.scope)
+                        .map(|t| t.floor_bps)
+                        .unwrap_or(0);
+                    scopes.insert(
+                        r.scope.clone(),
+                        ScopeNow {
+                            scope: r.scope.clone(),
+                            lease_id: r.lease_id,
+                            // The ledger holds no active lease, whatever the agent said.
+                            state: match r.state {
+                                ScopeState::Active | ScopeState::Pending => "none".into(),
+                                s => s.as_str().into(),
+                            },
+                            leased_bps: 0,
+                            floor_bps: floor,
+                            rate_bps: rate,
+                            bytes: r.bytes,
+                            packets: r.packets,
+                            dropped_packets: r.dropped_packets,
+                            volume_bytes: None,
+                            used_bytes: r.bytes,
+                            expires_in_ms: None,
+                        },
+                    );
+                }
+            }
+        }
+        let scopes: Vec<ScopeNow> = scopes.into_values().collect();
+        let with_volume: Vec<&ScopeNow> =
+            scopes.iter().filter(|s| s.volume_bytes.is_some()).collect();
+        NodeNow {
+            node: name.to_string(),
+            group: inner
+                .ledger
+                .tree()
+                .nodes
+                .get(name)
+                .map(|q| q.group.clone())
+                .unwrap_or_default(),
+            connected,
+            last_report_unix_ms: tele.last_report_ms(name),
+            stale,
+            state: node_state(&scopes).into(),
+            leased_bps: scopes
+                .iter()
+                .filter(|s| s.lease_id.is_some() && s.leased_bps > 0)
+                .map(|s| s.leased_bps)
+                .sum(),
+            floor_bps: scopes.iter().map(|s| s.floor_bps).sum(),
+            rate_bps: scopes.iter().map(|s| s.rate_bps).sum(),
+            volume_bytes: (!with_volume.is_empty())
+                .then(|| with_volume.iter().filter_map(|s| s.volume_bytes).sum()),
+            used_bytes: with_volume.iter().map(|s| s.used_bytes).sum(),
+            expires_in_ms: scopes.iter().filter_map(|s| s.expires_in_ms).min(),
+            scopes,
+        }
+    }
+
+    /// Every node, now.
+    pub fn fleet(&self) -> FleetView {
+        let now = now_ms();
+        let inner = self.lock();
+        let tele = self.live.telemetry();
+        FleetView {
+            now_unix_ms: now,
+            stale_after_ms: tele.config().stale_after_ms,
+            nodes: inner
+                .ledger
+                .nodes()
+                .filter(|n| !n.removed)
+                .map(|n| self.node_now(&inner, &tele, n, now))
+                .collect(),
+        }
+    }
+
+    /// The nodes that changed since the last tick (or went stale), for the live stream.
+    pub fn live_tick(&self) -> Option<String> {
+        let now = now_ms();
+        let inner = self.lock();
+        let mut tele = self.live.telemetry();
+        let changed = tele.take_changed(now);
+        self.metrics
+            .telemetry_series
+            .set(tele.series_count() as i64);
+        self.metrics
+            .telemetry_memory
+            .set(tele.memory_bytes() as i64);
+        if changed.is_empty() || self.live.subscribers() == 0 {
+            return None;
+        }
+        let nodes: Vec<NodeNow> = changed
+            .iter()
+            .filter_map(|n| inner.ledger.node(n).filter(|r| !r.removed))
+            .map(|r| self.node_now(&inner, &tele, r, now))
+            .collect();
+        drop(tele);
+        drop(inner);
+        serde_json::to_string(&serde_json::json!({"t": now, "nodes": nodes})).ok()
+    }
+
+    /// A node's time series (see `GET /v1/telemetry/series`).
+    pub fn series(
+        &self,
+        node: &str,
+        scope: Option<&str>,
+        since_ms: u64,
+        until_ms: u64,
+        step_ms: u64,
+    ) -> Result<SeriesResponse, ApiError> {
+        match self.lock().ledger.node(node) {
+            Some(n) if !n.removed => {}
+            _ => {
+                return Err(ApiError::not_found(format!(
+                    "series: node {node} not found"
+                )))
+            }
+        }
+        let tele = self.live.telemetry();
+        let mut out: BTreeMap<String, SeriesView> = BTreeMap::new();
+        let entry = |out: &mut BTreeMap<String, SeriesView>, s: &str| -> SeriesView {
+            out.remove(s).unwrap_or_else(|| SeriesView {
+                scope: s.to_string(),
+                ..Default::default()
+            })
+        };
+        if step_ms == 1000 {
+            for (sc, pts) in tele.series(node, scope, since_ms, until_ms) {
+                let mut v = entry(&mut out, &sc);
+                for p in pts {
+                    v.t.push(p.t_ms);
+                    v.rate_bps.push(p.rate_bps as f64);
+                    v.bytes.push(p.bytes);
+                    v.packets.push(p.packets as u64);
+                    v.dropped_packets.push(p.dropped_packets as u64);
+                    v.state.push(p.state.as_str().into());
+                }
+                out.insert(sc, v);
+            }
+        } else {
+            let rows = self.live.db().query(node, scope, since_ms, until_ms)?;
+            for r in rows {
+                let mut v = entry(&mut out, &r.scope);
+                v.t.push(r.t_ms);
+                v.rate_bps.push(r.bytes as f64 * 8.0 / 60.0);
+                v.bytes.push(r.bytes);
+                v.packets.push(r.packets);
+                v.dropped_packets.push(r.dropped_packets);
+                v.state.push(r.state.clone());
+                v.peak_rate_bps.push(r.peak_rate_bps);
+                out.insert(r.scope.clone(), v);
+            }
+            for sc in tele.scopes(node) {
+                if scope.is_none_or(|s| s == sc) && !out.contains_key(sc) {
+                    let v = entry(&mut out, sc);
+                    out.insert(sc.to_string(), v);
+                }
+            }
+        }
+        for v in out.values_mut() {
+            v.leased = tele
+                .terms(node, &v.scope, since_ms, until_ms)
+                .into_iter()
+                .map(|t| TermsPoint {
+                    t: t.t_ms,
+                    leased_bps: t.leased_bps,
+                    floor_bps: t.floor_bps,
+                    volume_bytes: t.volume_bytes,
+                    lease_id: t.lease_id,
+                })
+                .collect();
+        }
+        Ok(SeriesResponse {
+            node: node.to_string(),
+            step_ms,
+            series: out.into_values().collect(),
+        })
     }
 }

@@ -9,7 +9,9 @@ pub mod api;
 pub mod api_types;
 pub mod config;
 pub mod core;
+pub mod dashboard;
 pub mod grpc;
+pub mod live;
 pub mod metrics;
 
 pub use config::ControllerConfig;
@@ -38,6 +40,21 @@ fn operator_token(dir: &std::path::Path) -> anyhow::Result<[u8; 32]> {
         anyhow::bail!("operator token file {} is empty", path.display());
     }
     Ok(sha2::Sha256::digest(token.as_bytes()).into())
+}
+
+/// Each agent holds a connection open: raise the soft descriptor limit to the hard one so a
+/// 1,000-node fleet does not hit the common default of 1,024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit; large fleets may be refused");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
 }
 
 /// Runs the controller until Ctrl-C / SIGTERM.
@@ -93,7 +110,18 @@ pub async fn serve(
             expiry_grace_ms: cfg.expiry_grace_ms,
         },
         cfg.node_cert_days,
+        crate::live::Live::new(
+            nicwarden_telemetry::TelemetryConfig {
+                history_secs: cfg.telemetry_history_secs,
+                stale_after_ms: cfg.telemetry_stale_after_ms,
+                ..Default::default()
+            },
+            nicwarden_store::TelemetryDb::open(&cfg.data_dir.join("telemetry.db"))
+                .context("open telemetry history")?,
+            cfg.telemetry_minute_retention_hours * 3_600_000,
+        ),
     )?);
+    raise_fd_limit();
     let tls = Arc::new(nicwarden_pki::controller_server_config(&identity)?);
 
     // Expiry timer: sleeps until the ledger's next deadline, or until a change wakes it.
@@ -112,6 +140,40 @@ pub async fn serve(
                 _ = tokio::time::sleep(wait) => {}
                 _ = timer_ctl.timer.notified() => {}
             }
+        }
+    });
+
+    // Live side: a tick a second for the event stream; closed minutes to the store and
+    // recorded usage to the lease store every few seconds; retention every 5 minutes.
+    let live_ctl = ctl.clone();
+    let live = tokio::spawn(async move {
+        let mut every_s = tokio::time::interval(std::time::Duration::from_secs(1));
+        every_s.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut n: u64 = 0;
+        loop {
+            every_s.tick().await;
+            n += 1;
+            let c = live_ctl.clone();
+            // The tick reads the ledger and serialises up to the whole fleet: off the
+            // async workers.
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(json) = c.live_tick() {
+                    c.live.send_tick(json);
+                }
+                c.metrics.event_subscribers.set(c.live.subscribers() as i64);
+                if n.is_multiple_of(5) {
+                    c.flush_usage();
+                    if let Err(e) = c.live.flush_minutes(crate::core::now_ms()) {
+                        tracing::error!(error = %e, "writing per-minute telemetry failed");
+                    }
+                }
+                if n.is_multiple_of(300) {
+                    if let Err(e) = c.live.prune(crate::core::now_ms()) {
+                        tracing::error!(error = %e, "pruning telemetry failed");
+                    }
+                }
+            })
+            .await;
         }
     });
 
@@ -158,6 +220,12 @@ pub async fn serve(
     );
     let (g, a) = tokio::join!(grpc, api);
     timer.abort();
+    live.abort();
+    // What the last seconds recorded is not lost on a clean stop.
+    ctl.flush_usage();
+    if let Err(e) = ctl.live.flush_minutes(u64::MAX) {
+        tracing::error!(error = %e, "writing per-minute telemetry at shutdown failed");
+    }
     g.context("agent gRPC server")?;
     a.context("operator API server")?;
     Ok(())

@@ -13,6 +13,19 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabels {
+    pub node: String,
+    pub scope: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
@@ -30,6 +43,17 @@ pub struct Metrics {
     pub volume_exhausted: Counter,
     pub enrollments: Family<ResultLabel, Counter>,
     pub session_refusals: Counter,
+    /// Per scope, from the agents' reports: measured rate, leased rate, the current lease's
+    /// counters. Counters restart with each new lease, so they are gauges.
+    pub scope_rate: Family<ScopeLabels, FloatGauge>,
+    pub scope_leased: Family<ScopeLabels, Gauge>,
+    pub scope_bytes: Family<ScopeLabels, Gauge>,
+    pub scope_dropped: Family<ScopeLabels, Gauge>,
+    pub node_last_report: Family<NodeLabel, FloatGauge>,
+    pub telemetry_reports: Counter,
+    pub telemetry_series: Gauge,
+    pub telemetry_memory: Gauge,
+    pub event_subscribers: Gauge,
 }
 
 impl Metrics {
@@ -79,7 +103,70 @@ impl Metrics {
             "Agent sessions refused (no or wrong certificate, identity mismatch)",
             session_refusals.clone(),
         );
+        let scope_rate = Family::<ScopeLabels, FloatGauge>::default();
+        registry.register(
+            "scope_rate_bits_per_second",
+            "Measured rate of a lease scope over the agent's last report interval",
+            scope_rate.clone(),
+        );
+        let scope_leased = Family::<ScopeLabels, Gauge>::default();
+        registry.register(
+            "scope_leased_bits_per_second",
+            "Granted rate of the scope's active lease (0: none, the floor applies)",
+            scope_leased.clone(),
+        );
+        let scope_bytes = Family::<ScopeLabels, Gauge>::default();
+        registry.register(
+            "scope_lease_bytes",
+            "Bytes counted under the scope's current lease (restarts with each lease)",
+            scope_bytes.clone(),
+        );
+        let scope_dropped = Family::<ScopeLabels, Gauge>::default();
+        registry.register(
+            "scope_lease_dropped_packets",
+            "Packets dropped under the scope's current lease (restarts with each lease)",
+            scope_dropped.clone(),
+        );
+        let node_last_report = Family::<NodeLabel, FloatGauge>::default();
+        registry.register(
+            "node_last_report_timestamp_seconds",
+            "Unix time of the node's last usage report",
+            node_last_report.clone(),
+        );
+        let telemetry_reports = Counter::default();
+        registry.register(
+            "telemetry_reports",
+            "Usage reports received from agents",
+            telemetry_reports.clone(),
+        );
+        let telemetry_series = Gauge::default();
+        registry.register(
+            "telemetry_series",
+            "(node, scope) series held in memory",
+            telemetry_series.clone(),
+        );
+        let telemetry_memory = Gauge::default();
+        registry.register(
+            "telemetry_history_bytes",
+            "Memory held by the 1-second history (fixed per series)",
+            telemetry_memory.clone(),
+        );
+        let event_subscribers = Gauge::default();
+        registry.register(
+            "event_stream_subscribers",
+            "Open live event streams (dashboards)",
+            event_subscribers.clone(),
+        );
         Metrics {
+            scope_rate,
+            scope_leased,
+            scope_bytes,
+            scope_dropped,
+            node_last_report,
+            telemetry_reports,
+            telemetry_series,
+            telemetry_memory,
+            event_subscribers,
             registry,
             leases,
             agents_connected,
@@ -90,6 +177,50 @@ impl Metrics {
             enrollments,
             session_refusals,
         }
+    }
+
+    /// Updates a scope's series from a report received at `now_ms`.
+    pub fn observe_scope(
+        &self,
+        node: &str,
+        s: &nicwarden_telemetry::ReportScope,
+        leased_bps: u64,
+        rate_bps: f64,
+        now_ms: u64,
+    ) {
+        let l = ScopeLabels {
+            node: node.to_string(),
+            scope: s.scope.clone(),
+        };
+        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
+        self.scope_leased.get_or_create(&l).set(clamp(leased_bps));
+        self.scope_bytes.get_or_create(&l).set(clamp(s.bytes));
+        self.scope_dropped
+            .get_or_create(&l)
+            .set(clamp(s.dropped_packets));
+        self.node_last_report
+            .get_or_create(&NodeLabel {
+                node: node.to_string(),
+            })
+            .set(now_ms as f64 / 1000.0);
+        self.scope_rate.get_or_create(&l).set(rate_bps);
+    }
+
+    /// Drops a removed node's series.
+    pub fn forget_node(&self, node: &str, scopes: &[String]) {
+        for scope in scopes {
+            let l = ScopeLabels {
+                node: node.to_string(),
+                scope: scope.clone(),
+            };
+            self.scope_rate.remove(&l);
+            self.scope_leased.remove(&l);
+            self.scope_bytes.remove(&l);
+            self.scope_dropped.remove(&l);
+        }
+        self.node_last_report.remove(&NodeLabel {
+            node: node.to_string(),
+        });
     }
 
     /// Prometheus text exposition.

@@ -787,6 +787,18 @@ impl Ledger {
             .and_then(|id| self.leases.get(id))
     }
 
+    /// The active leases of a node, by scope (egress first).
+    pub fn active_leases_of<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a LeaseRecord> + 'a {
+        // `Scope::Egress` is the smallest scope, so the range starts at the node's first.
+        self.active
+            .range((node.to_string(), Scope::Egress)..)
+            .take_while(move |((n, _), _)| n == node)
+            .filter_map(|(_, id)| self.leases.get(id))
+    }
+
     pub fn node(&self, name: &str) -> Option<&NodeRecord> {
         self.nodes.get(name)
     }
