@@ -479,7 +479,10 @@ async fn event_stream(
         }
     });
     use futures::StreamExt;
-    let stream = futures::stream::iter(first.into_iter().map(Ok)).chain(live);
+    // Ends when the controller stops, so the server can drain its connections.
+    let stream = futures::stream::iter(first.into_iter().map(Ok))
+        .chain(live)
+        .take_until(st.ctl.live.closed());
     Ok(axum::response::sse::Sse::new(stream)
         .keep_alive(
             KeepAlive::new()

@@ -193,6 +193,8 @@ pub async fn serve(
         tracing::info!("controller stopping: closing agent sessions");
         // Session streams never end by themselves; close them so the servers can drain.
         stop_ctl.close_all_sessions();
+        // Likewise the operators' event streams (an open dashboard).
+        stop_ctl.live.close_streams();
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -29,6 +29,9 @@ pub struct Live {
     tele: Mutex<Telemetry>,
     events: Mutex<EventLog>,
     tx: broadcast::Sender<Arc<Frame>>,
+    /// Set once the controller stops: open event streams end (an HTTP server drains its
+    /// connections before it exits, and a stream never ends by itself).
+    closing: tokio::sync::watch::Sender<bool>,
     db: TelemetryDb,
     /// How long per-minute rows are kept.
     pub minute_retention_ms: u64,
@@ -45,8 +48,22 @@ impl Live {
             tele: Mutex::new(Telemetry::new(cfg)),
             events: Mutex::new(EventLog::new(EVENT_LOG_CAPACITY)),
             tx,
+            closing: tokio::sync::watch::Sender::new(false),
             db,
             minute_retention_ms,
+        }
+    }
+
+    /// Ends every open event stream, and every one opened later (shutdown).
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Completes once [`Live::close_streams`] was called.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.closing.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
         }
     }
 

@@ -140,7 +140,9 @@ impl EventLog {
     /// The newest `limit` events with id > `after` that match, oldest first.
     pub fn since(&self, after: u64, limit: usize, filter: &EventFilter) -> Since {
         let oldest = self.ring.front().map(|e| e.id).unwrap_or(self.next_id);
-        let gap = after + 1 < oldest && after < self.last_id();
+        // An id from the future is from an earlier controller life (ids restart with the
+        // process): the client's view is stale, so it must reload, like a dropped range.
+        let gap = (after + 1 < oldest && after < self.last_id()) || after > self.last_id();
         // Ids are contiguous, so the first event after `after` is at a known index.
         let start = (after + 1).saturating_sub(oldest) as usize;
         let mut events: Vec<Event> = self
@@ -199,6 +201,9 @@ mod tests {
             vec![8, 9, 10]
         );
         assert!(!log.since(7, 100, &EventFilter::default()).gap);
+        // An id beyond the newest comes from before a restart: reload.
+        assert!(log.since(11, 100, &EventFilter::default()).gap);
+        assert!(!log.since(10, 100, &EventFilter::default()).gap);
     }
 
     #[test]

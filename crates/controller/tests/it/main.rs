@@ -7,17 +7,19 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-struct Running {
-    api: String,
-    agent: String,
-    dir: PathBuf,
-    http: reqwest::Client,
+mod telemetry;
+
+pub(crate) struct Running {
+    pub(crate) api: String,
+    pub(crate) agent: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Running {
-    async fn start(dir: &Path) -> Running {
+    pub(crate) async fn start(dir: &Path) -> Running {
         let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -57,14 +59,14 @@ impl Running {
         panic!("controller did not become ready");
     }
 
-    fn token(&self) -> String {
+    pub(crate) fn token(&self) -> String {
         std::fs::read_to_string(self.dir.join("operator.token"))
             .expect("token")
             .trim()
             .to_string()
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let mut rb = self
             .http
@@ -82,7 +84,7 @@ impl Running {
         )
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -93,7 +95,7 @@ impl Running {
     }
 }
 
-fn tmp() -> tempfile::TempDir {
+pub(crate) fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
@@ -116,15 +118,49 @@ async fn every_documented_route_is_served() {
     );
     let paths = doc["paths"].as_object().expect("paths");
     assert!(
-        paths.len() >= 10,
+        paths.len() >= 20,
         "the document lists the API: {}",
         paths.len()
     );
     let mut checked = 0;
     for (path, ops) in paths {
-        let concrete = path.replace("{name}", "node-x").replace("{id}", "999");
+        let concrete = path
+            .replace("{name}", "node-x")
+            .replace("{id}", "999")
+            .replace("{file}", "app.js");
         for method in ops.as_object().expect("ops").keys() {
             if !["get", "post", "put", "delete"].contains(&method.as_str()) {
+                continue;
+            }
+            let documented_sse = ops[method.as_str()]["responses"]["200"]["content"]
+                .get("text/event-stream")
+                .is_some();
+            if documented_sse {
+                // An event stream never ends: check its status and type, not its body.
+                let r = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    c.http
+                        .request(
+                            reqwest::Method::from_bytes(method.to_uppercase().as_bytes())
+                                .expect("method"),
+                            format!("{}{concrete}", c.api),
+                        )
+                        .bearer_auth(c.token())
+                        .send(),
+                )
+                .await
+                .expect("stream answers within 10 s")
+                .expect("request");
+                let ct = r
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                assert_eq!(r.status().as_u16(), 200, "{method} {path}");
+                assert!(ct.starts_with("text/event-stream"), "{method} {path}: {ct}");
+                drop(r);
+                checked += 1;
                 continue;
             }
             let body = matches!(method.as_str(), "post" | "put").then(|| json!({}));
@@ -140,7 +176,7 @@ async fn every_documented_route_is_served() {
             checked += 1;
         }
     }
-    assert!(checked >= 14, "checked {checked} operations");
+    assert!(checked >= 24, "checked {checked} operations");
     c.stop().await;
 }
 
