@@ -1290,7 +1290,13 @@ impl Controller {
                 },
             );
         }
+        let last_report = tele.last_report_ms(name);
         for r in tele.latest(name) {
+            // A scope missing from the node's latest report is no longer reported (its
+            // lease ended and the agent dropped it): only the ledger's view of it counts.
+            if last_report.is_some_and(|t| r.reported_at_ms < t) {
+                continue;
+            }
             let rate = if stale { 0.0 } else { r.rate_bps };
             match scopes.get_mut(&r.scope) {
                 // The report is about the lease the ledger holds: the agent's view of its

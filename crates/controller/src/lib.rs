@@ -47,8 +47,10 @@ fn operator_token(dir: &std::path::Path) -> anyhow::Result<[u8; 32]> {
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok((soft, hard)) if soft < hard.min(1 << 20) => {
+            // An unlimited hard limit cannot be the soft one: cap it.
+            let want = hard.min(1 << 20);
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
                 tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit; large fleets may be refused");
             }
         }

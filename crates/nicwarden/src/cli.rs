@@ -204,12 +204,97 @@ pub enum Command {
     /// Run the whole system on this machine: namespaced nodes, real packets, a live view
     #[command(after_help = DEMO_HELP)]
     Demo(DemoArgs),
-    /// Measure enforcement: shaping accuracy, backends side by side, scaling, volume, latency
+    /// Measure enforcement (shaping, backends, scale, volume, latency) and controller load
     #[command(after_help = BENCH_HELP)]
     Bench(BenchCmd),
     /// Generate or sink test traffic (TCP/UDP, bounded), reporting what was delivered
     #[command(after_help = TRAFFIC_HELP)]
     Traffic(TrafficCmd),
+    /// Simulate N agents speaking the real protocol against a controller (load, dashboards)
+    #[command(after_help = SIM_HELP)]
+    Sim(SimArgs),
+}
+
+const SIM_HELP: &str = "\
+Each simulated node does on the wire what `nicwarden agent` does, with its keys in memory
+and no datapath: it is added to the controller (an existing node gets a fresh join token),
+enrolls, holds a mutual-TLS session, verifies every signed lease against the key it pinned,
+renews its leases, reconnects with backoff, and reports usage every --report-interval. The
+traffic is simulated: each scope offers --rate; while it holds an active lease the scope
+counts min(--rate, leased rate) (never past a volume), otherwise nothing (fail closed).
+
+Nodes are named PREFIX-0001, PREFIX-0002, ...; each has --scopes scopes: `egress`, then
+`peer:` the next simulated nodes. With --grant every scope gets a lease of --rate for --ttl
+once the sessions are up. Prints progress while enrolling, then one line per second
+(connected sessions, reports/s, errors) until --secs or Ctrl-C; then closes every session.
+The nodes stay registered at the controller (disconnected); running again re-enrolls them.
+
+Examples:
+  # a controller on this host (its token in ./ctl/operator.token)
+  nicwarden controller --data-dir ./ctl --fabric-capacity 10T
+  nicwarden sim --token-file ./ctl/operator.token --nodes 100 --scopes 4 --grant
+  nicwarden sim --api http://127.0.0.1:7080 --agent-addr 127.0.0.1:7443 \\
+      --token-file ./ctl/operator.token --nodes 1000 --rate 1G --grant --ttl 5m --secs 0";
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Operator API base URL
+    #[arg(
+        long,
+        env = "NICWARDEN_API",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:7080"
+    )]
+    pub api: String,
+    /// Operator bearer token (takes precedence over --token-file)
+    #[arg(
+        long,
+        env = "NICWARDEN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// File holding the operator token, <data_dir>/operator.token on the controller
+    /// [default: /var/lib/nicwarden/controller/operator.token]
+    #[arg(long, env = "NICWARDEN_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The controller's agent endpoint, HOST:PORT (HOST must be one of its server names)
+    #[arg(
+        long,
+        env = "NICWARDEN_CONTROLLER",
+        value_name = "HOST:PORT",
+        default_value = "127.0.0.1:7443"
+    )]
+    pub agent_addr: String,
+    /// How many nodes to simulate
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub nodes: u64,
+    /// Node name prefix: PREFIX-0001, PREFIX-0002, ...
+    #[arg(long, default_value = "sim", value_name = "PREFIX")]
+    pub prefix: String,
+    /// Scopes per node: `egress`, then `peer:` other simulated nodes
+    #[arg(long, default_value_t = 1, value_name = "K",
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub scopes: u64,
+    /// Traffic each scope offers, e.g. 100Mbit, 1G (bits/s)
+    #[arg(long, default_value = "100Mbit", value_name = "RATE", value_parser = rate)]
+    pub rate: u64,
+    /// Grant every scope a lease of --rate once the sessions are up
+    #[arg(long)]
+    pub grant: bool,
+    /// Lifetime of each granted issuance (renewed every third of it), e.g. 60s, 5m
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = duration)]
+    pub ttl: Duration,
+    /// How long to run once started, in seconds; 0 = until Ctrl-C
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub secs: u64,
+    /// How often each node reports usage
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = duration)]
+    pub report_interval: Duration,
+    /// Enrollments and connections in flight at once while starting
+    #[arg(long, default_value_t = 32, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub concurrency: u64,
 }
 
 const DEMO_HELP: &str = "\
@@ -246,7 +331,7 @@ pub struct DemoArgs {
 }
 
 const BENCH_HELP: &str = "\
-Needs root. Each benchmark builds a 3-node testbed (network namespaces, veth links through a
+Needs root (except `telemetry`, on loopback). Each benchmark builds a 3-node testbed (network namespaces, veth links through a
 bridge, fabric MTU 9000); node1 sends to node2, node3 is idle or the unenforced reference.
 Enforcement is installed on node1's fabric interface only. Every loop is bounded; each
 subcommand prints a table, or JSON with --json. See docs/PERFORMANCE.md for figures.
@@ -256,7 +341,8 @@ Examples (as root):
   nicwarden bench backends --reps 5 --secs 3
   nicwarden bench scale --scopes 1,100,1000,10000
   nicwarden bench volume --reps 5
-  nicwarden bench latency --reps 10 --json";
+  nicwarden bench latency --reps 10 --json
+  nicwarden bench telemetry --agents 100,1000 --secs 30";
 
 #[derive(Debug, Args)]
 pub struct BenchCmd {
@@ -281,6 +367,9 @@ pub enum BenchSub {
     /// Time from a lease change (revocation, rate cut) to the first packets that obey it
     #[command(after_help = BENCH_LATENCY_HELP)]
     Latency(BenchLatencyArgs),
+    /// Controller CPU and memory under 100s to 1000s of simulated agents reporting usage
+    #[command(after_help = BENCH_TELEMETRY_HELP)]
+    Telemetry(BenchTelemetryArgs),
 }
 
 impl BenchSub {
@@ -292,6 +381,7 @@ impl BenchSub {
             BenchSub::Scale(_) => "scale",
             BenchSub::Volume(_) => "volume",
             BenchSub::Latency(_) => "latency",
+            BenchSub::Telemetry(_) => "telemetry",
         }
     }
 }
@@ -443,6 +533,49 @@ pub struct BenchLatencyArgs {
     /// Repetitions of each case per backend
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100))]
     pub reps: u64,
+    /// Print the results as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+const BENCH_TELEMETRY_HELP: &str = "\
+No root, no testbed: runs on loopback. Starts a controller (this binary's `controller`, a
+temporary data directory, free loopback ports) and, first with no agents (the idle
+baseline), then for each count in --agents: starts that many simulated agents (`nicwarden
+sim`: real enrollment, mutual-TLS sessions, one usage report per second each, --scopes
+scopes each, every scope granted a 100 Mbit/s lease with a 1 h TTL so that renewals do not
+dominate), waits --warmup seconds, then measures over --secs:
+- reports/s the agents sent;
+- the controller's CPU (utime + stime of its process) as % of one core, and per 1,000
+  reports/s;
+- its resident memory (VmRSS) at the end and its peak (VmHWM), and the RSS above the idle
+  baseline per agent;
+- the latency of GET /v1/telemetry/fleet (median of 5, after the window; `n/a` if the
+  controller does not serve it).
+The agents of one count are stopped and their nodes removed before the next count.
+Everything (controller process, temporary directory) is removed at the end or on Ctrl-C.
+The simulated agents run in this process and share the machine: run it otherwise idle.
+
+Examples:
+  nicwarden bench telemetry
+  nicwarden bench telemetry --agents 10,100 --secs 10 --warmup 3
+  nicwarden bench telemetry --agents 1000 --scopes 8 --secs 60 --json";
+
+#[derive(Debug, Args)]
+pub struct BenchTelemetryArgs {
+    /// Agent counts to measure, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "100,1000",
+          value_parser = clap::value_parser!(u64).range(1..=20_000))]
+    pub agents: Vec<u64>,
+    /// Scopes per agent (egress, then peers), each with a lease
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub scopes: u64,
+    /// Seconds of measurement per agent count
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub secs: u64,
+    /// Seconds between the agents being up and the measurement
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub warmup: u64,
     /// Print the results as JSON
     #[arg(long)]
     pub json: bool,

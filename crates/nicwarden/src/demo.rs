@@ -102,6 +102,10 @@ async fn demo(
     let api_local = forward_api(listener, SocketAddr::from((tb.controller_ip(), API_PORT)))?;
     let token_file = lab.dir().join("controller").join("operator.token");
     println!(
+        "dashboard: http://{api_local}/  (sign in with the operator token in {})",
+        token_file.display()
+    );
+    println!(
         "operator API: http://{api_local}  metrics: http://{api_local}/metrics  OpenAPI: http://{api_local}/openapi.json"
     );
     println!(
@@ -143,7 +147,7 @@ async fn demo(
     let mut view = View::new(
         &names,
         format!(
-            "operator API http://{api_local} (token: {})",
+            "dashboard and API http://{api_local}/ (token: {})",
             token_file.display()
         ),
         !args.no_live && std::io::stdout().is_terminal(),

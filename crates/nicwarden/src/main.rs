@@ -8,6 +8,8 @@
 //! - `nicwarden demo` / `nicwarden bench` build a namespaced testbed (root) and run the
 //!   whole system / the benchmarks (shaping, backends, scale, volume, latency) on it;
 //!   `nicwarden traffic` is the bounded traffic generator and sink.
+//! - `nicwarden sim` runs simulated agents (real protocol) against a controller;
+//!   `nicwarden bench telemetry` measures a controller under them, on loopback.
 //!
 //! Errors print as `error: ...` on stderr with exit status 1; usage errors exit with 2.
 
@@ -19,6 +21,7 @@ mod cli;
 mod client;
 mod demo;
 mod ops;
+mod sim;
 mod table;
 mod traffic;
 mod units;
@@ -150,6 +153,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => blocking(move || demo::run(args)).await,
         Command::Bench(cmd) => blocking(move || bench::run(cmd)).await,
         Command::Traffic(cmd) => blocking(move || traffic::run(cmd)).await,
+        Command::Sim(args) => {
+            // Quiet by default: the progress and live lines are the output.
+            if std::env::var_os("RUST_LOG").is_some() {
+                init_tracing();
+            }
+            sim::run(args).await
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //! One module per subcommand: [`shaping`] (leased vs achieved rate of the `tc` backend),
 //! [`backends`] (enforcement variants side by side: throughput, CPU, packet rate), [`scale`]
 //! (linear rule chains of 1 to 10,000 scopes), [`volume`] (bytes past a volume limit) and
-//! [`latency`] (lease change to the first packets that obey it). The variants under test,
+//! [`latency`] (lease change to the first packets that obey it); [`telemetry`] (the
+//! controller under simulated agents) runs on loopback instead. The variants under test,
 //! each an install/remove pair on node1's fabric, are in [`variant`]; the eBPF backend plugs
 //! in there. Shared here: the testbed ([`Bench`]), flows with the machine's busy CPU time
 //! ([`Flow`]), statistics and output.
@@ -16,6 +17,7 @@ mod backends;
 mod latency;
 mod scale;
 mod shaping;
+mod telemetry;
 mod variant;
 mod volume;
 
@@ -32,8 +34,12 @@ use crate::cli::{BenchCmd, BenchSub};
 use crate::table::Table;
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
-    crate::demo::require_root(&format!("bench {}", cmd.command.name()))?;
+    // `telemetry` runs on loopback only: no testbed, no root.
+    if !matches!(cmd.command, BenchSub::Telemetry(_)) {
+        crate::demo::require_root(&format!("bench {}", cmd.command.name()))?;
+    }
     match cmd.command {
+        BenchSub::Telemetry(args) => telemetry::run(args),
         BenchSub::Shaping(args) => shaping::run(args),
         BenchSub::Backends(args) => backends::run(args),
         BenchSub::Scale(args) => scale::run(args),

@@ -63,6 +63,8 @@ const COMMANDS: &[&[&str]] = &[
     &["bench", "scale"],
     &["bench", "volume"],
     &["bench", "latency"],
+    &["bench", "telemetry"],
+    &["sim"],
     &["traffic"],
     &["traffic", "sink"],
     &["traffic", "send"],
