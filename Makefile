@@ -15,7 +15,8 @@ build: deps
 	$(CARGO) build --release --bin nicwarden
 
 # The whole suite: unit, property, integration and end-to-end tests.
-test: deps
+test:
+	@NICWARDEN_DEPS=test scripts/deps.sh
 	$(CARGO) test --workspace --all-targets --no-fail-fast
 
 # The whole system on real packets in network namespaces (needs root).

@@ -16,6 +16,13 @@ have nft || need+=(nftables)
 have clang || need+=(clang)
 [[ -f /usr/include/bpf/bpf_helpers.h ]] || need+=(libbpf-dev)
 have python3 || need+=(python3)
+# The dashboard's browser tests (make test only): headless Chromium driven by
+# playwright-core from npm (tests/browser).
+if [[ ${NICWARDEN_DEPS:-} == test ]]; then
+  have chromium || need+=(chromium)
+  have node || need+=(nodejs)
+  have npm || need+=(npm)
+fi
 
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
@@ -31,4 +38,15 @@ fi
 if ! have cargo; then
   echo "deps: cargo (Rust >= 1.85) is required: https://rustup.rs (Debian 12's packaged Rust is too old)" >&2
   exit 1
+fi
+
+if [[ ${NICWARDEN_DEPS:-} == test ]]; then
+  # npm ci is exact (package-lock.json) and reinstalls only when the lock file changed.
+  cd "$(dirname "$0")/.."
+  stamp=tests/browser/node_modules/.nicwarden-lock
+  if ! cmp -s tests/browser/package-lock.json "$stamp" 2>/dev/null; then
+    echo "deps: installing the browser tests' npm packages (tests/browser)"
+    (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+    cp tests/browser/package-lock.json "$stamp"
+  fi
 fi

@@ -9,6 +9,7 @@
 const TOKEN_KEY = 'nicwarden.operator-token';
 const EVENT_KEEP = 10000; // events kept in memory (the controller keeps as many)
 const EVENT_ROWS = 2000; // rows the events table shows at most
+const EVENT_PAGE = 500; // rows it shows first (more on request, up to EVENT_ROWS)
 const NODE_EVENT_ROWS = 200;
 const CHART_WINDOW_MS = 5 * 60 * 1000;
 const STATES = ['active', 'partial', 'pending', 'exhausted', 'revoked', 'expired', 'none'];
@@ -53,6 +54,17 @@ function setAttr(el, name, value) {
 
 const nodeHref = (name) => `#/node/${encodeURIComponent(name)}`;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Runs `fn` once, `ms` after the first call since the last run (a throttle: a steady
+ *  stream of calls, e.g. 50 renewals a second, still gets it run every `ms`). */
+const throttles = new Map();
+function throttle(key, ms, fn) {
+  if (throttles.has(key)) return;
+  throttles.set(key, setTimeout(() => {
+    throttles.delete(key);
+    fn();
+  }, ms));
+}
 const collator = new Intl.Collator(undefined, { numeric: true, sensitivity: 'base' });
 const nf = new Intl.NumberFormat();
 
@@ -191,7 +203,11 @@ function fmtTime(ms) {
   const clock = fmtClock(ms);
   return d.toDateString() === today.toDateString() ? clock : `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${clock}`;
 }
-const fmtPct = (r) => (r == null || !Number.isFinite(r) ? '—' : `${r >= 10 ? Math.round(r * 100) : Math.round(r * 1000) / 10}%`);
+function fmtPct(r) {
+  if (r == null || !Number.isFinite(r)) return '—';
+  if (r > 0 && r < 0.001) return '<0.1%';
+  return `${r >= 10 ? Math.round(r * 100) : Math.round(r * 1000) / 10}%`;
+}
 
 /** Exact text a parser reads back: 200000000 -> `200Mbit`. */
 function rateInput(bps) {
@@ -236,6 +252,7 @@ const S = {
   lastTickLocal: 0,
   lastData: 0,
   abort: null,
+  buffered: null, // events that arrive on the stream while a reload is in flight
 };
 const serverNow = () => Date.now() + S.offset;
 
@@ -340,6 +357,11 @@ function applyTick(tick) {
 }
 
 function addEvents(evs) {
+  if (S.buffered) {
+    // A reload is in flight: its answer decides which ids we have; merge these after it.
+    S.buffered.push(...evs);
+    return;
+  }
   let fresh = 0;
   for (const ev of evs) {
     if (ev.id <= S.lastEventId) continue; // replayed after a reconnect
@@ -353,30 +375,42 @@ function addEvents(evs) {
   if (fresh) scheduleFlush();
 }
 
-let fleetReloadTimer = null;
 function scheduleFleetReload() {
-  clearTimeout(fleetReloadTimer);
-  fleetReloadTimer = setTimeout(() => {
+  throttle('fleet', 1000, () => {
     const gen = S.gen;
-    api('GET', '/v1/telemetry/fleet').then((f) => gen === S.gen && applyFleet(f)).catch((e) => showBanner(`Reloading the fleet failed: ${e.message}`));
-  }, 400);
+    api('GET', '/v1/telemetry/fleet').then((f) => gen === S.gen && applyFleet(f)).catch((e) => {
+      if (e.status !== 401) showBanner(`Reloading the fleet failed: ${e.message}`);
+    });
+  });
 }
 
 async function loadAll(gen) {
-  const [fleet, ev] = await Promise.all([api('GET', '/v1/telemetry/fleet'), api('GET', `/v1/events?limit=${EVENT_ROWS}`)]);
-  if (gen !== S.gen) return;
+  S.buffered = [];
+  let fleet;
+  let ev;
+  try {
+    [fleet, ev] = await Promise.all([api('GET', '/v1/telemetry/fleet'), api('GET', `/v1/events?limit=${EVENT_ROWS}`)]);
+  } catch (e) {
+    S.buffered = null;
+    throw e;
+  }
+  if (gen !== S.gen) return; // signed out meanwhile (signOut reset the buffer)
   applyFleet(fleet);
   S.events = ev.events.slice(-EVENT_KEEP);
+  // Ids restart when the controller restarts: take its word for the newest id.
   S.lastEventId = Math.max(ev.last_id ?? 0, ...ev.events.map((e) => e.id), 0);
   S.loaded = true;
+  const later = S.buffered;
+  S.buffered = null;
+  pending.events = [];
   current.view?.onReload?.();
+  addEvents(later); // only those newer than what the reload returned
   scheduleFlush();
 }
 
 // ---------------------------------------------------------------------------------------
 // The event stream: fetch + ReadableStream, SSE framing, reconnect with backoff.
 
-let lastResync = 0;
 async function runStream(gen) {
   let backoff = 1000;
   while (gen === S.gen) {
@@ -441,8 +475,11 @@ async function readSse(body, gen) {
       const { value, done } = await reader.read();
       if (done || gen !== S.gen) return;
       S.lastData = Date.now();
+      // A tick of a large fleet is one long line in many chunks: scan only the new part.
+      const scanFrom = Math.max(0, buf.length - 1);
       buf += value;
       const re = /\r\n|\r|\n/g;
+      re.lastIndex = scanFrom;
       let pos = 0;
       let m;
       while ((m = re.exec(buf))) {
@@ -467,13 +504,36 @@ function dispatchSse(type, data) {
   }
   if (type === 'event') addEvents([obj]);
   else if (type === 'tick') applyTick(obj);
-  else if (type === 'resync') {
-    // We fell behind: reload the fleet and the events (at most every 2 s).
-    if (Date.now() - lastResync < 2000) return;
-    lastResync = Date.now();
-    const gen = S.gen;
-    S.loaded = false;
-    loadAll(gen).catch((e) => showBanner(`Resynchronising failed: ${e.message}`));
+  else if (type === 'resync') requestResync();
+}
+
+// `resync`: we fell behind (or the controller restarted). Reload the fleet and the events;
+// a resync that arrives during a reload asks for one more reload after it.
+const resyncState = { running: false, again: false };
+async function requestResync() {
+  if (resyncState.running) {
+    resyncState.again = true;
+    return;
+  }
+  resyncState.running = true;
+  const gen = S.gen;
+  let attempt = 0;
+  try {
+    do {
+      resyncState.again = false;
+      try {
+        await loadAll(gen);
+        attempt = 0;
+        $('#banner').hidden = true;
+      } catch (e) {
+        if (gen !== S.gen || e.status === 401) return;
+        showBanner(`Reloading after a resync failed (${e.message}); retrying…`);
+        await sleep(Math.min(15000, 1000 * 2 ** attempt++));
+        resyncState.again = true;
+      }
+    } while (resyncState.again && gen === S.gen);
+  } finally {
+    resyncState.running = false;
   }
 }
 
@@ -539,10 +599,16 @@ function signOut(message) {
   S.names = [];
   S.events = [];
   S.lastEventId = 0;
+  S.buffered = null;
+  S.lastTickLocal = 0;
   S.fleetVersion++;
+  pending = { changed: new Set(), structural: false, events: [] };
   sessionStorage.removeItem(TOKEN_KEY);
-  for (const v of Object.values(VIEWS)) v.reset?.();
   current.view?.hide?.();
+  for (const v of Object.values(VIEWS)) {
+    v.reset?.();
+    v.el.hidden = true;
+  }
   current.view = null;
   current.key = null;
   showSignin(message);
@@ -677,7 +743,7 @@ function leaseForm({ prefix, node = null, lease = null, onDone }) {
     f.node.input.addEventListener('focus', () => fillNodeOptions(f.node.input));
     fillNodeOptions(f.node.input);
   }
-  f.scope = field(`${prefix}-scope`, 'Scope', { value: t ? scopeText(t.scope) : 'egress', hint: '`egress` (all fabric egress) or `peer:NODE`', readonly: changing, list: 'nw-scopes' });
+  f.scope = field(`${prefix}-scope`, 'Scope', { value: t ? scopeText(t.scope) : 'egress', hint: 'egress (all fabric egress) or peer:NODE', readonly: changing, list: 'nw-scopes' });
   f.rate = field(`${prefix}-rate`, 'Rate', { value: lease ? rateInput(lease.rate_bps ?? t.want_bps) : '', placeholder: '200Mbit', hint: RATE_EXAMPLES, required: true });
   f.burst = field(`${prefix}-burst`, 'Burst (optional)', { value: t ? bytesInput(t.burst_bytes) : '', placeholder: 'default: 10 ms at the rate', hint: BYTES_EXAMPLES });
   f.volume = field(`${prefix}-volume`, 'Volume (optional)', { value: t?.volume_bytes != null ? bytesInput(t.volume_bytes) : '', placeholder: 'no limit', hint: BYTES_EXAMPLES });
@@ -785,14 +851,14 @@ function refreshDatalists() {
 // Fleet view
 
 const FLEET_COLS = [
-  { key: 'node', label: 'Node' },
-  { key: 'group', label: 'Group' },
-  { key: 'state', label: 'State' },
-  { key: 'leased', label: 'Leased rate', num: true },
-  { key: 'measured', label: 'Measured rate', num: true },
-  { key: 'volume', label: 'Volume used' },
-  { key: 'expires', label: 'Expires in', num: true },
-  { key: 'age', label: 'Last report', num: true },
+  { key: 'node', label: 'Node', w: 17 },
+  { key: 'group', label: 'Group', w: 10 },
+  { key: 'state', label: 'State', w: 10 },
+  { key: 'leased', label: 'Leased rate', num: true, w: 11 },
+  { key: 'measured', label: 'Measured rate', num: true, w: 14 },
+  { key: 'volume', label: 'Volume used', w: 16 },
+  { key: 'expires', label: 'Expires in', num: true, w: 10 },
+  { key: 'age', label: 'Last report', num: true, w: 12 },
 ];
 const STATE_ORDER = Object.fromEntries(['exhausted', 'revoked', 'expired', 'partial', 'pending', 'active', 'none'].map((s, i) => [s, i]));
 
@@ -829,9 +895,14 @@ const fleetView = {
         h('div', { class: 'field inline' }, h('label', { for: 'fleet-filter', text: 'Filter' }), text),
         h('div', { class: 'field inline' }, h('label', { for: 'fleet-state', text: 'State' }), state),
         this.count),
-      h('div', { class: 'table-wrap' }, h('table', { class: 'fleet', id: 'fleet-table' }, h('caption', { class: 'sr-only', text: 'Nodes, their lease state and live rates. Click a column header to sort.' }), h('thead', {}, this.thead), this.tbody)),
+      // Fixed layout with set column widths: a changed cell never re-measures 1,000 rows.
+      this.wrap = h('div', { class: 'table-wrap fleet-wrap' }, h('table', { class: 'fleet', id: 'fleet-table' },
+        h('caption', { class: 'sr-only', text: 'Nodes, their lease state and live rates. Click a column header to sort.' }),
+        h('colgroup', {}, FLEET_COLS.map((c) => h('col', { class: `w${c.w}` }))),
+        h('thead', {}, this.thead), this.tbody)),
       this.empty,
     );
+    rowObserver = new IntersectionObserver(onRowsIntersect, { root: this.wrap, rootMargin: '600px 0px' });
     this.summary.addEventListener('click', (e) => {
       const b = e.target.closest('button[data-filter-state]');
       if (!b) return;
@@ -843,6 +914,7 @@ const fleetView = {
     this.stateSelect = state;
   },
   reset() {
+    for (const row of this.rows.values()) row.drop();
     this.rows.clear();
     this.order = [];
     this.tbody?.replaceChildren();
@@ -859,10 +931,11 @@ const fleetView = {
   onTick(changed) {
     for (const name of changed) this.rows.get(name)?.update(S.nodes.get(name));
     this.apply(false, changed);
+    this.onSecond();
   },
   onSecond() {
     const now = serverNow();
-    for (const row of this.rows.values()) if (!row.tr.hidden) row.second(now);
+    for (const row of this.rows.values()) if (row.visible) row.second(now);
   },
 
   sync() {
@@ -870,7 +943,7 @@ const fleetView = {
     this.builtVersion = S.fleetVersion;
     for (const [name, row] of this.rows) {
       if (!S.nodes.has(name)) {
-        row.tr.remove();
+        row.drop();
         this.rows.delete(name);
       }
     }
@@ -926,10 +999,7 @@ const fleetView = {
       const node = S.nodes.get(n);
       if (!row || !node) continue;
       const show = this.matches(node);
-      if (row.tr.hidden === show) {
-        row.tr.hidden = !show;
-        if (show) row.second(serverNow());
-      }
+      if (row.tr.hidden === show) row.tr.hidden = !show;
     }
     let visible = 0;
     for (const row of this.rows.values()) if (!row.tr.hidden) visible++;
@@ -960,9 +1030,29 @@ const fleetView = {
   },
 };
 
+// Every node has a row in the DOM (sorting, filtering and find-in-page stay simple), but
+// only rows near the viewport get their text and bars written on a tick; the others keep
+// their data attributes current and are marked dirty until they scroll into view. That
+// keeps a tick of 1,000 nodes from re-laying out 1,000 rows.
+let rowObserver = null; // created by fleetView.mount(), rooted at the table's scroller
+function onRowsIntersect(entries) {
+  const now = serverNow();
+  for (const e of entries) {
+    const row = e.target.nwRow;
+    if (!row) continue;
+    row.visible = e.isIntersecting;
+    if (row.visible) {
+      if (row.dirty) row.render();
+      row.second(now);
+    }
+  }
+}
+
 class FleetRow {
   constructor(name) {
     this.name = name;
+    this.visible = false;
+    this.dirty = true;
     const c = () => h('td');
     this.link = h('a', { href: nodeHref(name), text: name });
     this.staleBadge = h('span', { class: 'badge stale-badge', text: 'stale', hidden: true });
@@ -984,24 +1074,40 @@ class FleetRow {
       h('td', { class: 'vol' }, h('span', { class: 'cell-meter' }, this.volText, this.volMeter.el)),
       this.expires,
       this.age);
+    this.tr.nwRow = this;
+    this.rateCell = this.rateText.parentNode.parentNode;
+    rowObserver.observe(this.tr);
+  }
+  drop() {
+    rowObserver.unobserve(this.tr);
+    this.tr.remove();
   }
   update(n) {
     if (!n) return;
     this.n = n;
+    // Machine-readable attributes are cheap (no CSS reads them): always current.
+    setAttr(this.tr, 'data-state', n.state);
+    setAttr(this.tr, 'data-stale', n.stale ? 'true' : 'false');
+    setAttr(this.rateCell, 'data-bps', n.rate_bps ?? 0);
+    setAttr(this.leased, 'data-bps', n.leased_bps ?? 0);
+    setAttr(this.age, 'data-last-report-ms', n.last_report_unix_ms ?? null);
+    if (this.visible) this.render();
+    else this.dirty = true;
+  }
+  render() {
+    const n = this.n;
+    if (!n) return;
+    this.dirty = false;
     setText(this.group, n.group ?? '');
     setBadge(this.state, n.state);
     const stale = !!n.stale;
     if (this.tr.classList.contains('stale') !== stale) this.tr.classList.toggle('stale', stale);
-    setAttr(this.tr, 'data-stale', stale ? 'true' : 'false');
-    setAttr(this.tr, 'data-state', n.state);
     this.staleBadge.hidden = !stale;
     setAttr(this.staleBadge, 'title', !n.connected ? 'agent not connected' : 'no report within the stale window');
     setText(this.leased, n.leased_bps ? fmtRate(n.leased_bps) : '—');
-    setAttr(this.leased, 'data-bps', n.leased_bps ?? 0);
     setText(this.rateText, fmtRate(n.rate_bps ?? 0));
     const u = utilLevel(n.rate_bps ?? 0, n.leased_bps, false, null);
     setMeter(this.rateMeter, u.ratio, u.level);
-    setAttr(this.rateText.parentNode.parentNode, 'data-bps', n.rate_bps ?? 0);
     setAttr(this.rateText.parentNode, 'title', n.leased_bps ? `${fmtPct(u.ratio)} of the leased rate` : 'no active lease');
     if (n.volume_bytes != null) {
       const r = n.volume_bytes > 0 ? (n.used_bytes ?? 0) / n.volume_bytes : 1;
@@ -1017,12 +1123,11 @@ class FleetRow {
   }
   second(now) {
     const n = this.n;
-    if (!n) return;
+    if (!n || !this.visible || this.dirty) return;
     setText(this.expires, n.deadline != null ? fmtDur(n.deadline - now) : '—');
     const age = n.last_report_unix_ms != null ? now - n.last_report_unix_ms : null;
     setText(this.age, age != null ? `${fmtDur(age)} ago` : 'never');
-    setAttr(this.age, 'data-last-report-ms', n.last_report_unix_ms ?? null);
-    this.age.classList.toggle('warn', !!n.stale);
+    if (this.age.classList.contains('warn') !== !!n.stale) this.age.classList.toggle('warn', !!n.stale);
   }
 }
 
@@ -1031,7 +1136,7 @@ class FleetRow {
 
 const CW = 720;
 const CH = 220;
-const CM = { l: 52, r: 14, t: 12, b: 26 };
+const CM = { l: 52, r: 14, t: 24, b: 26 };
 
 function niceStep(range, n) {
   const raw = range / n;
@@ -1147,7 +1252,7 @@ class Chart {
       parts.push(`<line class="grid" x1="${CM.l}" x2="${CW - CM.r}" y1="${y}" y2="${y}"/>`);
       parts.push(`<text class="tick" x="${CM.l - 6}" y="${y}" text-anchor="end" dominant-baseline="middle">${esc(+(v / unit).toPrecision(4))}</text>`);
     }
-    parts.push(`<text class="axis-title" x="4" y="${CM.t - 2}" dominant-baseline="hanging">${unitName}</text>`);
+    parts.push(`<text class="axis-title" x="${CM.l - 6}" y="${CM.t - 14}" text-anchor="end" dominant-baseline="middle">${unitName}</text>`);
     // x ticks every minute
     const first = Math.ceil(x0 / 60000) * 60000;
     for (let t = first; t <= now; t += 60000) {
@@ -1171,8 +1276,6 @@ class Chart {
       }
       return d;
     };
-    parts.push(`<path class="line floor" d="${stepPath('floor_bps')}"/>`);
-    parts.push(`<path class="line leased" d="${stepPath('leased_bps')}"/>`);
     // measured, broken where reports are missing
     let d = '';
     let prev = -Infinity;
@@ -1183,6 +1286,9 @@ class Chart {
       prev = t;
     }
     parts.push(`<path class="line measured" d="${d}"/>`);
+    // The lease and the floor on top: a fully used lease must not hide its own line.
+    parts.push(`<path class="line floor" d="${stepPath('floor_bps')}"/>`);
+    parts.push(`<path class="line leased" d="${stepPath('leased_bps')}"/>`);
     const n = this.t.length;
     if (n) parts.push(`<circle class="dot measured" cx="${X(this.t[n - 1]).toFixed(1)}" cy="${Y(this.v[n - 1]).toFixed(1)}" r="3"/>`);
     this.svg.innerHTML = parts.join('');
@@ -1250,7 +1356,7 @@ const nodeView = {
     this.loadEvents();
   },
   hide() {
-    // Keep the data for a quick return, but stop collecting points while hidden.
+    // Stop collecting points; the next visit rebuilds from a fresh history.
     this.watching = null;
     this.name = null;
   },
@@ -1288,7 +1394,7 @@ const nodeView = {
       h('h2', { text: 'Rates per scope (last 5 minutes)' }), this.chartsEl, this.noCharts,
       h('h2', { text: 'Leases' }),
       h('div', { class: 'table-wrap' }, h('table', { class: 'leases' },
-        h('thead', {}, h('tr', {}, ['Lease', 'Scope', 'State', 'Rate', 'Burst', 'Volume', 'TTL / renew', 'Renewals', 'Issued', 'Expires in', 'Actions'].map((c) => h('th', { scope: 'col', text: c })))),
+        h('thead', {}, h('tr', {}, ['Lease', 'Scope', 'State', 'Rate', 'Burst', 'Volume', 'TTL / renew', 'Renewals', 'Issued', 'Expires in', 'Actions'].map((c, i) => h('th', { scope: 'col', class: [0, 3, 4, 5, 6, 7, 9].includes(i) ? 'num' : null, text: c })))),
         this.leaseBody)),
       grant,
       h('h2', { text: 'Events' }),
@@ -1337,7 +1443,10 @@ const nodeView = {
   },
   onTick(changed) {
     if (changed.has(this.name)) this.refreshAll();
-    else this.renderCharts(); // slide the time axis
+    else {
+      this.renderCharts(); // slide the time axis
+      this.second();
+    }
   },
   onFleet() { this.refreshAll(); },
   onReload() {
@@ -1367,10 +1476,7 @@ const nodeView = {
     for (let i = mine.length - 1; i >= 0; i--) frag.append(eventRow(mine[i], false));
     this.eventBody.prepend(frag);
     while (this.eventBody.rows.length > NODE_EVENT_ROWS) this.eventBody.lastElementChild.remove();
-    if (mine.some((e) => e.kind.startsWith('lease.'))) {
-      clearTimeout(this.leaseTimer);
-      this.leaseTimer = setTimeout(() => this.loadLeases(), 150);
-    }
+    if (mine.some((e) => e.kind.startsWith('lease.'))) throttle('node-leases', 300, () => this.name && this.loadLeases());
   },
 
   async loadSeries() {
@@ -1430,7 +1536,7 @@ const nodeView = {
       return h('tr', { 'data-lease-id': l.id, 'data-state': st, 'data-deadline': deadline },
         h('th', { scope: 'row', class: 'num', text: String(l.id) }),
         h('td', { text: scopeText(t.scope) }),
-        h('td', {}, badge(st), reason ? h('span', { class: 'muted reason', text: ` ${reason}` }) : null),
+        h('td', { class: 'state-cell' }, badge(st), reason ? h('span', { class: 'muted reason', text: reason }) : null),
         h('td', { class: 'num', text: fmtRate(l.rate_bps), title: t.want_bps !== l.rate_bps ? `asked ${fmtRate(t.want_bps)}` : null }),
         h('td', { class: 'num', text: fmtBytes(t.burst_bytes) }),
         h('td', { class: 'num', text: t.volume_bytes != null ? `${fmtBytes(l.usage?.bytes ?? 0)} / ${fmtBytes(t.volume_bytes)}` : `${fmtBytes(l.usage?.bytes ?? 0)}, no limit` }),
@@ -1534,12 +1640,19 @@ const eventsView = {
     const kinds = h('datalist', { id: 'nw-kinds' }, KINDS.map((k) => h('option', { value: k })));
     const upd = () => {
       this.f = { kind: kind.value.trim(), node: node.value.trim(), sev: sev.value, text: text.value.trim().toLowerCase() };
+      this.limit = EVENT_PAGE;
       this.render();
     };
     for (const i of [kind, node, text]) i.addEventListener('input', upd);
     sev.addEventListener('change', upd);
     this.count = h('p', { class: 'muted', id: 'ev-count', role: 'status' });
     this.tbody = h('tbody', { id: 'events-body' });
+    this.limit = EVENT_PAGE;
+    this.more = h('button', { type: 'button', id: 'ev-more', hidden: true, text: 'Show older events' });
+    this.more.addEventListener('click', () => {
+      this.limit = Math.min(EVENT_ROWS, this.limit + EVENT_PAGE);
+      this.render();
+    });
     this.el.append(
       h('div', { class: 'view-head' }, h('h1', { id: 'events-title', text: 'Events' })),
       kinds,
@@ -1549,10 +1662,12 @@ const eventsView = {
         h('div', { class: 'field inline' }, h('label', { for: 'ev-sev', text: 'Severity' }), sev),
         h('div', { class: 'field inline' }, h('label', { for: 'ev-text', text: 'Text' }), text)),
       this.count,
-      h('div', { class: 'table-wrap' }, h('table', { class: 'events', id: 'events-table' },
+      h('div', { class: 'table-wrap' }, h('table', { class: 'events fixed', id: 'events-table' },
         h('caption', { class: 'sr-only', text: 'Controller events, newest first' }),
+        h('colgroup', {}, ['time', 'sev', 'kind', 'node', 'msg'].map((c) => h('col', { class: `ev-${c}` }))),
         h('thead', {}, h('tr', {}, ['Time', 'Severity', 'Kind', 'Node', 'Message'].map((c) => h('th', { scope: 'col', text: c })))),
-        this.tbody)));
+        this.tbody)),
+      h('p', {}, this.more));
   },
   reset() {
     this.tbody?.replaceChildren();
@@ -1573,7 +1688,7 @@ const eventsView = {
       const e = S.events[i];
       if (!this.match(e)) continue;
       total++;
-      if (rows.length < EVENT_ROWS) rows.push(eventRow(e));
+      if (rows.length < this.limit) rows.push(eventRow(e));
     }
     this.total = total;
     this.tbody.replaceChildren(...rows);
@@ -1582,6 +1697,7 @@ const eventsView = {
   renderCount() {
     const shown = this.tbody.rows.length;
     setText(this.count, this.total > shown ? `Showing the newest ${nf.format(shown)} of ${nf.format(this.total)} matching events` : `${nf.format(this.total)} matching events`);
+    this.more.hidden = !(this.total > shown && shown < EVENT_ROWS);
   },
   onEvent(evs) {
     const m = evs.filter((e) => this.match(e));
@@ -1589,7 +1705,7 @@ const eventsView = {
     const frag = document.createDocumentFragment();
     for (let i = m.length - 1; i >= 0; i--) frag.append(eventRow(m[i]));
     this.tbody.prepend(frag);
-    while (this.tbody.rows.length > EVENT_ROWS) this.tbody.lastElementChild.remove();
+    while (this.tbody.rows.length > this.limit) this.tbody.lastElementChild.remove();
     this.total += m.length;
     this.renderCount();
   },
@@ -1669,36 +1785,19 @@ const topoView = {
     const N = names.length;
     const r = N <= 40 ? 14 : N <= 200 ? 6 : 3;
     const spacing = r * 2 + (N <= 40 ? 20 : 3);
-    // Rings from the outside in, each holding as many nodes as fit at this spacing.
-    const rings = [];
-    let left = N;
-    for (let R = TC - 60; left > 0 && R > 120; R -= spacing * 1.6) {
-      const cap = Math.max(1, Math.floor((2 * Math.PI * R) / spacing));
-      rings.push({ R, n: Math.min(cap, left) });
-      left -= Math.min(cap, left);
-    }
-    if (left > 0) rings[rings.length - 1].n += left; // overlap rather than drop nodes
-    // Spread nodes over the rings in proportion so groups stay in one sector.
+    // k concentric rings, the fewest whose innermost still holds N/k nodes at this spacing.
+    // Node i (ordered by group, then name) sits at angle 2*pi*i/N on ring i mod k, so every
+    // ring covers the whole circle and a group stays in one sector.
+    const outer = TC - 60;
+    const gap = spacing * 1.6;
+    let k = 1;
+    while (k < 12 && (2 * Math.PI * (outer - (k - 1) * gap)) / spacing < N / k) k++;
     const pos = new Map();
-    let i = 0;
-    const total = rings.reduce((a, x) => a + x.n, 0);
-    if (rings.length === 1) {
-      for (const name of names) {
-        const a = (2 * Math.PI * i++) / Math.max(1, N) - Math.PI / 2;
-        pos.set(name, { x: TC + rings[0].R * Math.cos(a), y: TC + rings[0].R * Math.sin(a), a });
-      }
-    } else {
-      // Interleave: the k-th node goes to ring k mod rings at the angle of its index.
-      const used = rings.map(() => 0);
-      for (const name of names) {
-        const a = (2 * Math.PI * i) / total - Math.PI / 2;
-        let ring = i % rings.length;
-        while (used[ring] >= rings[ring].n) ring = (ring + 1) % rings.length;
-        used[ring]++;
-        i++;
-        pos.set(name, { x: TC + rings[ring].R * Math.cos(a), y: TC + rings[ring].R * Math.sin(a), a });
-      }
-    }
+    names.forEach((name, i) => {
+      const a = (2 * Math.PI * i) / Math.max(1, N) - Math.PI / 2;
+      const R = outer - (i % k) * gap;
+      pos.set(name, { x: TC + R * Math.cos(a), y: TC + R * Math.sin(a), a });
+    });
     return { pos, r, labels: N <= 40 };
   },
 
@@ -1711,6 +1810,7 @@ const topoView = {
     const N = pos.size;
     const lw = N <= 40 ? 2.5 : N <= 200 ? 1.2 : 0.6;
     this.svg.style.setProperty('--lw', lw);
+    this.svg.classList.toggle('dense', N > 200);
     const up = [];
     const nodes = [];
     for (const [name, p] of pos) {
@@ -1778,7 +1878,7 @@ const topoView = {
   },
   setLink(el, id, kind, from, to, level, ratio, text) {
     this.links.set(id, { id, kind, from, to, status: el.dataset.status || 'unverified', level, ratio });
-    const cls = `link ${kind === 'up' ? 'uplink' : 'peer'} util-${level}`;
+    const cls = `link ${kind === 'up' ? 'uplink' : 'peer'} util-${level}${el.classList.contains('hl') ? ' hl' : ''}`;
     if (el.getAttribute('class') !== cls) el.setAttribute('class', cls);
     setAttr(el, 'data-util', ratio == null ? null : ratio.toFixed(3));
     setAttr(el, 'data-level', level);
@@ -1824,6 +1924,9 @@ const topoView = {
     const n = S.nodes.get(name);
     const p = this.pos.get(name);
     if (!n || !p) return;
+    for (const el of this.highlighted || []) el.classList.remove('hl');
+    this.highlighted = [this.upEls.get(name), ...[...this.peerEls.values()].filter((el) => el.dataset.from === name || el.dataset.to === name)].filter(Boolean);
+    for (const el of this.highlighted) el.classList.add('hl');
     if (!this.labels) {
       this.hover.textContent = name;
       this.hover.setAttribute('x', (p.x + this.r + 4).toFixed(1));
@@ -1958,7 +2061,7 @@ const quotaView = {
         h('p', { class: 'hint', text: 'The fabric’s capacity is divided among groups, a group’s among its nodes. Allocated = granted lease rates.' }),
         this.treeErr, this.treeMsg,
         h('div', { class: 'table-wrap' }, h('table', { class: 'quota' },
-          h('thead', {}, h('tr', {}, ['Name', 'Algorithm', 'Capacity', 'Allocated', ''].map((c) => h('th', { scope: 'col', text: c })))),
+          h('thead', {}, h('tr', {}, ['Name', 'Algorithm', 'Capacity', 'Allocated', ''].map((c, i) => h('th', { scope: 'col', class: i === 2 || i === 3 ? 'num' : null, text: c })))),
           this.treeBody))),
       h('section', { class: 'card', 'aria-labelledby': 'grant-title' }, h('h2', { id: 'grant-title', text: 'Grant a lease' }), leaseForm({ prefix: 'grant', onDone: () => this.load() })),
       h('div', { class: 'two' },
@@ -1981,9 +2084,9 @@ const quotaView = {
   onReload() { this.load(); },
   onFleet() { fillNodeOptions($('#grant-node')); },
   onEvent(evs) {
-    if (evs.some((e) => e.kind === 'quota.set' || e.kind.startsWith('lease.') || e.kind.startsWith('node.'))) {
-      clearTimeout(this.reloadTimer);
-      this.reloadTimer = setTimeout(() => this.load(), 500);
+    // Allocations change on these (not on renewals).
+    if (evs.some((e) => /^(quota\.set|lease\.(granted|changed|revoked|expired|exhausted)|node\.(added|removed))$/.test(e.kind))) {
+      throttle('quota', 1000, () => current.view === this && this.load());
     }
   },
   async load() {
@@ -2146,7 +2249,8 @@ function everySecond() {
   updateHealth();
   try {
     if (datalistVersion !== S.fleetVersion) refreshDatalists();
-    current.view?.onSecond?.();
+    // Views refresh their clocks with each tick; the timer covers a quiet or broken stream.
+    if (Date.now() - S.lastTickLocal > 1500) current.view?.onSecond?.();
   } catch (e) {
     console.error(e);
   }

@@ -929,7 +929,7 @@ impl Controller {
                 Some(node),
                 Some(id.0),
                 Some(&scope),
-                format!("lease {id} of {node} {scope}: transfer volume spent ({bytes} bytes); the scope is at its floor"),
+                format!("lease {id} of {node} {scope}: transfer volume spent ({}); the scope is at its floor", fmt_bytes(bytes)),
             );
             self.metrics.volume_exhausted.inc();
             self.audit(
@@ -1004,9 +1004,30 @@ impl Controller {
         }
     }
 
+    /// A `peer:NODE` scope must name another node the controller knows.
+    fn check_peer(&self, node: &str, scope: &Scope) -> Result<(), ApiError> {
+        if let Scope::Peer(p) = scope {
+            if p == node {
+                return Err(ApiError::invalid(format!(
+                    "scope peer:{p}: a node cannot be its own peer"
+                )));
+            }
+            match self.lock().ledger.node(p) {
+                Some(n) if !n.removed => {}
+                _ => {
+                    return Err(ApiError::invalid(format!(
+                        "scope peer:{p}: no node {p} (add it first with `nicwarden node add {p}`)"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn grant(&self, req: GrantRequest) -> Result<LeaseView, ApiError> {
         let started = std::time::Instant::now();
         let terms = Self::terms(&req)?;
+        self.check_peer(&req.node, &terms.scope)?;
         let id = self.mutate("grant", |l, now| l.grant(now, &req.node, terms))?;
         let view = self.get_lease(id)?;
         self.metrics
@@ -1019,7 +1040,8 @@ impl Controller {
         );
         let what = match view.record.terms.volume_bytes {
             Some(v) => format!(
-                "granted, {v} bytes of volume, {} s per issuance",
+                "granted, {} of volume, {} s per issuance",
+                fmt_bytes(v),
                 view.record.terms.ttl_ms / 1000
             ),
             None => format!(
@@ -1033,6 +1055,7 @@ impl Controller {
 
     pub fn amend(&self, id: LeaseId, req: GrantRequest) -> Result<LeaseView, ApiError> {
         let terms = Self::terms(&req)?;
+        self.check_peer(&req.node, &terms.scope)?;
         let current = self.get_lease(id)?;
         if current.record.node != req.node {
             return Err(ApiError::invalid(format!(
@@ -1178,14 +1201,36 @@ impl Controller {
 /// `200 Mbit/s`-style rate for event messages.
 pub fn fmt_rate(bps: u64) -> String {
     let b = bps as f64;
+    // Up to three decimals, without trailing zeros: 200 Mbit/s, 1.5 Gbit/s, 12.345 kbit/s.
+    let trim = |v: f64, unit: &str| {
+        let t = format!("{v:.3}");
+        let t = t.trim_end_matches('0').trim_end_matches('.');
+        format!("{t} {unit}")
+    };
     if b >= 1e9 {
-        format!("{:.3} Gbit/s", b / 1e9)
+        trim(b / 1e9, "Gbit/s")
     } else if b >= 1e6 {
-        format!("{:.3} Mbit/s", b / 1e6)
+        trim(b / 1e6, "Mbit/s")
     } else if b >= 1e3 {
-        format!("{:.3} kbit/s", b / 1e3)
+        trim(b / 1e3, "kbit/s")
     } else {
         format!("{bps} bit/s")
+    }
+}
+
+/// `200 MB`-style byte count (decimal units, like the CLI's).
+pub fn fmt_bytes(b: u64) -> String {
+    let f = b as f64;
+    if f >= 1e12 {
+        format!("{:.2} TB", f / 1e12)
+    } else if f >= 1e9 {
+        format!("{:.2} GB", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.2} MB", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.2} kB", f / 1e3)
+    } else {
+        format!("{b} B")
     }
 }
 

@@ -4,6 +4,7 @@
 //! End-to-end tests against a real controller and agents are in `e2e.rs`; privileged tests
 //! of enforcement on real packets in a namespaced testbed are in `enforce.rs`.
 
+mod dashboard;
 mod e2e;
 mod enforce;
 mod harness;
