@@ -58,6 +58,10 @@ struct Row {
     rss_per_agent_kib: Option<f64>,
     /// Median latency of GET /v1/telemetry/fleet; None if not served.
     fleet_api_ms: Option<f64>,
+    /// Bytes per second of the live event stream to one subscriber (a dashboard).
+    stream_kib_per_s: f64,
+    /// The controller's own count of its 1-second history (`nicwarden_telemetry_history_bytes`).
+    history_mib: Option<f64>,
     errors: u64,
 }
 
@@ -142,6 +146,8 @@ fn print(json: bool, rows: &[Row]) {
         "peak MiB",
         "RSS per agent KiB",
         "fleet API ms",
+        "stream KiB/s",
+        "history MiB",
         "errors",
     ]);
     for r in rows {
@@ -155,6 +161,8 @@ fn print(json: bool, rows: &[Row]) {
             format!("{:.1}", r.peak_rss_mib),
             opt(r.rss_per_agent_kib, 1),
             opt(r.fleet_api_ms, 1),
+            format!("{:.1}", r.stream_kib_per_s),
+            opt(r.history_mib, 1),
             r.errors.to_string(),
         ]);
     }
@@ -164,6 +172,7 @@ fn print(json: bool, rows: &[Row]) {
 /// What one window measured.
 struct Measurement {
     reports_per_s: f64,
+    stream_bytes_per_s: f64,
     cpu_percent: f64,
     rss_kib: u64,
     hwm_kib: u64,
@@ -191,6 +200,8 @@ impl Measurement {
             rss_per_agent_kib: (agents > 0)
                 .then(|| (self.rss_kib as f64 - idle_rss_kib as f64) / agents as f64),
             fleet_api_ms,
+            stream_kib_per_s: self.stream_bytes_per_s / 1024.0,
+            history_mib: ctl.history_bytes().await?.map(|b| b / 1024.0 / 1024.0),
             errors: self.errors,
         })
     }
@@ -330,18 +341,84 @@ impl BenchController {
         fleet: Option<&Fleet>,
     ) -> anyhow::Result<Measurement> {
         let stats = || fleet.map(|f| f.stats()).unwrap_or_default();
+        // One dashboard's worth of live stream is part of the load: subscribe first (from
+        // the newest event, so no replay), count what arrives during the window.
+        let mut stream = self
+            .http
+            .get(format!(
+                "{}/v1/events/stream?since_id={}",
+                self.api,
+                self.last_event_id().await?
+            ))
+            .bearer_auth(&self.token)
+            .timeout(window + Duration::from_secs(30))
+            .send()
+            .await
+            .context("subscribe to the live event stream")?;
+        anyhow::ensure!(
+            stream.status().is_success(),
+            "GET /v1/events/stream: {}",
+            stream.status()
+        );
         let (t0, cpu0, s0) = (Instant::now(), self.cpu()?, stats());
-        tokio::time::sleep(window).await;
+        let mut streamed = 0u64;
+        let end = tokio::time::Instant::now() + window;
+        loop {
+            match tokio::time::timeout_at(end, stream.chunk()).await {
+                Err(_) => break,
+                Ok(Ok(Some(c))) => streamed += c.len() as u64,
+                Ok(Ok(None)) => anyhow::bail!("the live event stream ended during the measurement"),
+                Ok(Err(e)) => return Err(e).context("read the live event stream"),
+            }
+        }
+        drop(stream);
         let (t1, cpu1, s1) = (Instant::now(), self.cpu()?, stats());
         let (rss_kib, hwm_kib) = self.memory()?;
         let dt = (t1 - t0).as_secs_f64();
         Ok(Measurement {
             reports_per_s: (s1.reports_sent - s0.reports_sent) as f64 / dt,
+            stream_bytes_per_s: streamed as f64 / dt,
             cpu_percent: (cpu1.saturating_sub(cpu0)).as_secs_f64() / dt * 100.0,
             rss_kib,
             hwm_kib,
             errors: s1.errors - s0.errors,
         })
+    }
+
+    /// The newest event id (the stream then starts with live frames only).
+    async fn last_event_id(&self) -> anyhow::Result<u64> {
+        let url = format!("{}/v1/events?limit=1", self.api);
+        let v: serde_json::Value = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?
+            .error_for_status()
+            .with_context(|| format!("GET {url}"))?
+            .json()
+            .await
+            .with_context(|| format!("GET {url}: JSON"))?;
+        Ok(v["last_id"].as_u64().unwrap_or(0))
+    }
+
+    /// `nicwarden_telemetry_history_bytes` from the controller's `/metrics`.
+    async fn history_bytes(&self) -> anyhow::Result<Option<f64>> {
+        let url = format!("{}/metrics", self.api);
+        let text = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?
+            .text()
+            .await
+            .with_context(|| format!("GET {url}: body"))?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix("nicwarden_telemetry_history_bytes "))
+            .and_then(|v| v.trim().parse().ok()))
     }
 
     /// Median latency of `GET /v1/telemetry/fleet`, or None if the route is not served.
