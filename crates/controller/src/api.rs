@@ -399,6 +399,7 @@ async fn events(
     Ok(Json(EventsResponse {
         events: s.events,
         last_id: s.last_id,
+        first_id: s.first_id,
         gap: s.gap,
     }))
 }
@@ -434,7 +435,9 @@ async fn event_stream(
     if backlog.gap {
         first.push(Sse::default().event("resync").data("{}"));
     }
-    let mut last = after;
+    // Live frames after the newest stored one are new, whatever id the client sent (an id
+    // from another controller life may be above them).
+    let mut last = after.min(backlog.last_id);
     for e in backlog.events {
         last = e.id;
         if let Ok(json) = serde_json::to_string(&e) {

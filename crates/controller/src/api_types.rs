@@ -213,6 +213,10 @@ pub struct EventsResponse {
     pub events: Vec<nicwarden_telemetry::Event>,
     /// The newest event id: resume the stream from here.
     pub last_id: u64,
+    /// The id of this controller run's first event. Ids keep growing across restarts; a
+    /// client whose last id is below this one missed a restart (earlier events are in the
+    /// audit log only).
+    pub first_id: u64,
     /// Some events after `since_id` were already dropped from the in-memory log (the
     /// audit log keeps the durable record).
     pub gap: bool,

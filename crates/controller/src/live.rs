@@ -46,7 +46,14 @@ impl Live {
         let (tx, _) = broadcast::channel(SUBSCRIBER_BACKLOG);
         Live {
             tele: Mutex::new(Telemetry::new(cfg)),
-            events: Mutex::new(EventLog::new(EVENT_LOG_CAPACITY)),
+            // Ids of this life start above any of an earlier life's (1,000 a millisecond of
+            // uptime before they could meet), so a client resuming across a restart is told
+            // to reload instead of silently missing events. 1.8e15 today: exact in JSON
+            // numbers (2^53).
+            events: Mutex::new(EventLog::starting_at(
+                EVENT_LOG_CAPACITY,
+                crate::core::now_ms().saturating_mul(1000),
+            )),
             tx,
             closing: tokio::sync::watch::Sender::new(false),
             db,

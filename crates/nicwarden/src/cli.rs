@@ -32,7 +32,10 @@ Examples:
   nicwarden node add node-1 --group rack-a
   nicwarden agent --node node-1 --controller https://ctl.example:7443 --token <JOIN_TOKEN>
   nicwarden lease grant node-1 --rate 200Mbit --ttl 30s
-  nicwarden agent status --watch";
+  nicwarden agent status --watch
+  # watch the fleet and its events
+  nicwarden top
+  nicwarden events --follow";
 
 const CONTROLLER_HELP: &str = "\
 Settings come from --config (TOML), then the flags below; everything is validated before
@@ -108,6 +111,7 @@ const LEASE_HELP: &str = "\
 Examples:
   nicwarden lease grant node-1 --rate 200Mbit --ttl 30s
   nicwarden lease list --node node-1 --state active
+  nicwarden lease renew 7
   nicwarden lease revoke 7 --reason maintenance";
 
 const LEASE_GRANT_HELP: &str = "\
@@ -132,6 +136,17 @@ when only --ttl changes).
 Examples:
   nicwarden lease change 7 --rate 500Mbit
   nicwarden lease change 7 --ttl 2m --volume 50GiB";
+
+const LEASE_RENEW_HELP: &str = "\
+Re-issues an active lease now, as if its agent had asked for it: a new sequence number and
+a fresh deadline (now + TTL), signed and pushed to the node if its agent is connected, and
+a `lease.renewed` event. Agents renew their leases by themselves; this is for when waiting
+is not an option. Prints the renewed lease (`renewals` counts up by one). A revoked or
+expired lease cannot be renewed: grant a new one.
+
+Examples:
+  nicwarden lease renew 7
+  nicwarden lease renew 7 --json";
 
 const LEASE_REVOKE_HELP: &str = "\
 Revocation is final: the node falls back to the lease's floor.
@@ -201,6 +216,12 @@ pub enum Command {
     /// List the audit log (no subcommand) or verify its hash chain
     #[command(after_help = AUDIT_HELP)]
     Audit(AuditCmd),
+    /// List the controller's events (leases, agents, nodes, quotas), or follow them live
+    #[command(after_help = EVENTS_HELP)]
+    Events(EventsArgs),
+    /// A live table of the fleet: state, leased and measured rate, volume, expiry per node
+    #[command(after_help = TOP_CMD_HELP)]
+    Top(TopArgs),
     /// Run the whole system on this machine: namespaced nodes, real packets, a live view
     #[command(after_help = DEMO_HELP)]
     Demo(DemoArgs),
@@ -946,6 +967,12 @@ pub enum LeaseSub {
     /// Change the terms of an active lease
     #[command(after_help = LEASE_CHANGE_HELP)]
     Change(ChangeArgs),
+    /// Renew an active lease now (a fresh deadline, pushed to its agent)
+    #[command(after_help = LEASE_RENEW_HELP)]
+    Renew {
+        /// Lease id
+        id: u64,
+    },
     /// Revoke a lease (final)
     #[command(after_help = LEASE_REVOKE_HELP)]
     Revoke(RevokeArgs),
@@ -1062,6 +1089,127 @@ pub struct AuditCmd {
     /// Most entries to list
     #[arg(long, value_name = "N")]
     pub limit: Option<u64>,
+}
+
+const EVENTS_HELP: &str = "\
+Lists the controller's recent events, oldest first: local time, severity, kind, node and
+message. The controller keeps the last 20,000 events in memory (a restart starts afresh,
+with higher ids; `nicwarden audit` is the durable record). Filters: --kind takes a kind or a
+dotted prefix (`lease` matches lease.granted, lease.renewed, lease.changed, lease.revoked,
+lease.expired, lease.exhausted; also `agent`, `node`, `quota`), --severity shows events at
+least that severe.
+
+With --follow it then prints each new matching event as it happens (the live event stream,
+GET /v1/events/stream) until Ctrl-C. If the controller asks the client to resync (it fell
+behind), the missed events are read again; if the connection drops, it reconnects (after
+1 s, doubling up to 10 s) and resumes after the last event it saw, saying so on stderr.
+--json prints one JSON object per event and line (the API's Event), for scripts.
+
+Examples:
+  nicwarden events
+  nicwarden events --kind lease --node node-1 --limit 50
+  nicwarden events --severity warning --follow
+  nicwarden events --follow --json --kind lease.revoked";
+
+/// `events`: the operator API options (and `--json`) come from [`ClientOpts`].
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub client: ClientOpts,
+    /// Only events of this kind, or kind prefix (`lease`, `agent.disconnected`)
+    #[arg(long, value_name = "PREFIX")]
+    pub kind: Option<String>,
+    /// Only events about this node
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+    /// Only events at least this severe
+    #[arg(long, value_name = "SEVERITY", value_parser = ["info", "warning", "critical"])]
+    pub severity: Option<String>,
+    /// List at most the N most recent matching events [default: 200]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=20_000))]
+    pub limit: Option<u64>,
+    /// Only events after this id (e.g. the last one a previous run printed)
+    #[arg(long, value_name = "N")]
+    pub since_id: Option<u64>,
+    /// Keep printing new events as they happen, until Ctrl-C
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+const TOP_CMD_HELP: &str = "\
+A table of every node, from GET /v1/telemetry/fleet: its group; its state (active, partial,
+pending, revoked, expired, exhausted or none); the rate its leases grant and the rate its
+agent measured (with the share of the lease used); volume used of volume granted; time
+until its soonest lease expires; and how long ago its agent last reported. Nodes whose
+agent is disconnected or has stopped reporting are marked STALE. The header counts nodes,
+active nodes and stale nodes, and names the controller.
+
+On a terminal the table is redrawn in place every --interval until Ctrl-C (as many rows as
+fit: narrow with --filter or --stale); with --once, or when the output is not a terminal,
+it prints one snapshot. --json prints the API's JSON once.
+
+Examples:
+  nicwarden top
+  nicwarden top --sort rate --filter rack-a
+  nicwarden top --stale --once
+  nicwarden top --sort expiry --interval 5s";
+
+/// `top`'s `--sort`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopSort {
+    /// By name
+    Node,
+    /// By state (alphabetical), then name
+    State,
+    /// Highest measured rate first
+    Rate,
+    /// Highest leased rate first
+    Leased,
+    /// Soonest lease expiry first
+    Expiry,
+    /// Oldest agent report first
+    Age,
+}
+
+impl std::fmt::Display for TopSort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum as _;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => write!(f, "{self:?}"),
+        }
+    }
+}
+
+/// At least 100 ms between redraws.
+fn interval(s: &str) -> Result<Duration, String> {
+    let d = units::parse_duration(s)?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("`{s}` is too short; at least 100ms"));
+    }
+    Ok(d)
+}
+
+/// `top`: the operator API options (and `--json`) come from [`ClientOpts`].
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub client: ClientOpts,
+    /// Row order
+    #[arg(long, value_enum, default_value_t = TopSort::Node)]
+    pub sort: TopSort,
+    /// Only nodes whose name, group or state contains TEXT (case-insensitive)
+    #[arg(long, value_name = "TEXT")]
+    pub filter: Option<String>,
+    /// Only stale nodes (agent disconnected, or no recent report)
+    #[arg(long)]
+    pub stale: bool,
+    /// Print one snapshot and exit (the default when the output is not a terminal)
+    #[arg(long)]
+    pub once: bool,
+    /// Time between redraws, e.g. 1s, 500ms, 5s
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = interval)]
+    pub interval: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1198,5 +1346,100 @@ mod tests {
         assert!(matches!(a.command, Some(AuditSub::Verify)));
         // Global options may come before the subcommand.
         assert!(parse(&["audit", "--api", "http://h:1", "verify"]).is_ok());
+    }
+
+    #[test]
+    fn lease_renew() {
+        let cli = parse(&["lease", "renew", "7", "--api", "http://h:1"]).expect("parses");
+        let Command::Lease(l) = cli.command else {
+            panic!("not lease")
+        };
+        assert!(matches!(l.command, LeaseSub::Renew { id: 7 }));
+        assert_eq!(l.client.api, "http://h:1");
+        assert!(parse(&["lease", "renew", "seven"]).is_err());
+        assert!(parse(&["lease", "renew"]).is_err());
+    }
+
+    #[test]
+    fn events_options() {
+        let cli = parse(&[
+            "events",
+            "--kind",
+            "lease",
+            "--node",
+            "n1",
+            "--severity",
+            "warning",
+            "--limit",
+            "50",
+            "--since-id",
+            "9",
+            "-f",
+            "--json",
+            "--token",
+            "t",
+        ])
+        .expect("parses");
+        let Command::Events(e) = cli.command else {
+            panic!("not events")
+        };
+        assert_eq!(e.kind.as_deref(), Some("lease"));
+        assert_eq!(e.node.as_deref(), Some("n1"));
+        assert_eq!(e.severity.as_deref(), Some("warning"));
+        assert_eq!((e.limit, e.since_id), (Some(50), Some(9)));
+        assert!(e.follow && e.client.json);
+        assert_eq!(e.client.token.as_deref(), Some("t"));
+        let Command::Events(e) = parse(&["events"]).expect("parses").command else {
+            panic!("not events")
+        };
+        assert!(!e.follow && e.limit.is_none() && e.kind.is_none());
+    }
+
+    #[test]
+    fn top_options() {
+        let Command::Top(t) = parse(&["top"]).expect("parses").command else {
+            panic!("not top")
+        };
+        assert_eq!(t.sort, TopSort::Node);
+        assert_eq!(t.interval, Duration::from_secs(1));
+        assert!(!t.once && !t.stale && t.filter.is_none());
+        let Command::Top(t) = parse(&[
+            "top",
+            "--sort",
+            "expiry",
+            "--filter",
+            "rack",
+            "--stale",
+            "--once",
+            "--interval",
+            "500ms",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("not top")
+        };
+        assert_eq!(t.sort, TopSort::Expiry);
+        assert_eq!(t.sort.to_string(), "expiry");
+        assert_eq!(t.filter.as_deref(), Some("rack"));
+        assert!(t.stale && t.once);
+        assert_eq!(t.interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn live_command_errors_name_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["events", "--severity", "loud"], "loud"),
+            (&["events", "--limit", "0"], "--limit"),
+            (&["events", "--limit", "20001"], "--limit"),
+            (&["events", "--since-id", "x"], "--since-id"),
+            (&["top", "--sort", "speed"], "speed"),
+            (&["top", "--interval", "10ms"], "at least 100ms"),
+            (&["top", "--interval", "soon"], "is not a duration"),
+        ];
+        for (args, want) in cases {
+            let err = parse(args).expect_err("must fail").to_string();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
     }
 }

@@ -84,7 +84,7 @@ impl std::error::Error for ApiError {}
 
 /// The innermost cause of a reqwest error, which names the actual problem
 /// (`Connection refused (os error 111)`).
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
     while let Some(next) = cur.source() {
         cur = next;
@@ -97,6 +97,9 @@ pub struct Client {
     token: Option<String>,
     token_source: TokenSource,
     http: reqwest::Client,
+    /// For long-lived streams: no overall timeout (the reader decides when a quiet stream
+    /// is dead).
+    stream_http: reqwest::Client,
 }
 
 /// `127.0.0.1:7080` -> `http://127.0.0.1:7080`; trailing slashes removed.
@@ -140,11 +143,16 @@ impl Client {
             .connect_timeout(std::time::Duration::from_secs(5))
             .build()
             .context("build HTTP client")?;
+        let stream_http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .context("build HTTP client")?;
         Ok(Client {
             base: normalize_base(&opts.api),
             token,
             token_source,
             http,
+            stream_http,
         })
     }
 
@@ -167,24 +175,7 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| {
-            if e.is_connect() {
-                ApiError::Connect {
-                    url: self.base.clone(),
-                    detail: root_cause(&e),
-                }
-            } else if e.is_timeout() {
-                ApiError::Transport {
-                    url: url.clone(),
-                    detail: "timed out".into(),
-                }
-            } else {
-                ApiError::Transport {
-                    url: url.clone(),
-                    detail: root_cause(&e),
-                }
-            }
-        })?;
+        let resp = req.send().await.map_err(|e| self.send_error(&e, &url))?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| ApiError::Transport {
             url: url.clone(),
@@ -203,6 +194,52 @@ impl Client {
         serde_json::from_str(&text).map_err(|e| ApiError::Transport {
             url,
             detail: format!("response is not JSON: {e}"),
+        })
+    }
+
+    /// A request that got no answer: unreachable (named by the base URL), timed out, or
+    /// failed on the way.
+    fn send_error(&self, e: &reqwest::Error, url: &str) -> ApiError {
+        if e.is_connect() {
+            ApiError::Connect {
+                url: self.base.clone(),
+                detail: root_cause(e),
+            }
+        } else if e.is_timeout() {
+            ApiError::Transport {
+                url: url.to_string(),
+                detail: "timed out".into(),
+            }
+        } else {
+            ApiError::Transport {
+                url: url.to_string(),
+                detail: root_cause(e),
+            }
+        }
+    }
+
+    /// Opens a long-lived `GET` (`text/event-stream`) and returns the response once the
+    /// server has answered with success; its body is read by the caller as it arrives.
+    /// Error answers are read whole and returned as [`Client::call`] does.
+    pub async fn open_stream(&self, path: &str) -> Result<reqwest::Response, ApiError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self
+            .stream_http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| self.send_error(&e, &url))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Err(ApiError::Status {
+            status,
+            message: error_message(&text, status),
+            token: self.token_source.clone(),
         })
     }
 

@@ -4,7 +4,9 @@
 //!   overrides, validate everything before binding a port, then run the library's event loop.
 //! - `nicwarden agent status` reads the local agent's status endpoint.
 //! - `nicwarden node|lease|quota|audit` drive the controller's operator API (HTTP/JSON with
-//!   a bearer token) and print tables, or the raw JSON with `--json`.
+//!   a bearer token) and print tables, or the raw JSON with `--json`; `nicwarden events`
+//!   (optionally following the live event stream) and `nicwarden top` (a live fleet table)
+//!   are the live views of the same API.
 //! - `nicwarden demo` / `nicwarden bench` build a namespaced testbed (root) and run the
 //!   whole system / the benchmarks (shaping, backends, scale, volume, latency) on it;
 //!   `nicwarden traffic` is the bounded traffic generator and sink.
@@ -20,6 +22,7 @@ mod bench;
 mod cli;
 mod client;
 mod demo;
+mod live_cli;
 mod ops;
 mod sim;
 mod table;
@@ -149,6 +152,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lease(cmd) => ops::lease(cmd).await,
         Command::Quota(cmd) => ops::quota(cmd).await,
         Command::Audit(cmd) => ops::audit(cmd).await,
+        Command::Events(args) => live_cli::events(args).await,
+        Command::Top(args) => live_cli::top(args).await,
         // These run their own threads in network namespaces (and their own runtimes there).
         Command::Demo(args) => blocking(move || demo::run(args)).await,
         Command::Bench(cmd) => blocking(move || bench::run(cmd)).await,

@@ -1,5 +1,6 @@
 //! The operator commands (`node`, `lease`, `quota`, `audit`): one API call each (two for
 //! `lease change`), printed as a table, key/value lines, or the raw JSON with `--json`.
+//! The live views (`events`, `top`) are in `live_cli`.
 
 use anyhow::Context as _;
 use nicwarden_controller::api_types::{
@@ -398,6 +399,12 @@ pub async fn lease(cmd: LeaseCmd) -> anyhow::Result<()> {
                 .call_as(Method::PUT, &format!("/v1/leases/{}", c.id), Some(&req))
                 .await?;
             (v, raw, "changed")
+        }
+        LeaseSub::Renew { id } => {
+            let (v, raw) = client
+                .call_as(Method::POST, &format!("/v1/leases/{id}/renew"), None::<&()>)
+                .await?;
+            (v, raw, "renewed")
         }
         LeaseSub::Revoke(r) => {
             let req = RevokeRequest { reason: r.reason };

@@ -1,8 +1,10 @@
 //! The operator-visible event log: numbered, bounded, filterable.
 //!
-//! Ids increase by one per event and never repeat within a controller's life, so a client
-//! that remembers the last id it saw can ask for exactly what it missed; if the log has
-//! already dropped some of those, [`EventLog::since`] says so and the client reloads.
+//! Ids increase by one per event, so a client that remembers the last id it saw can ask for
+//! exactly what it missed; if the log has already dropped some of those, [`EventLog::since`]
+//! says so and the client reloads. The shell starts the ids of each process life at a value
+//! above the last life's (see [`EventLog::starting_at`]), so ids never repeat across restarts
+//! either and a client resuming from before a restart is told to reload.
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -75,6 +77,9 @@ pub struct Since {
     pub events: Vec<Event>,
     /// The newest id in the log (0 if empty): resume from here.
     pub last_id: u64,
+    /// The id this process life started at: a client whose last id is below it has
+    /// missed a controller restart.
+    pub first_id: u64,
     /// Events after the requested id were already dropped from the log.
     pub gap: bool,
 }
@@ -84,14 +89,22 @@ pub struct EventLog {
     ring: VecDeque<Event>,
     capacity: usize,
     next_id: u64,
+    /// The id of this life's first event.
+    first_id: u64,
 }
 
 impl EventLog {
     pub fn new(capacity: usize) -> EventLog {
+        Self::starting_at(capacity, 1)
+    }
+
+    /// A log whose first event gets id `first_id` (at least 1).
+    pub fn starting_at(capacity: usize, first_id: u64) -> EventLog {
         EventLog {
             ring: VecDeque::with_capacity(capacity.max(1)),
             capacity: capacity.max(1),
-            next_id: 1,
+            next_id: first_id.max(1),
+            first_id: first_id.max(1),
         }
     }
 
@@ -125,6 +138,7 @@ impl EventLog {
         e
     }
 
+    /// The newest id handed out (one less than the first id while the log is empty).
     pub fn last_id(&self) -> u64 {
         self.next_id - 1
     }
@@ -140,9 +154,15 @@ impl EventLog {
     /// The newest `limit` events with id > `after` that match, oldest first.
     pub fn since(&self, after: u64, limit: usize, filter: &EventFilter) -> Since {
         let oldest = self.ring.front().map(|e| e.id).unwrap_or(self.next_id);
-        // An id from the future is from an earlier controller life (ids restart with the
-        // process): the client's view is stale, so it must reload, like a dropped range.
-        let gap = (after + 1 < oldest && after < self.last_id()) || after > self.last_id();
+        let gap = if after == 0 {
+            // A client with no history: only events this life already dropped are missing.
+            oldest > self.first_id
+        } else if after + 1 < self.first_id || after > self.last_id() {
+            // An id of another life (before a restart): the client's view is stale.
+            true
+        } else {
+            after + 1 < oldest
+        };
         // Ids are contiguous, so the first event after `after` is at a known index.
         let start = (after + 1).saturating_sub(oldest) as usize;
         let mut events: Vec<Event> = self
@@ -158,6 +178,7 @@ impl EventLog {
         Since {
             events,
             last_id: self.last_id(),
+            first_id: self.first_id,
             gap,
         }
     }
@@ -195,7 +216,7 @@ mod tests {
         }
         assert_eq!(log.len(), 3);
         let s = log.since(0, 100, &EventFilter::default());
-        assert!(s.gap);
+        assert!(s.gap, "events 1..7 were dropped");
         assert_eq!(
             s.events.iter().map(|e| e.id).collect::<Vec<_>>(),
             vec![8, 9, 10]
@@ -204,6 +225,25 @@ mod tests {
         // An id beyond the newest comes from before a restart: reload.
         assert!(log.since(11, 100, &EventFilter::default()).gap);
         assert!(!log.since(10, 100, &EventFilter::default()).gap);
+    }
+
+    #[test]
+    fn a_later_life_starting_higher_tells_old_clients_to_reload() {
+        let mut log = EventLog::starting_at(10, 5_000);
+        assert_eq!(log.last_id(), 4_999);
+        // A client of the previous life saw up to id 37.
+        let s = log.since(37, 100, &EventFilter::default());
+        assert!(s.gap && s.events.is_empty(), "{s:?}");
+        // Nothing stored yet: a client at the current head is up to date.
+        assert!(!log.since(4_999, 100, &EventFilter::default()).gap);
+        assert!(!log.since(0, 100, &EventFilter::default()).gap);
+        push(&mut log, "lease.granted", "n");
+        let s = log.since(37, 100, &EventFilter::default());
+        assert!(s.gap);
+        assert_eq!(
+            s.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![5_000]
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod dashboard;
 mod e2e;
 mod enforce;
 mod harness;
+mod live_cli;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -51,12 +52,15 @@ const COMMANDS: &[&[&str]] = &[
     &["lease", "list"],
     &["lease", "show"],
     &["lease", "change"],
+    &["lease", "renew"],
     &["lease", "revoke"],
     &["quota"],
     &["quota", "show"],
     &["quota", "set"],
     &["audit"],
     &["audit", "verify"],
+    &["events"],
+    &["top"],
     &["demo"],
     &["bench"],
     &["bench", "shaping"],
