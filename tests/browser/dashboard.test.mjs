@@ -224,6 +224,70 @@ test('3. node view: the chart\'s latest point is the fed rate, live', { timeout:
     assert.ok(Number(await chart.getAttribute('data-leased-bps')) > 0, 'the leased rate is known');
     assert.match(await chart.locator('.legend').innerText(), /measured[\s\S]*leased[\s\S]*floor/);
     assert.match(await chart.locator('svg').innerHTML(), /bit\/s/, 'the y axis carries its unit');
+
+    // The range selector: 5 minutes is the default, 1-second points, HH:MM:SS on the x axis.
+    const rangeButton = (r) => page.locator(`#node-range button[data-range="${r}"]`);
+    const xLabels = () => chart.locator('svg text.tick[text-anchor="middle"]').evaluateAll((ts) => ts.map((t) => t.textContent));
+    assert.equal(await chart.getAttribute('data-range'), '5m');
+    assert.equal(await chart.getAttribute('data-step-ms'), '1000');
+    assert.equal(await rangeButton('5m').getAttribute('aria-pressed'), 'true');
+    const labels5m = await xLabels();
+    assert.ok(labels5m.length >= 2 && labels5m.every((l) => /^\d\d:\d\d:\d\d$/.test(l)), `5-minute axis labels: ${labels5m}`);
+    await page.screenshot({ path: path.join(ARTIFACTS, '03-node-chart-5m.png'), fullPage: true });
+
+    // 1 hour: still 1-second points and live; the latest point is still the fed rate.
+    await rangeButton('1h').click();
+    await poll(() => chart.getAttribute('data-range'), (r) => r === '1h', 'the chart to show 1 hour');
+    assert.equal(await chart.getAttribute('data-step-ms'), '1000');
+    assert.equal(await rangeButton('1h').getAttribute('aria-pressed'), 'true');
+    assert.equal(await rangeButton('5m').getAttribute('aria-pressed'), 'false');
+    assert.match(await page.locator('#node-charts-title').innerText(), /last hour/);
+    await poll(() => chart.getAttribute('data-latest-rate-bps'), near, `the 1-hour chart's latest point to be ${RATE} bit/s ±1%`);
+    const h1 = Number(await chart.getAttribute('data-latest-t'));
+    await poll(async () => Number(await chart.getAttribute('data-latest-t')), (t) => t > h1, 'a newer point in the 1-hour chart');
+    assert.ok(near(await chart.getAttribute('data-latest-rate-bps')), 'the newer point is at the fed rate too');
+    assert.ok((await chart.locator('path.measured').getAttribute('d')).length > 5, 'a measured line over the hour');
+    assert.ok((await chart.locator('path.leased').getAttribute('d')).length > 5, 'a lease step line over the hour');
+    const labels1h = await xLabels();
+    assert.ok(labels1h.length >= 2 && labels1h.every((l) => /^\d\d:\d\d$/.test(l)), `1-hour axis labels: ${labels1h}`);
+    await page.screenshot({ path: path.join(ARTIFACTS, '03-node-chart-1h.png'), fullPage: true });
+
+    // 24 hours: per-minute points. A young fleet may have no closed minute yet: then the
+    // chart says so in words; otherwise it draws the mean line (and the peak band).
+    await rangeButton('24h').click();
+    await poll(() => chart.getAttribute('data-range'), (r) => r === '24h', 'the chart to show 24 hours');
+    assert.equal(await chart.getAttribute('data-step-ms'), '60000');
+    assert.match(await page.locator('#node-charts-title').innerText(), /last 24 hours/);
+    const shown = await poll(async () => ({
+      d: await chart.locator('path.measured').getAttribute('d'),
+      msg: await chart.locator('svg text.nodata').evaluateAll((ts) => ts.map((t) => t.textContent).join(' ')),
+    }), ({ d, msg }) => (d && d.length > 5) || /no per-minute data yet/i.test(msg), 'a per-minute line or "no per-minute data yet"');
+    if (shown.d && shown.d.length > 5) {
+      // The latest closed minute's mean: 0 if that minute came before the lease, at most the fed rate.
+      const mean = Number(await chart.getAttribute('data-latest-rate-bps'));
+      assert.ok(Number.isFinite(mean) && mean >= 0 && mean <= RATE * 1.05, `the latest minute's mean rate: ${mean}`);
+      assert.ok(Number(await chart.getAttribute('data-latest-t')) % 60000 === 0, 'per-minute points fall on minutes');
+    }
+    assert.match(await chart.locator('.legend').innerText(), /measured[\s\S]*peak[\s\S]*leased[\s\S]*floor/);
+    const labels24h = await xLabels();
+    assert.ok(labels24h.every((l) => /^\d\d:\d\d$/.test(l)), `24-hour axis labels: ${labels24h}`);
+    // Refreshed once a minute, not redrawn on every tick: count redraws over ~3.5 ticks
+    // (one is allowed: the minute's refresh may fall into the window).
+    const redraws = await chart.locator('svg').evaluate(async (svg) => {
+      let n = 0;
+      const mo = new MutationObserver((records) => { n += records.length ? 1 : 0; });
+      mo.observe(svg, { childList: true });
+      await new Promise((r) => setTimeout(r, 3500));
+      mo.disconnect();
+      return n;
+    });
+    assert.ok(redraws <= 1, `the 24-hour chart was redrawn ${redraws} times in 3.5 s`);
+    await page.screenshot({ path: path.join(ARTIFACTS, '03-node-chart-24h.png'), fullPage: true });
+
+    // Back to 5 minutes: live again.
+    await rangeButton('5m').click();
+    await poll(() => chart.getAttribute('data-range'), (r) => r === '5m', 'the chart to show 5 minutes again');
+    await poll(() => chart.getAttribute('data-latest-rate-bps'), near, `the 5-minute chart's latest point to be ${RATE} bit/s ±1%`);
   });
 });
 

@@ -11,7 +11,6 @@ const EVENT_KEEP = 10000; // events kept in memory (the controller keeps as many
 const EVENT_ROWS = 2000; // rows the events table shows at most
 const EVENT_PAGE = 500; // rows it shows first (more on request, up to EVENT_ROWS)
 const NODE_EVENT_ROWS = 200;
-const CHART_WINDOW_MS = 5 * 60 * 1000;
 const STATES = ['active', 'partial', 'pending', 'exhausted', 'revoked', 'expired', 'none'];
 const KINDS = ['lease.', 'lease.granted', 'lease.renewed', 'lease.changed', 'lease.revoked', 'lease.expired',
   'lease.exhausted', 'agent.', 'agent.connected', 'agent.disconnected', 'node.', 'node.added', 'node.removed',
@@ -1133,10 +1132,31 @@ class FleetRow {
 
 // ---------------------------------------------------------------------------------------
 // Charts: hand-written SVG. A line for the measured rate, step lines for lease and floor.
+//
+// Three ranges. "5 min" and "1 hour" draw the 1-second points: the history from
+// /v1/telemetry/series (step=1s) plus one point per tick, kept for an hour whatever the
+// range, so switching between the two costs at most one fetch. "24 hours" draws the
+// per-minute store (step=1m): the mean per minute as the line, the highest second of each
+// minute as a lighter band above it; it is refetched once a minute, not redrawn per tick.
+// Long series are decimated to the plot's width in pixels (the lowest and the highest
+// point of each pixel column), so a path has at most ~2 points per column.
 
 const CW = 720;
 const CH = 220;
 const CM = { l: 52, r: 14, t: 24, b: 26 };
+const HOUR = 3600000;
+const RANGES = {
+  '5m': { label: '5 min', what: 'the last 5 minutes', windowMs: 5 * 60000, step: '1s', stepMs: 1000, tickMs: 60000, seconds: true,
+    note: '1-second points, live' },
+  '1h': { label: '1 hour', what: 'the last hour', windowMs: HOUR, step: '1s', stepMs: 1000, tickMs: 10 * 60000, seconds: false,
+    note: '1-second points, live' },
+  '24h': { label: '24 hours', what: 'the last 24 hours', windowMs: 24 * HOUR, step: '1m', stepMs: 60000, tickMs: 3 * HOUR, seconds: false,
+    note: '1-minute points: the mean, and the peak second as a band; refreshed every minute' },
+};
+const DEFAULT_RANGE = '5m';
+const LIVE_KEEP_MS = HOUR + 10000; // 1-second points kept per scope (the longest live range)
+/** Consecutive points further apart than this break the line (missed reports). */
+const gapMs = (stepMs) => (stepMs >= 60000 ? stepMs * 1.5 : stepMs * 3.5);
 
 function niceStep(range, n) {
   const raw = range / n;
@@ -1148,19 +1168,123 @@ function rateUnit(max) {
   for (const [u, name] of [[1e12, 'Tbit/s'], [1e9, 'Gbit/s'], [1e6, 'Mbit/s'], [1e3, 'kbit/s']]) if (max >= u) return [u, name];
   return [1, 'bit/s'];
 }
+/** The first index whose t is >= x (t ascending). */
+function lowerBound(t, x) {
+  let lo = 0;
+  let hi = t.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (t[mid] < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** The points of `t` within [from, to] as runs without gaps, each run a list of pixel
+ *  columns `colMs` wide: [{i0, i1}] (index ranges, i1 exclusive). */
+function columns(t, from, to, colMs, gap) {
+  const runs = [];
+  let run = null;
+  let col = null;
+  let prev = -Infinity;
+  for (let i = lowerBound(t, from); i < t.length && t[i] <= to; i++) {
+    const c = Math.floor((t[i] - from) / colMs);
+    if (!run || t[i] - prev > gap) {
+      run = [];
+      runs.push(run);
+      col = null;
+    }
+    if (col && col.c === c) col.i1 = i + 1;
+    else {
+      col = { c, i0: i, i1: i + 1 };
+      run.push(col);
+    }
+    prev = t[i];
+  }
+  return runs;
+}
+function argExt(v, col, max) {
+  let k = col.i0;
+  for (let i = col.i0 + 1; i < col.i1; i++) if (max ? v[i] > v[k] : v[i] < v[k]) k = i;
+  return k;
+}
+/** A line through the lowest and the highest point of each column, in time order; a lone
+ *  point becomes a short dash so that it shows. `mode`: 'minmax', 'max' or 'min'. */
+function linePath(runs, t, v, X, Y, mode = 'minmax') {
+  let d = '';
+  const pt = (i) => `${X(t[i]).toFixed(1)},${Y(v[i]).toFixed(1)}`;
+  for (const run of runs) {
+    const idx = [];
+    for (const col of run) {
+      if (col.i1 - col.i0 === 1) idx.push(col.i0);
+      else if (mode !== 'minmax') idx.push(argExt(v, col, mode === 'max'));
+      else {
+        const lo = argExt(v, col, false);
+        const hi = argExt(v, col, true);
+        if (lo === hi) idx.push(lo);
+        else idx.push(Math.min(lo, hi), Math.max(lo, hi));
+      }
+    }
+    if (idx.length === 1) d += `M${(X(t[idx[0]]) - 1.5).toFixed(1)},${Y(v[idx[0]]).toFixed(1)}h3`;
+    else for (let k = 0; k < idx.length; k++) d += `${k ? 'L' : 'M'}${pt(idx[k])}`;
+  }
+  return d;
+}
+/** A closed area per run between the column minima of `lo` and the column maxima of `hi`. */
+function bandPath(runs, t, lo, hi, X, Y) {
+  let d = '';
+  for (const run of runs) {
+    if (run.length < 2) continue;
+    const top = run.map((col) => argExt(hi, col, true));
+    const bottom = run.map((col) => argExt(lo, col, false)).reverse();
+    d += `M${top.map((i) => `${X(t[i]).toFixed(1)},${Y(hi[i]).toFixed(1)}`).join('L')}`;
+    d += `L${bottom.map((i) => `${X(t[i]).toFixed(1)},${Y(lo[i]).toFixed(1)}`).join('L')}Z`;
+  }
+  return d;
+}
+/** The step line of `key` over [x0, x1]: each entry holds until the next one's t. */
+function stepPath(leased, key, x0, x1, X, Y) {
+  let d = '';
+  for (let i = 0; i < leased.length; i++) {
+    const a = Math.max(leased[i].t, x0);
+    const b = Math.min(i + 1 < leased.length ? leased[i + 1].t : x1, x1);
+    if (b < x0 || a > x1) continue;
+    const y = Y(leased[i][key]).toFixed(1);
+    d += `${d ? 'L' : 'M'}${X(a).toFixed(1)},${y}L${X(b).toFixed(1)},${y}`;
+  }
+  return d;
+}
+/** Tick times within [x0, x1], `tickMs` apart, on round local times. */
+function timeTicks(x0, x1, tickMs) {
+  const tz = new Date(x0).getTimezoneOffset() * 60000;
+  const out = [];
+  for (let t = Math.ceil((x0 - tz) / tickMs) * tickMs + tz; t <= x1; t += tickMs) out.push(t);
+  return out;
+}
+function fmtTick(ms, seconds) {
+  const d = new Date(ms);
+  return seconds ? fmtClock(ms) : `${pad2(d.getHours())}:${pad2(d.getMinutes())}`;
+}
 
 class Chart {
   constructor(scope) {
     this.scope = scope;
+    // 1-second points (the live ranges); t is the end of the interval a point measures.
     this.t = [];
     this.v = [];
     this.leased = []; // [{t, leased_bps, floor_bps}]
+    // Per-minute points (24 hours): {t, v (mean), peak, leased, now}, null until loaded.
+    this.m = null;
+    this.mVersion = 0;
+    this.drawn = null; // what the SVG shows, for the ranges that do not redraw per tick
     this.svg = document.createElementNS(SVGNS, 'svg');
     this.svg.setAttribute('viewBox', `0 0 ${CW} ${CH}`);
     this.svg.setAttribute('role', 'img');
     this.svg.setAttribute('class', 'chart-svg');
     this.title = h('h3', { text: scope });
-    this.legendVals = { measured: h('span'), leased: h('span'), floor: h('span') };
+    this.legendVals = { measured: h('span'), peak: h('span'), leased: h('span'), floor: h('span') };
+    this.measuredLabel = h('span', { class: 'label', text: 'measured' });
+    this.peakItem = h('li', { hidden: true }, h('span', { class: 'swatch peak', 'aria-hidden': 'true' }), 'peak ', this.legendVals.peak);
     this.gaugeText = h('span', { class: 'num-text' });
     this.gaugeMeter = meter('vol');
     this.stateBadge = badge('none');
@@ -1169,7 +1293,8 @@ class Chart {
         h('span', { class: 'gauge', title: 'volume used of granted' }, h('span', { class: 'muted', text: 'volume ' }), this.gaugeText, this.gaugeMeter.el)),
       this.svg,
       h('ul', { class: 'legend' },
-        h('li', {}, h('span', { class: 'swatch measured', 'aria-hidden': 'true' }), 'measured ', this.legendVals.measured),
+        h('li', {}, h('span', { class: 'swatch measured', 'aria-hidden': 'true' }), this.measuredLabel, ' ', this.legendVals.measured),
+        this.peakItem,
         h('li', {}, h('span', { class: 'swatch leased', 'aria-hidden': 'true' }), 'leased ', this.legendVals.leased),
         h('li', {}, h('span', { class: 'swatch floor', 'aria-hidden': 'true' }), 'floor ', this.legendVals.floor)));
   }
@@ -1179,6 +1304,8 @@ class Chart {
     if (!(t > last)) return;
     this.t.push(t);
     this.v.push(v);
+    // The live ranges trim when they draw; the day view does not draw per tick.
+    if (t - this.t[0] > LIVE_KEEP_MS + 60000) this.trim(t);
   }
   pushLeased(t, leased_bps, floor_bps) {
     const last = this.leased[this.leased.length - 1];
@@ -1186,7 +1313,8 @@ class Chart {
     if (last && t < last.t) return;
     this.leased.push({ t, leased_bps, floor_bps });
   }
-  /** Merges the history from /v1/telemetry/series under what ticks already brought. */
+  /** Merges 1-second history from /v1/telemetry/series under what is already here (what
+   *  ticks brought, or a shorter history): only what is older than the oldest point. */
   history(series, stepMs) {
     const firstLive = this.t.length ? this.t[0] : Infinity;
     const t = [];
@@ -1198,16 +1326,29 @@ class Chart {
         v.push(series.rate_bps[i]);
       }
     }
-    this.t = t.concat(this.t);
-    this.v = v.concat(this.v);
+    if (t.length) {
+      this.t = t.concat(this.t);
+      this.v = v.concat(this.v);
+    }
     const firstLeased = this.leased.length ? this.leased[0].t : Infinity;
     const hist = (series.leased || []).filter((l) => l.t < firstLeased).map((l) => ({ t: l.t, leased_bps: l.leased_bps ?? 0, floor_bps: l.floor_bps ?? 0 }));
-    this.leased = hist.concat(this.leased);
+    if (hist.length) this.leased = hist.concat(this.leased);
+  }
+  /** Replaces the per-minute series (a step=1m answer for this scope, or null: none). */
+  minutes(series, stepMs, now) {
+    const n = series ? series.t.length : 0;
+    this.m = {
+      t: n ? series.t.map((x) => x + stepMs) : [],
+      v: n ? series.rate_bps : [],
+      peak: n ? (series.peak_rate_bps?.length === n ? series.peak_rate_bps : series.rate_bps) : [],
+      leased: (series?.leased || []).map((l) => ({ t: l.t, leased_bps: l.leased_bps ?? 0, floor_bps: l.floor_bps ?? 0 })),
+      now,
+    };
+    this.mVersion++;
   }
   trim(now) {
-    const cut = now - CHART_WINDOW_MS - 5000;
-    let i = 0;
-    while (i < this.t.length - 1 && this.t[i] < cut) i++;
+    const cut = now - LIVE_KEEP_MS;
+    const i = Math.min(lowerBound(this.t, cut), Math.max(0, this.t.length - 1));
     if (i) {
       this.t.splice(0, i);
       this.v.splice(0, i);
@@ -1230,77 +1371,102 @@ class Chart {
       }
     }
   }
-  render() {
-    const now = Math.max(serverNow(), this.t.length ? this.t[this.t.length - 1] : 0);
-    this.trim(now);
-    const x0 = now - CHART_WINDOW_MS;
+  /** Draws `range` ('5m', '1h', '24h'). `px`: the SVG's width in CSS pixels (0: unknown);
+   *  `loading`: the per-minute series is being fetched; `error`: fetching it failed. */
+  render(range, px, { loading = false, error = null } = {}) {
+    const R = RANGES[range] || RANGES[DEFAULT_RANGE];
+    const perMinute = R.step === '1m';
+    const cols = Math.max(60, Math.round(((CW - CM.l - CM.r) / CW) * (px > 0 ? px : CW)));
+    if (perMinute) {
+      // Redrawn when new minutes arrive or the width changes, not on every tick.
+      const key = `${range}|${this.mVersion}|${cols}|${this.m ? '' : `${loading}|${error}`}`;
+      if (this.drawn === key) return;
+      this.drawn = key;
+    } else {
+      this.drawn = null;
+    }
+    let t, v, peak, leased, now;
+    if (perMinute) {
+      const m = this.m || { t: [], v: [], peak: [], leased: [], now: serverNow() };
+      ({ t, v, peak, leased, now } = m);
+    } else {
+      now = Math.max(serverNow(), this.t.length ? this.t[this.t.length - 1] : 0);
+      this.trim(now);
+      ({ t, v, leased } = this);
+    }
+    const x0 = now - R.windowMs;
     const iw = CW - CM.l - CM.r;
     const ih = CH - CM.t - CM.b;
+    const runs = columns(t, x0, now, R.windowMs / cols, gapMs(R.stepMs));
     let max = 0;
-    for (let i = 0; i < this.t.length; i++) if (this.t[i] >= x0 && this.v[i] > max) max = this.v[i];
-    for (const l of this.leased) max = Math.max(max, l.leased_bps, l.floor_bps);
+    for (const run of runs) for (const col of run) {
+      const top = perMinute ? peak : v;
+      for (let i = col.i0; i < col.i1; i++) if (top[i] > max) max = top[i];
+    }
+    for (let i = 0; i < leased.length; i++) {
+      const end = i + 1 < leased.length ? leased[i + 1].t : now;
+      if (end >= x0) max = Math.max(max, leased[i].leased_bps, leased[i].floor_bps);
+    }
     if (!(max > 0)) max = 1e6;
     const step = niceStep(max * 1.08, 4);
     const ymax = Math.ceil((max * 1.08) / step) * step;
     const [unit, unitName] = rateUnit(ymax);
-    const X = (t) => CM.l + ((t - x0) / CHART_WINDOW_MS) * iw;
-    const Y = (v) => CM.t + ih - (Math.min(v, ymax) / ymax) * ih;
+    const X = (x) => CM.l + ((x - x0) / R.windowMs) * iw;
+    const Y = (y) => CM.t + ih - (Math.min(y, ymax) / ymax) * ih;
     const parts = [];
     // y grid and labels
-    for (let v = 0; v <= ymax + step / 2; v += step) {
-      const y = Y(v).toFixed(1);
-      parts.push(`<line class="grid" x1="${CM.l}" x2="${CW - CM.r}" y1="${y}" y2="${y}"/>`);
-      parts.push(`<text class="tick" x="${CM.l - 6}" y="${y}" text-anchor="end" dominant-baseline="middle">${esc(+(v / unit).toPrecision(4))}</text>`);
+    for (let y = 0; y <= ymax + step / 2; y += step) {
+      const yy = Y(y).toFixed(1);
+      parts.push(`<line class="grid" x1="${CM.l}" x2="${CW - CM.r}" y1="${yy}" y2="${yy}"/>`);
+      parts.push(`<text class="tick" x="${CM.l - 6}" y="${yy}" text-anchor="end" dominant-baseline="middle">${esc(+(y / unit).toPrecision(4))}</text>`);
     }
     parts.push(`<text class="axis-title" x="${CM.l - 6}" y="${CM.t - 14}" text-anchor="end" dominant-baseline="middle">${unitName}</text>`);
-    // x ticks every minute
-    const first = Math.ceil(x0 / 60000) * 60000;
-    for (let t = first; t <= now; t += 60000) {
-      const x = X(t).toFixed(1);
-      parts.push(`<line class="grid v" x1="${x}" x2="${x}" y1="${CM.t}" y2="${CM.t + ih}"/>`);
-      const d = new Date(t);
-      parts.push(`<text class="tick" x="${x}" y="${CH - 8}" text-anchor="middle">${pad2(d.getHours())}:${pad2(d.getMinutes())}</text>`);
+    // x ticks on round local times: HH:MM:SS for 5 minutes, HH:MM beyond
+    for (const tt of timeTicks(x0, now, R.tickMs)) {
+      const x = X(tt);
+      parts.push(`<line class="grid v" x1="${x.toFixed(1)}" x2="${x.toFixed(1)}" y1="${CM.t}" y2="${CM.t + ih}"/>`);
+      if (x - CM.l > 14 && CW - x > 20) parts.push(`<text class="tick" x="${x.toFixed(1)}" y="${CH - 8}" text-anchor="middle">${fmtTick(tt, R.seconds)}</text>`);
     }
     parts.push(`<line class="axis" x1="${CM.l}" x2="${CW - CM.r}" y1="${CM.t + ih}" y2="${CM.t + ih}"/>`);
     parts.push(`<line class="axis" x1="${CM.l}" x2="${CM.l}" y1="${CM.t}" y2="${CM.t + ih}"/>`);
-    // step lines for floor and lease
-    const stepPath = (key) => {
-      if (!this.leased.length) return '';
-      let d = '';
-      for (let i = 0; i < this.leased.length; i++) {
-        const a = Math.max(this.leased[i].t, x0);
-        const b = i + 1 < this.leased.length ? this.leased[i + 1].t : now;
-        if (b < x0) continue;
-        const y = Y(this.leased[i][key]).toFixed(1);
-        d += `${d ? 'L' : 'M'}${X(a).toFixed(1)},${y}L${X(b).toFixed(1)},${y}`;
-      }
-      return d;
-    };
-    // measured, broken where reports are missing
-    let d = '';
-    let prev = -Infinity;
-    for (let i = 0; i < this.t.length; i++) {
-      const t = this.t[i];
-      if (t < x0 - 1000) { prev = t; continue; }
-      d += `${t - prev > 3500 ? 'M' : 'L'}${X(Math.max(t, x0)).toFixed(1)},${Y(this.v[i]).toFixed(1)}`;
-      prev = t;
+    // per minute: the peak second as a band above the mean, and its upper edge
+    if (perMinute) {
+      parts.push(`<path class="band peak" d="${bandPath(runs, t, v, peak, X, Y)}"/>`);
+      parts.push(`<path class="line peak" d="${linePath(runs, t, peak, X, Y, 'max')}"/>`);
     }
-    parts.push(`<path class="line measured" d="${d}"/>`);
+    // measured (the mean per minute), broken where reports are missing
+    parts.push(`<path class="line measured" d="${linePath(runs, t, v, X, Y)}"/>`);
     // The lease and the floor on top: a fully used lease must not hide its own line.
-    parts.push(`<path class="line floor" d="${stepPath('floor_bps')}"/>`);
-    parts.push(`<path class="line leased" d="${stepPath('leased_bps')}"/>`);
-    const n = this.t.length;
-    if (n) parts.push(`<circle class="dot measured" cx="${X(this.t[n - 1]).toFixed(1)}" cy="${Y(this.v[n - 1]).toFixed(1)}" r="3"/>`);
+    parts.push(`<path class="line floor" d="${stepPath(leased, 'floor_bps', x0, now, X, Y)}"/>`);
+    parts.push(`<path class="line leased" d="${stepPath(leased, 'leased_bps', x0, now, X, Y)}"/>`);
+    const lastRun = runs[runs.length - 1];
+    const li = lastRun ? lastRun[lastRun.length - 1].i1 - 1 : -1; // the latest point in the window
+    if (li >= 0) parts.push(`<circle class="dot measured" cx="${X(t[li]).toFixed(1)}" cy="${Y(v[li]).toFixed(1)}" r="3"/>`);
+    let empty = null;
+    if (li < 0) {
+      if (perMinute && !this.m && loading) empty = 'Loading the per-minute data…';
+      else if (perMinute && !this.m && error) empty = `No per-minute data: ${error}`;
+      else if (perMinute && (this.t.length || !this.m)) empty = 'No per-minute data yet: minutes are stored as they end';
+      else empty = `No data in ${R.what}`;
+      parts.push(`<text class="nodata" x="${CM.l + iw / 2}" y="${CM.t + ih / 2}" text-anchor="middle" dominant-baseline="middle">${esc(empty)}</text>`);
+    }
     this.svg.innerHTML = parts.join('');
-    const last = this.leased[this.leased.length - 1];
-    const latest = n ? this.v[n - 1] : null;
+    const last = leased[leased.length - 1];
+    const latest = li >= 0 ? v[li] : null;
+    setText(this.measuredLabel, perMinute ? 'measured (mean)' : 'measured');
+    this.peakItem.hidden = !perMinute;
     setText(this.legendVals.measured, latest != null ? fmtRate(latest) : '—');
+    setText(this.legendVals.peak, li >= 0 && perMinute ? fmtRate(peak[li]) : '—');
     setText(this.legendVals.leased, last ? fmtRate(last.leased_bps) : '—');
     setText(this.legendVals.floor, last ? fmtRate(last.floor_bps) : '—');
+    setAttr(this.el, 'data-range', range);
+    setAttr(this.el, 'data-step-ms', R.stepMs);
+    setAttr(this.el, 'data-empty', empty ? 'true' : 'false');
     setAttr(this.el, 'data-latest-rate-bps', latest);
-    setAttr(this.el, 'data-latest-t', n ? this.t[n - 1] : null);
+    setAttr(this.el, 'data-latest-t', li >= 0 ? t[li] : null);
     setAttr(this.el, 'data-leased-bps', last ? last.leased_bps : null);
-    setAttr(this.svg, 'aria-label', `${this.scope}: measured rate over the last 5 minutes, latest ${latest != null ? fmtRate(latest) : 'none'}; leased ${last ? fmtRate(last.leased_bps) : 'none'}; floor ${last ? fmtRate(last.floor_bps) : 'none'}`);
+    const what = perMinute ? 'mean rate per minute' : 'measured rate';
+    setAttr(this.svg, 'aria-label', `${this.scope}: ${what} over ${R.what}, ${empty ? empty.toLowerCase() : `latest ${fmtRate(latest)}`}; leased ${last ? fmtRate(last.leased_bps) : 'none'}; floor ${last ? fmtRate(last.floor_bps) : 'none'}`);
   }
 }
 
@@ -1313,15 +1479,34 @@ const nodeView = {
   charts: new Map(),
   leases: [],
   watching: null,
+  range: DEFAULT_RANGE, // kept while the tab lives: the next node opens in the same range
+  hourLoaded: false, // the 1-hour 1-second history was fetched (or is being fetched)
+  minuteSeq: 0, // bumped per per-minute fetch: an older answer is dropped
+  minuteLoading: false,
+  minuteError: null,
+  minuteTimer: null,
+  resizeObs: null,
 
   mount() {
     this.el = $('#view-node');
   },
   reset() {
+    this.stopCharts();
     this.name = null;
     this.watching = null;
     this.charts.clear();
     this.el?.replaceChildren();
+  },
+  /** Stops the per-minute refresh and the resize observer (leaving the view). */
+  stopCharts() {
+    clearTimeout(this.minuteTimer);
+    this.minuteTimer = null;
+    this.minuteSeq++;
+    this.minuteLoading = false;
+    this.minuteError = null;
+    this.hourLoaded = false;
+    this.resizeObs?.disconnect();
+    this.resizeObs = null;
   },
   ingest(t, n) {
     if (n.node !== this.watching) return;
@@ -1351,12 +1536,14 @@ const nodeView = {
     this.watching = name;
     this.build();
     this.refreshAll();
-    this.loadSeries();
+    this.loadSeries(this.range === '1h' ? '1h' : '5m');
+    if (this.range === '24h') this.loadMinutes();
     this.loadLeases();
     this.loadEvents();
   },
   hide() {
     // Stop collecting points; the next visit rebuilds from a fresh history.
+    this.stopCharts();
     this.watching = null;
     this.name = null;
   },
@@ -1373,6 +1560,14 @@ const nodeView = {
     this.err = h('p', { class: 'form-error', id: 'node-error', role: 'alert', hidden: true });
     this.chartsEl = h('div', { class: 'charts', id: 'node-charts' });
     this.noCharts = h('p', { class: 'empty', text: 'No scope has reported yet.' });
+    this.chartsTitle = h('h2', { id: 'node-charts-title' });
+    this.rangeNote = h('span', { class: 'hint', id: 'node-range-note' });
+    this.rangeButtons = Object.entries(RANGES).map(([key, r]) =>
+      h('button', { type: 'button', 'data-range': key, text: r.label, onclick: () => this.setRange(key) }));
+    const rangeGroup = h('div', { class: 'seg', role: 'group', id: 'node-range', 'aria-label': 'Chart range' }, this.rangeButtons);
+    this.showRange();
+    this.resizeObs = new ResizeObserver(() => throttle('node-charts-resize', 150, () => this.name && this.renderCharts()));
+    this.resizeObs.observe(this.chartsEl);
     this.leaseBody = h('tbody', { id: 'node-leases' });
     this.eventBody = h('tbody', { id: 'node-events' });
     const grant = h('details', { class: 'card', id: 'node-grant' }, h('summary', { text: `Grant a lease to ${name}` }),
@@ -1391,7 +1586,7 @@ const nodeView = {
         h('div', {}, h('dt', { text: 'Volume' }), hd.volume),
         h('div', {}, h('dt', { text: 'Expires in' }), hd.expires)),
       this.msg, this.err,
-      h('h2', { text: 'Rates per scope (last 5 minutes)' }), this.chartsEl, this.noCharts,
+      h('div', { class: 'chart-head' }, this.chartsTitle, rangeGroup, this.rangeNote), this.chartsEl, this.noCharts,
       h('h2', { text: 'Leases' }),
       h('div', { class: 'table-wrap' }, h('table', { class: 'leases' },
         h('thead', {}, h('tr', {}, ['Lease', 'Scope', 'State', 'Rate', 'Burst', 'Volume', 'TTL / renew', 'Renewals', 'Issued', 'Expires in', 'Actions'].map((c, i) => h('th', { scope: 'col', class: [0, 3, 4, 5, 6, 7, 9].includes(i) ? 'num' : null, text: c })))),
@@ -1436,10 +1631,31 @@ const nodeView = {
     this.noCharts.hidden = this.charts.size > 0;
     const n = S.nodes.get(this.name);
     const byScope = new Map((n?.scopes || []).map((s) => [s.scope, s]));
-    for (const c of this.charts.values()) {
+    // Widths first, then the drawing: one layout, not one per chart.
+    const charts = [...this.charts.values()];
+    const widths = charts.map((c) => c.svg.clientWidth);
+    charts.forEach((c, i) => {
       c.update(byScope.get(c.scope));
-      c.render();
-    }
+      c.render(this.range, widths[i], { loading: this.minuteLoading, error: this.minuteError });
+    });
+  },
+  showRange() {
+    const R = RANGES[this.range];
+    setText(this.chartsTitle, `Rates per scope (${R.what})`);
+    setText(this.rangeNote, R.note);
+    for (const b of this.rangeButtons) setAttr(b, 'aria-pressed', b.dataset.range === this.range ? 'true' : 'false');
+  },
+  setRange(range) {
+    if (!RANGES[range] || range === this.range) return;
+    this.range = range;
+    clearTimeout(this.minuteTimer);
+    this.minuteTimer = null;
+    this.minuteSeq++;
+    this.minuteLoading = false;
+    this.showRange();
+    if (range === '1h' && !this.hourLoaded) this.loadSeries('1h');
+    if (range === '24h') this.loadMinutes();
+    this.renderCharts();
   },
   onTick(changed) {
     if (changed.has(this.name)) this.refreshAll();
@@ -1451,6 +1667,7 @@ const nodeView = {
   onFleet() { this.refreshAll(); },
   onReload() {
     this.refreshAll();
+    if (this.range === '24h') this.loadMinutes();
     this.loadLeases();
     this.loadEvents();
   },
@@ -1479,16 +1696,55 @@ const nodeView = {
     if (mine.some((e) => e.kind.startsWith('lease.'))) throttle('node-leases', 300, () => this.name && this.loadLeases());
   },
 
-  async loadSeries() {
+  /** Fetches the 1-second history of a live range ('5m': the server's default window;
+   *  '1h': the whole in-memory hour) and merges it under the live points. */
+  async loadSeries(range = '5m') {
     const name = this.name;
+    let q = `node=${encodeURIComponent(name)}&step=1s`;
+    if (range === '1h') {
+      this.hourLoaded = true;
+      // A little inside the hour the controller keeps, so that clock skew cannot make it a 422.
+      q += `&since_ms=${Math.floor(serverNow() - RANGES['1h'].windowMs + 2000)}`;
+    }
     try {
-      const r = await api('GET', `/v1/telemetry/series?node=${encodeURIComponent(name)}`);
+      const r = await api('GET', `/v1/telemetry/series?${q}`);
       if (name !== this.name) return;
       for (const s of r.series || []) this.chart(s.scope).history(s, r.step_ms ?? 1000);
       this.renderCharts();
     } catch (e) {
-      if (name === this.name && e.status !== 401) this.showError(`Loading the rate history failed: ${e.message}`);
+      if (name !== this.name) return;
+      if (range === '1h') this.hourLoaded = false;
+      if (e.status !== 401) this.showError(`Loading the rate history failed: ${e.message}`);
     }
+  },
+  /** Fetches the last 24 hours from the per-minute store, then again shortly after each
+   *  minute ends (the controller writes a minute to the store within 5 s of its end). */
+  async loadMinutes() {
+    const name = this.name;
+    const seq = ++this.minuteSeq;
+    clearTimeout(this.minuteTimer);
+    this.minuteTimer = null;
+    this.minuteLoading = true;
+    const since = Math.floor(serverNow() - RANGES['24h'].windowMs + 30000);
+    try {
+      const r = await api('GET', `/v1/telemetry/series?node=${encodeURIComponent(name)}&step=1m&since_ms=${since}`);
+      if (name !== this.name || seq !== this.minuteSeq) return;
+      const now = serverNow();
+      const bySeries = new Map((r.series || []).map((s) => [s.scope, s]));
+      for (const s of bySeries.keys()) this.chart(s);
+      for (const c of this.charts.values()) c.minutes(bySeries.get(c.scope) || null, r.step_ms ?? 60000, now);
+      this.minuteError = null;
+    } catch (e) {
+      if (name !== this.name || seq !== this.minuteSeq) return;
+      this.minuteError = e.message;
+      if (e.status !== 401) this.showError(`Loading the per-minute rates failed: ${e.message}`);
+    }
+    this.minuteLoading = false;
+    this.renderCharts();
+    const wait = 60000 - (serverNow() % 60000) + 7000;
+    this.minuteTimer = setTimeout(() => {
+      if (name === this.name && seq === this.minuteSeq && this.range === '24h') this.loadMinutes();
+    }, wait);
   },
   async loadLeases() {
     const name = this.name;
