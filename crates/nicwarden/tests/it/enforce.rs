@@ -41,6 +41,9 @@ where
         eprintln!("skipped: needs root (network namespaces, tc, nftables, bpf)");
         return;
     }
+    // These tests measure rates and delays on real packets: never beside a test that
+    // loads the whole machine.
+    let _quiet = crate::harness::MACHINE.blocking_read();
     for &backend in backends {
         eprintln!("== datapath backend {backend}");
         let tb = Arc::new(

@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nicwarden");
 
+/// The machine as a shared resource: tests that measure rates or delays on real packets
+/// hold it shared (they may run beside each other, as before); a test that loads the whole
+/// machine (the 1,000-node dashboard test) holds it alone, so the two never overlap.
+pub static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A free loopback port (bound, read, released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
