@@ -1505,7 +1505,7 @@ impl Controller {
                 v.bytes.push(r.bytes);
                 v.packets.push(r.packets);
                 v.dropped_packets.push(r.dropped_packets);
-                v.state.push(r.state.clone());
+                v.state.push(r.state.as_str().into());
                 v.peak_rate_bps.push(r.peak_rate_bps);
                 out.insert(r.scope.clone(), v);
             }

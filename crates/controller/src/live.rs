@@ -6,10 +6,8 @@
 //! Subscribers get frames through a broadcast channel; one that falls too far behind is
 //! told to resynchronise rather than slowing anyone else down.
 
-use nicwarden_store::{MinuteRow, TelemetryDb};
-use nicwarden_telemetry::{
-    EventFilter, EventLog, MinutePoint, Severity, Telemetry, TelemetryConfig,
-};
+use nicwarden_store::TelemetryDb;
+use nicwarden_telemetry::{EventFilter, EventLog, Severity, Telemetry, TelemetryConfig};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::broadcast;
 
@@ -152,28 +150,13 @@ impl Live {
     /// Writes closed minutes to the store and prunes what is past retention.
     pub fn flush_minutes(&self, now_ms: u64) -> Result<usize, nicwarden_store::StoreError> {
         let minutes = self.telemetry().take_minutes(now_ms);
-        let rows: Vec<MinuteRow> = minutes.into_iter().map(row).collect();
-        let n = rows.len();
-        self.db.write(&rows)?;
-        Ok(n)
+        self.db.write(&minutes)?;
+        Ok(minutes.len())
     }
 
     pub fn prune(&self, now_ms: u64) -> Result<usize, nicwarden_store::StoreError> {
         self.telemetry().gc(now_ms);
         self.db
             .prune(now_ms.saturating_sub(self.minute_retention_ms))
-    }
-}
-
-fn row(m: MinutePoint) -> MinuteRow {
-    MinuteRow {
-        node: m.node,
-        scope: m.scope,
-        t_ms: m.t_ms,
-        bytes: m.bytes,
-        packets: m.packets,
-        dropped_packets: m.dropped_packets,
-        peak_rate_bps: m.peak_rate_bps,
-        state: m.state.as_str().to_string(),
     }
 }

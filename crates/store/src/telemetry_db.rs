@@ -33,19 +33,9 @@ CREATE TABLE minute (
 CREATE INDEX minute_t ON minute (t_ms);
 ";
 
-/// One minute of one series.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MinuteRow {
-    pub node: String,
-    pub scope: String,
-    /// Start of the minute, unix ms.
-    pub t_ms: u64,
-    pub bytes: u64,
-    pub packets: u64,
-    pub dropped_packets: u64,
-    pub peak_rate_bps: f64,
-    pub state: String,
-}
+/// A row is one minute of one series, as the telemetry core closes it.
+pub use nicwarden_telemetry::MinutePoint as MinuteRow;
+use nicwarden_telemetry::ScopeState;
 
 #[derive(Debug)]
 pub struct TelemetryDb {
@@ -151,7 +141,7 @@ impl TelemetryDb {
                     to_i64(r.packets),
                     to_i64(r.dropped_packets),
                     r.peak_rate_bps,
-                    r.state
+                    r.state.as_str()
                 ])
                 .map_err(StoreError::sqlite(op))?;
             }
@@ -187,7 +177,7 @@ impl TelemetryDb {
                     packets: g(4)?,
                     dropped_packets: g(5)?,
                     peak_rate_bps: r.get(6)?,
-                    state: r.get(7)?,
+                    state: ScopeState::parse(&r.get::<_, String>(7)?),
                 })
             })
             .map_err(StoreError::sqlite(&op))?;
@@ -234,7 +224,7 @@ mod tests {
             packets: 1,
             dropped_packets: 0,
             peak_rate_bps: bytes as f64,
-            state: "active".into(),
+            state: ScopeState::Active,
         }
     }
 

@@ -84,6 +84,18 @@ impl Running {
         )
     }
 
+    /// The status of a request made without the operator token.
+    pub(crate) async fn status_without_token(&self, method: &str, path: &str) -> u16 {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        self.http
+            .request(m, format!("{}{path}", self.api))
+            .send()
+            .await
+            .expect("send")
+            .status()
+            .as_u16()
+    }
+
     pub(crate) async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());

@@ -542,13 +542,7 @@ async fn series_holds_measured_rate_and_leased_steps() {
         assert!(e.contains(want), "GET {p}: `{e}` should mention `{want}`");
     }
     // No token.
-    let r = c
-        .http
-        .get(format!("{}{path}", c.api))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(c.status_without_token("GET", &path).await, 401);
     agent.close();
     c.stop().await;
 }
@@ -655,13 +649,7 @@ async fn events_record_the_lease_life_cycle_and_filter() {
         let e = v["error"].as_str().unwrap_or_default();
         assert!(e.contains(want), "{q}: `{e}` should mention `{want}`");
     }
-    let r = c
-        .http
-        .get(format!("{}/v1/events", c.api))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(c.status_without_token("GET", "/v1/events").await, 401);
 
     // The session ends: agent.disconnected.
     agent.close();
@@ -917,13 +905,10 @@ async fn event_stream_replays_then_streams_events_and_ticks() {
             .contains("Last-Event-ID"),
         "{v}"
     );
-    let r = c
-        .http
-        .get(format!("{}/v1/events/stream", c.api))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        c.status_without_token("GET", "/v1/events/stream").await,
+        401
+    );
 
     // The agent goes away: a tick shows node1 disconnected and stale.
     drop((s2, s3));
@@ -1041,13 +1026,11 @@ async fn operator_renew_reissues_the_lease() {
     let (st, v) = c.call("POST", "/v1/leases/abc/renew", None).await;
     assert_eq!(st, 422, "{v}");
     assert!(v["error"].as_str().unwrap_or_default().contains("lease id"));
-    let r = c
-        .http
-        .post(format!("{}/v1/leases/{id}/renew", c.api))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        c.status_without_token("POST", &format!("/v1/leases/{id}/renew"))
+            .await,
+        401
+    );
     agent.close();
     c.stop().await;
 }
