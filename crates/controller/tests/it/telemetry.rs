@@ -542,7 +542,7 @@ async fn series_holds_measured_rate_and_leased_steps() {
         assert!(e.contains(want), "GET {p}: `{e}` should mention `{want}`");
     }
     // No token.
-    assert_eq!(c.status_without_token("GET", &path).await, 401);
+    assert_eq!(c.status_without_token("GET", path).await, 401);
     agent.close();
     c.stop().await;
 }
