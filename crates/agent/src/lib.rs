@@ -382,6 +382,16 @@ impl Loop {
         if !self.connected {
             return;
         }
+        // A scope without a lease has no usage of its own, but its kernel class counts what
+        // the floor dropped: report that, so the operator sees a node pushing at a closed
+        // fabric.
+        let kernel_drops = |scope: &str| -> u64 {
+            self.dp_status
+                .as_ref()
+                .and_then(|st| st.scopes.iter().find(|k| k.scope == scope))
+                .map(|k| k.drops)
+                .unwrap_or(0)
+        };
         let scopes = self
             .core
             .decision(now)
@@ -391,7 +401,11 @@ impl Loop {
                 lease_id: d.lease.map(|l| l.0).unwrap_or(0),
                 bytes: d.usage.bytes,
                 packets: d.usage.packets,
-                dropped_packets: d.usage.dropped_packets,
+                dropped_packets: if d.lease.is_none() {
+                    kernel_drops(&d.scope.to_string())
+                } else {
+                    d.usage.dropped_packets
+                },
                 state: d.state.to_string(),
                 deadline_in_ms: d.deadline_in_ms.unwrap_or(0),
             })
