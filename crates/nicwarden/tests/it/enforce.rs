@@ -452,6 +452,35 @@ fn the_management_channel_works_while_the_fabric_is_blocked() {
             !probe.is_reachable(),
             "fabric open without a lease: {probe:?}"
         );
+        // The controller's telemetry shows what the closed fabric dropped.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (st, v) = lab
+                .call("GET", "/v1/telemetry/fleet", None)
+                .await
+                .expect("fleet");
+            assert_eq!(st, 200, "{v}");
+            let drops = v["nodes"]
+                .as_array()
+                .and_then(|ns| ns.iter().find(|n| n["node"] == "node1"))
+                .and_then(|n| {
+                    n["scopes"]
+                        .as_array()?
+                        .iter()
+                        .find(|s| s["scope"] == "egress")
+                        .cloned()
+                })
+                .and_then(|s| s["dropped_packets"].as_u64())
+                .unwrap_or(0);
+            if drops > 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the controller shows no drops for node1's closed fabric: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         // Its agent is connected and answers over management.
         let st = lab.status("node1").await.expect("status over management");
         assert!(st.connected, "agent not connected: {st:?}");
