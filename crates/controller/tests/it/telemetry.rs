@@ -50,6 +50,17 @@ async fn add_node(c: &Running, name: &str) -> String {
     v["join_token"].as_str().expect("join token").to_string()
 }
 
+/// node1 enrolled and connected, holding an egress lease whose usage its agent reports:
+/// the agent, the lease as granted (API view) and as the agent received it.
+async fn node1_leased(c: &Running) -> (TestAgent, Value, nicwarden_lease::Lease) {
+    let token = add_node(c, "node1").await;
+    let mut agent = TestAgent::connect(c, "node1", &token).await;
+    let lease = grant(c, "node1").await;
+    let held = agent.lease().await;
+    agent.track(held.id.0);
+    (agent, lease, held)
+}
+
 async fn grant(c: &Running, node: &str) -> Value {
     let (st, v) = c
         .call(
@@ -269,13 +280,9 @@ async fn fleet_joins_leases_with_reported_usage() {
     let c = Running::start(d.path()).await;
     // Added first, sorted after node1.
     add_node(&c, "node2").await;
-    let token = add_node(&c, "node1").await;
-    let mut agent = TestAgent::connect(&c, "node1", &token).await;
-    let lease = grant(&c, "node1").await;
+    let (mut agent, lease, l) = node1_leased(&c).await;
     let id = lease["id"].as_u64().expect("id");
-    let l = agent.lease().await;
     assert_eq!((l.id.0, l.rate_bps), (id, GRANT_BPS));
-    agent.track(id);
     agent.feed(3).await;
     let (bytes, packets) = (3 * BYTES_PER_REPORT, 3 * PACKETS_PER_REPORT);
 
@@ -411,12 +418,8 @@ async fn fleet_joins_leases_with_reported_usage() {
 async fn series_holds_measured_rate_and_leased_steps() {
     let d = tmp();
     let c = Running::start(d.path()).await;
-    let token = add_node(&c, "node1").await;
-    let mut agent = TestAgent::connect(&c, "node1", &token).await;
-    let lease = grant(&c, "node1").await;
+    let (mut agent, lease, _) = node1_leased(&c).await;
     let id = lease["id"].as_u64().expect("id");
-    agent.lease().await;
-    agent.track(id);
     agent.feed(2).await;
     let bytes = 2 * BYTES_PER_REPORT;
 
@@ -802,12 +805,8 @@ fn event_ids(frames: &[Frame]) -> Vec<u64> {
 async fn event_stream_replays_then_streams_events_and_ticks() {
     let d = tmp();
     let c = Running::start(d.path()).await;
-    let token = add_node(&c, "node1").await;
-    let mut agent = TestAgent::connect(&c, "node1", &token).await;
-    let lease = grant(&c, "node1").await;
+    let (mut agent, lease, _) = node1_leased(&c).await;
     let id = lease["id"].as_u64().expect("id");
-    agent.lease().await;
-    agent.track(id);
     let stored = events(&c, "").await;
     let stored_ids = ids(&stored);
     let last = *stored_ids.last().expect("some events");
