@@ -234,3 +234,82 @@ pub async fn serve(
     a.context("operator API server")?;
     Ok(())
 }
+
+/// A controller in this process on loopback ports the OS picked: for tests and tools that
+/// need a real one without a process of its own.
+pub struct InProcess {
+    /// The operator API, `http://127.0.0.1:PORT`.
+    pub api: String,
+    /// The agent (gRPC, mutual TLS) port.
+    pub agent: std::net::SocketAddr,
+    pub data_dir: std::path::PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    /// Starts `cfg` (its listen addresses are replaced by ephemeral loopback ports) and
+    /// returns once the operator token is written, i.e. the controller has opened its data
+    /// directory; the API accepts requests from then on.
+    pub async fn start(mut cfg: ControllerConfig) -> anyhow::Result<InProcess> {
+        let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("bind an agent port")?;
+        let api_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("bind an API port")?;
+        let agent = agent_l.local_addr().context("agent port address")?;
+        let api = format!("http://{}", api_l.local_addr().context("API port address")?);
+        cfg.agent_listen = agent;
+        cfg.api_listen = api_l.local_addr().context("API port address")?;
+        let data_dir = cfg.data_dir.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut task = tokio::spawn(serve(cfg, agent_l, api_l, async {
+            let _ = rx.await;
+        }));
+        let token = data_dir.join("operator.token");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !token.exists() {
+            if task.is_finished() {
+                return Err(match (&mut task).await {
+                    Ok(Err(e)) => e.context("in-process controller failed to start"),
+                    Ok(Ok(())) => anyhow::anyhow!("in-process controller stopped at once"),
+                    Err(e) => anyhow::anyhow!("in-process controller panicked: {e}"),
+                });
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "in-process controller: no operator token in {} after 20 s",
+                data_dir.display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        Ok(InProcess {
+            api,
+            agent,
+            data_dir,
+            stop: Some(tx),
+            task,
+        })
+    }
+
+    /// The operator token.
+    pub fn token(&self) -> anyhow::Result<String> {
+        let p = self.data_dir.join("operator.token");
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| format!("read {}", p.display()))?
+            .trim()
+            .to_string())
+    }
+
+    /// Stops it like Ctrl-C would and waits (at most 10 s) for a clean exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), &mut self.task)
+            .await
+            .context("the in-process controller did not stop within 10 s")?
+            .context("the in-process controller panicked")?
+    }
+}

@@ -14,49 +14,24 @@ pub(crate) struct Running {
     pub(crate) agent: String,
     pub(crate) dir: PathBuf,
     pub(crate) http: reqwest::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    ctl: nicwarden_controller::InProcess,
 }
 
 impl Running {
     pub(crate) async fn start(dir: &Path) -> Running {
-        let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let api_l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let agent = format!(
-            "https://127.0.0.1:{}",
-            agent_l.local_addr().expect("addr").port()
-        );
-        let api = format!("http://{}", api_l.local_addr().expect("addr"));
-        let cfg = ControllerConfig {
+        let ctl = nicwarden_controller::InProcess::start(ControllerConfig {
             data_dir: dir.to_path_buf(),
             ..ControllerConfig::default()
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(nicwarden_controller::serve(cfg, agent_l, api_l, async {
-            let _ = rx.await;
-        }));
-        let r = Running {
-            api,
-            agent,
+        })
+        .await
+        .expect("start the controller");
+        Running {
+            api: ctl.api.clone(),
+            agent: format!("https://{}", ctl.agent),
             dir: dir.to_path_buf(),
             http: reqwest::Client::new(),
-            stop: Some(tx),
-            task,
-        };
-        // Ready once the operator token exists and /healthz answers.
-        for _ in 0..500 {
-            if let Ok(resp) = r.http.get(format!("{}/healthz", r.api)).send().await {
-                if resp.status().is_success() {
-                    return r;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            ctl,
         }
-        panic!("controller did not become ready");
     }
 
     pub(crate) fn token(&self) -> String {
@@ -96,14 +71,11 @@ impl Running {
             .as_u16()
     }
 
-    pub(crate) async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let r = tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+    pub(crate) async fn stop(self) {
+        self.ctl
+            .stop()
             .await
-            .expect("controller stops within 10 s");
-        r.expect("join").expect("controller exits cleanly");
+            .expect("the controller stops cleanly within 10 s");
     }
 }
 

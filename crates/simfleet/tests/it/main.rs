@@ -17,42 +17,24 @@ struct Controller {
     agent: String,
     dir: PathBuf,
     http: reqwest::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    ctl: nicwarden_controller::InProcess,
 }
 
 impl Controller {
     async fn start(dir: &std::path::Path) -> Controller {
-        let agent_l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let api_l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let agent = agent_l.local_addr().expect("addr").to_string();
-        let api = format!("http://{}", api_l.local_addr().expect("addr"));
-        let cfg = ControllerConfig {
+        let ctl = nicwarden_controller::InProcess::start(ControllerConfig {
             data_dir: dir.to_path_buf(),
             ..ControllerConfig::default()
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(nicwarden_controller::serve(cfg, agent_l, api_l, async {
-            let _ = rx.await;
-        }));
-        let c = Controller {
-            api,
-            agent,
+        })
+        .await
+        .expect("start the controller");
+        Controller {
+            api: ctl.api.clone(),
+            agent: ctl.agent.to_string(),
             dir: dir.to_path_buf(),
             http: reqwest::Client::new(),
-            stop: Some(tx),
-            task,
-        };
-        eventually("the controller answers /healthz", || async {
-            let r = c.http.get(format!("{}/healthz", c.api)).send().await.ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
-        c
+            ctl,
+        }
     }
 
     fn token(&self) -> String {
@@ -86,15 +68,11 @@ impl Controller {
             .expect("usage.bytes")
     }
 
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+    async fn stop(self) {
+        self.ctl
+            .stop()
             .await
-            .expect("controller stops within 10 s")
-            .expect("join")
-            .expect("controller exits cleanly");
+            .expect("the controller stops cleanly within 10 s");
     }
 
     fn fleet_config(&self, nodes: usize, scopes: usize) -> FleetConfig {
