@@ -292,13 +292,13 @@ async fn renew(
     st.ctl.renew_by_operator(lease_id(&id)?).map(Json)
 }
 
-async fn fleet(State(st): State<ApiState>) -> Json<FleetView> {
+async fn fleet(State(st): State<ApiState>) -> Result<Json<FleetView>, ApiError> {
     let ctl = st.ctl.clone();
     // Up to a whole fleet's worth of JSON: built off the async workers.
-    match tokio::task::spawn_blocking(move || ctl.fleet()).await {
-        Ok(v) => Json(v),
-        Err(_) => Json(st.ctl.fleet()),
-    }
+    tokio::task::spawn_blocking(move || ctl.fleet())
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::new(ApiErrorKind::Internal, format!("fleet view: {e}")))
 }
 
 #[derive(Deserialize)]

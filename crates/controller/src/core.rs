@@ -887,7 +887,9 @@ impl Controller {
         // other change): agents report cumulative counters every second, so a controller
         // that crashes relearns them from the next report, and 1,000 agents do not cost
         // 1,000 fsyncs a second.
-        let leased: Vec<(u64, u64)> = report
+        // The granted rate of each scope that telemetry keeps (same order as `tr.scopes`).
+        let tr = telemetry_report(report);
+        let leased: Vec<u64> = tr
             .scopes
             .iter()
             .map(|s| {
@@ -895,13 +897,11 @@ impl Controller {
                     .parse::<Scope>()
                     .ok()
                     .and_then(|sc| inner.ledger.active_lease_for(node, &sc))
-                    .map(|r| (r.rate_bps, r.terms.floor.rate_bps))
-                    .unwrap_or((0, 0))
+                    .map_or(0, |r| r.rate_bps)
             })
             .collect();
         drop(inner);
         let now = now_ms();
-        let tr = telemetry_report(report);
         let (ingested, rates) = {
             let mut tele = self.live.telemetry();
             let ingested = tele.ingest(now, node, &tr);
@@ -916,7 +916,7 @@ impl Controller {
         if ingested.refused > 0 {
             tracing::warn!(%node, refused = ingested.refused, "usage report names too many scopes; extra scopes ignored");
         }
-        for (s, (leased_bps, _floor)) in tr.scopes.iter().zip(leased) {
+        for (s, leased_bps) in tr.scopes.iter().zip(leased) {
             if let Some(rate) = rates.get(&s.scope) {
                 self.metrics.observe_scope(node, s, leased_bps, *rate, now);
             }
