@@ -33,6 +33,96 @@ pub struct AgentConfig {
     pub counters: String,
     /// Kernel enforcement on the fabric interface.
     pub datapath: DatapathConfig,
+    /// The encrypted node-to-node mesh.
+    pub mesh: MeshConfig,
+    /// Tamper inputs.
+    pub tamper: TamperConfig,
+}
+
+/// Largest tunnel MTU: gotatun reads and encrypts packets in 4096-byte buffers (the
+/// encrypted datagram adds 32 bytes of WireGuard header and tag).
+pub const MESH_MAX_MTU: u16 = 4000;
+
+/// `[mesh]`: the encrypted node-to-node mesh. The agent runs a WireGuard device whose UDP
+/// socket listens on the fabric (`endpoint`) and whose tunnel interface (`iface`) carries
+/// the overlay `address`; peers are only those the controller authorizes (signed entries,
+/// each expiring with that peer's lease). Quotas stay on the fabric interface, so they
+/// count and shape what the fabric carries: the encrypted packets.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    pub enabled: bool,
+    /// `gotatun` (userspace WireGuard over TUN, the default) or `kernel` (reports whether the
+    /// kernel could host it; the netlink backend is future work).
+    pub backend: String,
+    /// The tunnel interface.
+    pub iface: String,
+    /// This node's overlay address with the overlay prefix, e.g. `198.18.128.2/24`: its
+    /// peers route the address (as a /32) to it.
+    pub address: Option<ipnet::IpNet>,
+    /// Fabric `ip:port` where the WireGuard device listens; peers send to it.
+    pub endpoint: Option<SocketAddr>,
+    /// MTU of the tunnel interface (fabric MTU minus 80 bytes of WireGuard over IPv6, or
+    /// 60 over IPv4).
+    pub mtu: u16,
+    /// The WireGuard private key (0600) [default: <data_dir>/wg.key]; generated at first start.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            enabled: false,
+            backend: "gotatun".into(),
+            iface: "nwmesh0".into(),
+            address: None,
+            endpoint: None,
+            mtu: 1420,
+            key_file: None,
+        }
+    }
+}
+
+/// `[tamper]`: where tamper events come from. Any of them makes the agent block the
+/// fabric, destroy its WireGuard keys, drop its peers, persist the event and tell the
+/// controller, in that order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TamperConfig {
+    /// Unix socket (0600) taking `tamper REASON` lines (`nicwarden agent tamper`)
+    /// [default: <data_dir>/tamper.sock].
+    pub socket: Option<PathBuf>,
+    /// A file to watch, e.g. an enclosure sensor or GPIO value exposed by the kernel: tamper
+    /// when it holds anything but `0` (or nothing).
+    pub watch: Option<PathBuf>,
+    /// How often the watched file is read, ms.
+    pub watch_interval_ms: u64,
+}
+
+impl Default for TamperConfig {
+    fn default() -> Self {
+        TamperConfig {
+            socket: None,
+            watch: None,
+            watch_interval_ms: 50,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn tamper_socket(&self) -> PathBuf {
+        self.tamper
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("tamper.sock"))
+    }
+
+    pub fn mesh_key_file(&self) -> PathBuf {
+        self.mesh
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("wg.key"))
+    }
 }
 
 /// `[datapath]`: how leases become kernel state.
@@ -98,6 +188,8 @@ impl Default for AgentConfig {
             max_backoff_ms: 5000,
             counters: "none".into(),
             datapath: DatapathConfig::default(),
+            mesh: MeshConfig::default(),
+            tamper: TamperConfig::default(),
         }
     }
 }
@@ -155,6 +247,47 @@ impl AgentConfig {
             return Err(ConfigError::Invalid(format!(
                 "datapath.fabric_iface `{iface}` is not a valid interface name (1-15 of [A-Za-z0-9-_.])"
             )));
+        }
+        if self.mesh.enabled {
+            let m = &self.mesh;
+            if m.backend != "gotatun" && m.backend != "kernel" {
+                return Err(ConfigError::Invalid(format!(
+                    "mesh.backend must be `gotatun` or `kernel`, got `{}`",
+                    m.backend
+                )));
+            }
+            let Some(addr) = m.address else {
+                return Err(ConfigError::Invalid(
+                    "mesh.address is required with the mesh enabled (this node's overlay address with its prefix, e.g. 198.18.128.2/24)".into(),
+                ));
+            };
+            if addr.prefix_len() == addr.max_prefix_len() {
+                return Err(ConfigError::Invalid(format!(
+                    "mesh.address {addr}: give the overlay prefix too (e.g. /24), so the peers' addresses route to the tunnel"
+                )));
+            }
+            if m.endpoint.is_none() {
+                return Err(ConfigError::Invalid(
+                    "mesh.endpoint is required with the mesh enabled (this node's fabric ip:port, e.g. 198.18.0.2:51820)".into(),
+                ));
+            }
+            if m.iface.is_empty() || m.iface.len() > 15 || m.iface == self.datapath.fabric_iface {
+                return Err(ConfigError::Invalid(format!(
+                    "mesh.iface `{}` must be a new interface name of 1-15 characters, not the fabric interface",
+                    m.iface
+                )));
+            }
+            if m.mtu < 1280 || m.mtu > MESH_MAX_MTU {
+                return Err(ConfigError::Invalid(format!(
+                    "mesh.mtu {} must be between 1280 and {MESH_MAX_MTU} (gotatun handles packets in 4096-byte buffers, headers included)",
+                    m.mtu
+                )));
+            }
+        }
+        if self.tamper.watch_interval_ms < 10 {
+            return Err(ConfigError::Invalid(
+                "tamper.watch_interval_ms must be >= 10".into(),
+            ));
         }
         let mut seen: Vec<(&str, Ipv4Net)> = Vec::new();
         for (peer, nets) in &self.datapath.peers {

@@ -10,14 +10,22 @@
 //! floor applies: it never fails open. When the agent stops or dies, the kernel keeps the
 //! last state it was given (nothing is torn down on exit).
 //!
-//! The process is one event loop over [`Event`]; the session task and the status server
-//! only send events to it.
+//! With `[mesh]` enabled it also runs this node's end of the encrypted mesh ([`mesh`]):
+//! a WireGuard device whose peers are only those the controller authorized, in signed
+//! entries that expire on the agent's own clock. A tamper event ([`tamper`]: a Unix socket,
+//! a watched sensor file) blocks the fabric, destroys the WireGuard keys, drops every peer,
+//! persists the event and tells the controller, in that order.
+//!
+//! The process is one event loop over [`Event`]; the session task, the status server and
+//! the tamper inputs only send events to it.
 
 pub mod config;
 pub mod counters;
 pub mod enforce;
 pub mod identity;
+pub mod mesh;
 pub mod status;
+pub mod tamper;
 pub mod transport;
 
 pub use config::AgentConfig;
@@ -43,6 +51,42 @@ enum Event {
     Disconnected(String),
     Message(pb::ControllerMessage),
     Status(oneshot::Sender<AgentStatus>),
+    Tamper(tamper::TamperRequest),
+}
+
+/// What the session task says in its Hello, kept current by the loop.
+#[derive(Clone, Debug, Default)]
+struct HelloExtras {
+    mesh: Option<pb::MeshInfo>,
+    tamper: Option<(String, u64)>,
+}
+
+type SharedHello = Arc<std::sync::Mutex<HelloExtras>>;
+
+fn set_hello(h: &SharedHello, f: impl FnOnce(&mut HelloExtras)) {
+    let mut g = h.lock().unwrap_or_else(|p| p.into_inner());
+    f(&mut g);
+}
+
+/// The tamper state of this node (from an event now, or the record found at start).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct TamperStatus {
+    pub reason: String,
+    pub source: String,
+    pub detected_unix_ms: u64,
+    /// From the event to the fabric blocked in the kernel (this run only).
+    pub blocked_after_us: Option<u64>,
+    /// From the event to the WireGuard keys destroyed and peers dropped (this run only).
+    pub keys_destroyed_after_us: Option<u64>,
+    /// Whether the controller has been told in this run (it is told again at every connect).
+    pub reported: bool,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The agent's clock: monotonic milliseconds since start. Wall-clock changes on the node
@@ -71,7 +115,27 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _lock = nicwarden_process::lock_data_dir(&cfg.data_dir, "agent")?;
     // Before enrolling: a node that cannot enforce should not take a certificate.
     let datapath = open_datapath(&cfg.datapath, &cfg.node)?;
+    let mut tamper_rec = tamper::load(&cfg.data_dir)?;
     let ident = match identity::load(&cfg.data_dir)? {
+        Some(i) if tamper_rec.is_some() && cfg.join_token.is_some() => {
+            // Tampered, and the operator gave a join token: re-enroll (new certificate, new
+            // WireGuard key). If the token is refused, stay tampered on the old identity.
+            let token = cfg.join_token.as_deref().unwrap_or_default();
+            match identity::enroll(&cfg.data_dir, &cfg.node, &cfg.controller, token).await {
+                Ok(new) => {
+                    tamper::clear(&cfg.data_dir)?;
+                    nicwarden_wg::StaticKey::wipe(&cfg.mesh_key_file())?;
+                    let _ = std::fs::remove_file(cfg.data_dir.join("mesh.json"));
+                    tracing::warn!("re-enrolled after tampering: new certificate; a new WireGuard key will be generated");
+                    tamper_rec = None;
+                    new
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "re-enrollment after tampering refused: staying tampered (fabric blocked, no mesh)");
+                    i
+                }
+            }
+        }
         Some(i) => i,
         None => {
             let token = cfg.join_token.as_deref().with_context(|| {
@@ -93,11 +157,50 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(1024);
     let last_seq = Arc::new(std::sync::atomic::AtomicU64::new(persisted.last_seq));
+    let clock = Clock {
+        start: Instant::now(),
+    };
+    // Tamper inputs first: an event during the rest of the start-up is not lost.
+    let (tamper_tx, mut tamper_rx) = mpsc::channel::<tamper::TamperRequest>(16);
+    let _tamper_socket = tamper::serve_socket(cfg.tamper_socket(), tamper_tx.clone())?;
+    if let Some(w) = &cfg.tamper.watch {
+        tamper::watch_file(
+            w.clone(),
+            Duration::from_millis(cfg.tamper.watch_interval_ms),
+            tamper_tx.clone(),
+        );
+    }
+    {
+        let ev = ev_tx.clone();
+        tokio::spawn(async move {
+            while let Some(r) = tamper_rx.recv().await {
+                if ev.send(Event::Tamper(r)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let hello: SharedHello = Arc::default();
+    let mesh = match (&tamper_rec, cfg.mesh.enabled) {
+        (None, true) => {
+            let m = mesh::MeshShell::start(&cfg, clock.now()).await?;
+            set_hello(&hello, |h| h.mesh = m.info());
+            Some(m)
+        }
+        _ => None,
+    };
+    if let Some(t) = &tamper_rec {
+        tracing::error!(reason = %t.reason, "this node was tampered with: fabric blocked, no mesh; re-enroll with a new join token (`nicwarden node token {}`)", cfg.node);
+        set_hello(&hello, |h| {
+            h.tamper = Some((t.reason.clone(), t.detected_unix_ms))
+        });
+    }
     tokio::spawn(session_task(
         cfg.clone(),
         tls,
         ev_tx.clone(),
         last_seq.clone(),
+        hello.clone(),
     ));
     let status_tx = ev_tx.clone();
     let app = axum::Router::new().route(
@@ -134,9 +237,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             rate_bps: cfg.default_floor_bps,
         },
     );
-    let clock = Clock {
-        start: Instant::now(),
-    };
     let held = restore_leases(&mut core, clock.now(), &ident.lease_key, &persisted.leases);
     let cfg_iface = cfg.datapath.fabric_iface.clone();
     let mut lp = Loop {
@@ -160,6 +260,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         enforcer: enforce::Enforcer::default(),
         last_desired: None,
         last_reconcile: Instant::now(),
+        mesh,
+        hello,
+        tampered: tamper_rec.map(|t| TamperStatus {
+            reason: t.reason,
+            source: t.source,
+            detected_unix_ms: t.detected_unix_ms,
+            blocked_after_us: None,
+            keys_destroyed_after_us: None,
+            reported: false,
+        }),
     };
     // Fail closed from the first moment: until leases arrive every scope is at its floor.
     // If the kernel refuses this first state, stop with its reason rather than run a node
@@ -200,6 +310,10 @@ struct Loop {
     last_reconcile: Instant,
     /// The leases held, as signed by the controller (persisted with the replay guard).
     held: BTreeMap<u64, identity::HeldLease>,
+    mesh: Option<mesh::MeshShell>,
+    hello: SharedHello,
+    /// Set by a tamper event (or the record found at start): the fabric stays blocked.
+    tampered: Option<TamperStatus>,
 }
 
 /// Re-installs the leases persisted before a restart that still have time left (their
@@ -328,17 +442,27 @@ impl Loop {
         let mut report = tokio::time::interval(report_every);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let wake = self
-                .core
-                .poll_timeout()
+            let next = [
+                self.core.poll_timeout(),
+                self.mesh.as_ref().and_then(|m| m.poll_timeout()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let wake = next
                 .map(|t| self.clock.instant(t))
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 ev = rx.recv() => match ev {
-                    Some(ev) => self.handle(ev)?,
+                    Some(ev) => self.handle(ev).await?,
                     None => return Ok(()),
                 },
-                _ = tokio::time::sleep_until(wake) => self.on_timer(),
+                _ = tokio::time::sleep_until(wake) => {
+                    self.on_timer();
+                    if let Some(m) = self.mesh.as_mut() {
+                        m.on_timer(self.clock.now()).await;
+                    }
+                }
                 _ = report.tick() => self.on_report(),
             }
         }
@@ -464,7 +588,14 @@ impl Loop {
         let Some(dp) = self.datapath.as_mut() else {
             return;
         };
-        let decisions = self.core.decision(now);
+        let mut decisions = self.core.decision(now);
+        if self.tampered.is_some() {
+            // Tampered: everything at a floor of 0, whatever the leases or configured floor.
+            for d in &mut decisions {
+                d.lease = None;
+                d.enforce = nicwarden_lease::agent::Enforce::Floor { rate_bps: 0 };
+            }
+        }
         let (desired, unresolved) = self.enforcer.desired(&self.cfg.datapath, &decisions);
         if self.last_desired.as_ref() == Some(&desired)
             && self.last_reconcile.elapsed() < RECONCILE_EVERY
@@ -547,12 +678,87 @@ impl Loop {
         }
     }
 
-    fn handle(&mut self, ev: Event) -> anyhow::Result<()> {
+    /// The tamper response, in this order: fabric blocked, keys destroyed and peers
+    /// dropped, event persisted, controller told. Nothing here waits on the network.
+    async fn on_tamper(&mut self, req: tamper::TamperRequest) -> anyhow::Result<()> {
+        let t0 = std::time::Instant::now();
+        if let Some(t) = &self.tampered {
+            if let Some(reply) = req.reply {
+                let _ = reply.send(format!(
+                    "ok already tampered ({}); fabric blocked, keys destroyed",
+                    t.reason
+                ));
+            }
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let detected = unix_ms();
+        self.tampered = Some(TamperStatus {
+            reason: req.reason.clone(),
+            source: req.source.clone(),
+            detected_unix_ms: detected,
+            blocked_after_us: None,
+            keys_destroyed_after_us: None,
+            reported: false,
+        });
+        // 1. Block the fabric (force a reconcile even if the last one was recent).
+        self.last_desired = None;
+        self.enforce(now);
+        let blocked_us = t0.elapsed().as_micros() as u64;
+        let block_error = self.dp_status.as_ref().and_then(|s| s.last_error.clone());
+        // 2. Destroy the keys, drop the peers.
+        let mesh_note = match self.mesh.as_mut() {
+            Some(m) => m.destroy(&req.reason, now).await,
+            None => "no mesh".to_string(),
+        };
+        let keys_us = t0.elapsed().as_micros() as u64;
+        // 3. Persist.
+        let rec = tamper::TamperRecord {
+            reason: req.reason.clone(),
+            source: req.source.clone(),
+            detected_unix_ms: detected,
+        };
+        let saved = tamper::save(&self.cfg.data_dir, &rec);
+        set_hello(&self.hello, |h| {
+            h.mesh = None;
+            h.tamper = Some((req.reason.clone(), detected));
+        });
+        // 4. Tell the controller (now if connected; every later Hello carries it too).
+        let told = self.connected;
+        self.send(pb::agent_message::Msg::Tamper(pb::TamperReport {
+            reason: req.reason.clone(),
+            detected_unix_ms: detected,
+        }));
+        if let Some(t) = self.tampered.as_mut() {
+            t.blocked_after_us = Some(blocked_us);
+            t.keys_destroyed_after_us = Some(keys_us);
+            t.reported = told;
+        }
+        tracing::error!(reason = %req.reason, source = %req.source, blocked_after_us = blocked_us, keys_destroyed_after_us = keys_us, "TAMPER: fabric blocked, {mesh_note}");
+        let outcome = match (&block_error, &saved) {
+            (None, Ok(())) => format!(
+                "ok fabric blocked in {blocked_us} us; {mesh_note} in {keys_us} us; recorded; controller {}",
+                if told { "told" } else { "told at its next connection" }
+            ),
+            (Some(e), _) => format!("error blocking the fabric failed ({e}); {mesh_note}"),
+            (None, Err(e)) => format!("error fabric blocked, {mesh_note}, but the record was not saved: {e:#}"),
+        };
+        if let Some(reply) = req.reply {
+            let _ = reply.send(outcome);
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, ev: Event) -> anyhow::Result<()> {
         match ev {
+            Event::Tamper(req) => self.on_tamper(req).await?,
             Event::Connected(tx) => {
                 self.to_controller = Some(tx);
                 self.connected = true;
                 self.last_error = None;
+                if let Some(t) = self.tampered.as_mut() {
+                    t.reported = true;
+                }
             }
             Event::Disconnected(why) => {
                 self.to_controller = None;
@@ -562,10 +768,14 @@ impl Loop {
                 self.connected = false;
                 self.last_error = Some(why);
             }
-            Event::Message(m) => self.on_message(m)?,
+            Event::Message(m) => self.on_message(m).await?,
             Event::Status(reply) => {
                 let now = self.clock.now();
                 self.expire(now);
+                let mesh = match &self.mesh {
+                    Some(m) => Some(m.status(now).await),
+                    None => None,
+                };
                 let _ = reply.send(AgentStatus {
                     node: self.cfg.node.clone(),
                     controller: self.cfg.controller.clone(),
@@ -575,13 +785,15 @@ impl Loop {
                     rejected_directives: self.rejected,
                     scopes: self.core.decision(now),
                     datapath: self.dp_status.clone(),
+                    mesh,
+                    tampered: self.tampered.clone(),
                 });
             }
         }
         Ok(())
     }
 
-    fn on_message(&mut self, m: pb::ControllerMessage) -> anyhow::Result<()> {
+    async fn on_message(&mut self, m: pb::ControllerMessage) -> anyhow::Result<()> {
         match m.msg {
             Some(pb::controller_message::Msg::Directive(sd)) => {
                 let now = self.clock.now();
@@ -623,6 +835,24 @@ impl Loop {
                     }
                 }
             }
+            Some(pb::controller_message::Msg::Mesh(su)) => {
+                let now = self.clock.now();
+                match self.mesh.as_mut() {
+                    Some(m) => m.on_update(&su, &self.ident_key, now).await,
+                    None => tracing::debug!("mesh update ignored: the mesh is not enabled here"),
+                }
+            }
+            Some(pb::controller_message::Msg::RotateKey(r)) => match self.mesh.as_mut() {
+                Some(m) => match m.rotate().await {
+                    Ok(info) => {
+                        tracing::info!(reason = %r.reason, "WireGuard key rotated at the controller's request");
+                        set_hello(&self.hello, |h| h.mesh = Some(info.clone()));
+                        self.send(pb::agent_message::Msg::MeshKey(info));
+                    }
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "key rotation failed"),
+                },
+                None => tracing::warn!("key rotation asked, but the mesh is not enabled here"),
+            },
             Some(pb::controller_message::Msg::Error(e)) => {
                 tracing::warn!(lease = e.lease_id, message = %e.message, "controller reported an error");
             }
@@ -639,11 +869,12 @@ async fn session_task(
     tls: rustls::ClientConfig,
     ev: mpsc::Sender<Event>,
     last_seq: Arc<std::sync::atomic::AtomicU64>,
+    hello: SharedHello,
 ) {
     let mut backoff = Duration::from_millis(100);
     let max = Duration::from_millis(cfg.max_backoff_ms.max(100));
     loop {
-        let result = session_once(&cfg, tls.clone(), &ev, &last_seq).await;
+        let result = session_once(&cfg, tls.clone(), &ev, &last_seq, &hello).await;
         let why = match result {
             Ok(true) => {
                 backoff = Duration::from_millis(100);
@@ -669,7 +900,9 @@ async fn session_once(
     tls: rustls::ClientConfig,
     ev: &mpsc::Sender<Event>,
     last_seq: &std::sync::atomic::AtomicU64,
+    hello: &SharedHello,
 ) -> anyhow::Result<bool> {
+    let extras = hello.lock().map(|h| h.clone()).unwrap_or_default();
     let channel = transport::connect(&cfg.controller, tls).await?;
     let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
     let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(256);
@@ -679,6 +912,13 @@ async fn session_once(
                 node: cfg.node.clone(),
                 last_seq: last_seq.load(std::sync::atomic::Ordering::SeqCst),
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                mesh: extras.mesh,
+                tamper_reason: extras
+                    .tamper
+                    .as_ref()
+                    .map(|t| t.0.clone())
+                    .unwrap_or_default(),
+                tamper_detected_unix_ms: extras.tamper.map(|t| t.1).unwrap_or(0),
             })),
         })
         .await

@@ -21,4 +21,10 @@ pub struct AgentStatus {
     /// The kernel side (absent with datapath backend `none`).
     #[serde(default)]
     pub datapath: Option<crate::enforce::DatapathStatus>,
+    /// The mesh (absent when not enabled, and after tampering).
+    #[serde(default)]
+    pub mesh: Option<crate::mesh::MeshStatus>,
+    /// Set once this node was tampered with: the fabric is blocked until re-enrollment.
+    #[serde(default)]
+    pub tampered: Option<crate::TamperStatus>,
 }

@@ -101,6 +101,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/nodes", get(list_nodes).post(add_node))
         .route("/nodes/{name}", get(get_node).delete(remove_node))
         .route("/nodes/{name}/token", post(node_token))
+        .route("/nodes/{name}/rotate-key", post(rotate_key))
+        .route("/nodes/{name}/tamper", post(declare_tamper))
         .route("/leases", get(list_leases).post(grant))
         .route("/leases/{id}", get(get_lease).put(amend))
         .route("/leases/{id}/revoke", post(revoke))
@@ -240,6 +242,50 @@ async fn revoke(
     };
     let reason = reason.unwrap_or_else(|| "revoked by operator".into());
     st.ctl.revoke(id, &reason).map(Json)
+}
+
+/// An optional `{"reason": ...}` body (absent body: `default`).
+fn reason_of(
+    req: Result<Json<RevokeRequest>, JsonRejection>,
+    default: &str,
+) -> Result<String, ApiError> {
+    match req {
+        Ok(Json(r)) => Ok(r.reason.unwrap_or_else(|| default.to_string())),
+        Err(JsonRejection::MissingJsonContentType(_)) => Ok(default.to_string()),
+        Err(e) => Err(ApiError::invalid(format!(
+            "request body: {}",
+            e.body_text()
+        ))),
+    }
+}
+
+async fn rotate_key(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    req: Result<Json<RevokeRequest>, JsonRejection>,
+) -> Result<(axum::http::StatusCode, Json<NodeView>), ApiError> {
+    let reason = reason_of(req, "operator request")?;
+    st.ctl.request_rotation(&name, &reason)?;
+    st.ctl.audit_operator(
+        "mesh.rotate_key",
+        serde_json::json!({"node": name, "reason": reason}),
+    );
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(st.ctl.get_node(&name)?),
+    ))
+}
+
+/// The operator declares a node tampered (an enclosure alarm seen by another system).
+async fn declare_tamper(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    req: Result<Json<RevokeRequest>, JsonRejection>,
+) -> Result<Json<NodeView>, ApiError> {
+    let reason = reason_of(req, "declared by the operator")?;
+    st.ctl.get_node(&name)?;
+    st.ctl.tamper(&name, &reason, crate::core::now_ms());
+    st.ctl.get_node(&name).map(Json)
 }
 
 async fn get_quota(State(st): State<ApiState>) -> Json<QuotaView> {

@@ -44,6 +44,9 @@ pub struct NodeView {
     pub last_seq: u64,
     pub active_leases: usize,
     pub record: NodeRecord,
+    /// Its WireGuard identity and tamper state; absent until its agent reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshView>,
 }
 
 /// `POST /v1/leases`
@@ -220,4 +223,21 @@ pub struct EventsResponse {
     /// Some events after `since_id` were already dropped from the in-memory log (the
     /// audit log keeps the durable record).
     pub gap: bool,
+}
+
+/// A node's place in the mesh as the operator API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MeshView {
+    /// WireGuard public key (base64); absent until the agent reported one, and after tampering.
+    pub public_key: Option<String>,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    pub key_since_unix_ms: u64,
+    pub rotations: u64,
+    /// Whether its entry is currently published to its group's peers.
+    pub published: bool,
+    /// When its published entry lapses at its peers (controller wall clock).
+    pub published_until_unix_ms: Option<u64>,
+    pub tampered: Option<crate::mesh::TamperRecord>,
+    pub rotation_pending: bool,
 }

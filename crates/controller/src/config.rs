@@ -32,6 +32,9 @@ pub struct ControllerConfig {
     pub telemetry_minute_retention_hours: u64,
     /// A node whose agent has not reported for this long is shown as stale, ms.
     pub telemetry_stale_after_ms: u64,
+    /// Ask every node's agent for a new WireGuard key when its key is this old, seconds
+    /// (0: only when the operator asks, `nicwarden node rotate-key`).
+    pub mesh_key_rotation_secs: u64,
 }
 
 impl Default for ControllerConfig {
@@ -48,6 +51,7 @@ impl Default for ControllerConfig {
             telemetry_history_secs: 3600,
             telemetry_minute_retention_hours: 24,
             telemetry_stale_after_ms: 5000,
+            mesh_key_rotation_secs: 86_400,
         }
     }
 }

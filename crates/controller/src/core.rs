@@ -8,6 +8,7 @@
 
 use crate::api_types::*;
 use crate::live::Live;
+use crate::mesh::{self, MeshRecord, MeshState, TamperRecord, KEY_MESH_SEQ, PREFIX_MESH};
 use crate::metrics::{Metrics, ResultLabel, StateLabel};
 use nicwarden_lease::ledger::{
     Effect, ErrorKind, LeaseRecord, LeaseStatus, LeaseTerms, Ledger, LedgerConfig, LedgerError,
@@ -130,6 +131,7 @@ struct Inner {
     enrollments: HashMap<String, EnrollmentRecord>,
     sessions: HashMap<String, Session>,
     next_session: u64,
+    mesh: MeshState,
 }
 
 /// The controller: shared by the gRPC service, the operator API and the expiry timer.
@@ -143,6 +145,8 @@ pub struct Controller {
     /// Woken when the ledger's next timeout may have moved earlier.
     pub timer: Notify,
     node_cert_days: u32,
+    /// Ask each node for a new WireGuard key this often (0: only on operator request).
+    mesh_rotation_ms: u64,
 }
 
 fn persist_err(op: &str, e: impl std::fmt::Display) -> ApiError {
@@ -158,6 +162,7 @@ impl Controller {
         fabric_algorithm: Algorithm,
         ledger_config: LedgerConfig,
         node_cert_days: u32,
+        mesh_rotation_ms: u64,
         live: Live,
     ) -> Result<Self, anyhow::Error> {
         use nicwarden_store::StoreExt;
@@ -176,6 +181,8 @@ impl Controller {
             }
         };
         let enrollments: Vec<EnrollmentRecord> = values(store.range_json(PREFIX_ENROLL)?);
+        let mesh_records: Vec<MeshRecord> = values(store.range_json(PREFIX_MESH)?);
+        let mesh_seq: u64 = store.get_json(KEY_MESH_SEQ)?.unwrap_or(1);
         let ctl = Controller {
             inner: Mutex::new(Inner {
                 ledger,
@@ -185,6 +192,7 @@ impl Controller {
                     .collect(),
                 sessions: HashMap::new(),
                 next_session: 1,
+                mesh: MeshState::new(mesh_records, mesh_seq),
             }),
             store,
             identity,
@@ -192,6 +200,7 @@ impl Controller {
             live,
             timer: Notify::new(),
             node_cert_days,
+            mesh_rotation_ms,
         };
         {
             let inner = ctl.lock();
@@ -218,6 +227,11 @@ impl Controller {
 
     pub fn store(&self) -> &SqliteStore {
         &self.store
+    }
+
+    /// Appends an operator action to the audit log.
+    pub fn audit_operator(&self, action: &str, detail: serde_json::Value) {
+        self.audit("operator", action, detail)
     }
 
     fn audit(&self, actor: &str, action: &str, detail: serde_json::Value) {
@@ -338,6 +352,8 @@ impl Controller {
         }
         self.update_lease_gauges(inner);
         self.timer.notify_one();
+        // Lease changes move nodes in and out of their peers' sets: at once, in the same lock.
+        self.mesh_sync(inner);
     }
 
     fn update_lease_gauges(&self, inner: &Inner) {
@@ -499,6 +515,7 @@ impl Controller {
                 .filter(|l| l.node == rec.name && l.status.is_active())
                 .count(),
             record: rec.clone(),
+            mesh: self.mesh_view(inner, &rec.name),
         }
     }
 
@@ -695,6 +712,24 @@ impl Controller {
         }
         let mut inner = self.lock();
         inner.enrollments.insert(node.to_string(), enr);
+        if let Some(rec) = inner
+            .mesh
+            .records
+            .get(node)
+            .filter(|r| r.tampered.is_some())
+        {
+            // Re-enrolled by the operator's new token: the node may come back, with a new key
+            // (its old ones stay retired).
+            let rec = MeshRecord {
+                tampered: None,
+                ..rec.clone()
+            };
+            let v = serde_json::to_vec(&rec).map_err(|e| persist_err("enroll", e))?;
+            self.store
+                .txn(Txn::new().then(Op::Put(format!("{PREFIX_MESH}{node}"), v)))
+                .map_err(|e| persist_err("enroll", e))?;
+            inner.mesh.records.insert(node.to_string(), rec);
+        }
         // A re-enrolled node's old session (old certificate) is cut.
         inner.sessions.remove(node);
         Ok(pb::EnrollResponse {
@@ -735,6 +770,41 @@ impl Controller {
                 hello.node
             ));
         }
+        if !hello.tamper_reason.is_empty()
+            && inner
+                .mesh
+                .records
+                .get(cert_node)
+                .is_none_or(|r| r.tampered.is_none())
+            && inner
+                .enrollments
+                .get(cert_node)
+                .is_some_and(|e| e.cert_fingerprint == fingerprint)
+        {
+            // Tampered while it could not tell us: record it now, then refuse the session.
+            drop(inner);
+            self.tamper(
+                cert_node,
+                &hello.tamper_reason,
+                hello.tamper_detected_unix_ms,
+            );
+            return Err(tonic::Status::permission_denied(format!(
+                "node {cert_node} is tampered ({}): recorded; re-enroll it with a new join token",
+                hello.tamper_reason
+            )));
+        }
+        if let Some(t) = inner
+            .mesh
+            .records
+            .get(cert_node)
+            .and_then(|r| r.tampered.as_ref())
+        {
+            let m = format!(
+                "node {cert_node} was tampered ({}); only re-enrollment with a new join token (`nicwarden node token {cert_node}`) brings it back",
+                t.reason
+            );
+            return refuse(m);
+        }
         match inner.enrollments.get(cert_node) {
             Some(e) if e.cert_fingerprint == fingerprint => {}
             Some(_) => {
@@ -752,13 +822,44 @@ impl Controller {
         self.metrics
             .agents_connected
             .set(inner.sessions.len() as i64);
+        let mesh_refused = match hello.mesh.as_ref().map(|m| {
+            nicwarden_proto::mesh_info_from_pb(m)
+                .map_err(|e| ApiError::invalid(format!("mesh identity of {cert_node}: {e}")))
+                .and_then(|info| self.set_mesh_identity(&mut inner, cert_node, &info))
+        }) {
+            Some(Err(e)) => Some(e.message),
+            _ => None,
+        };
         let effects = inner.ledger.resync(Time(now_ms()), cert_node);
         if let Err(e) = self.persist(&mut inner, "resync", vec![]) {
             inner.sessions.remove(cert_node);
             return Err(tonic::Status::internal(e.message));
         }
+        // Publishes this node's (new) entry to its peers, then gives it its own peer set.
         self.dispatch(&mut inner, effects);
+        if let Some(m) = &mesh_refused {
+            let msg = pb::ControllerMessage {
+                msg: Some(pb::controller_message::Msg::Error(pb::SessionError {
+                    message: m.clone(),
+                    lease_id: 0,
+                })),
+            };
+            self.push(&mut inner, cert_node, msg);
+        } else if hello.mesh.is_some() {
+            self.mesh_snapshot(&mut inner, cert_node);
+        }
         drop(inner);
+        if let Some(m) = mesh_refused {
+            tracing::warn!(node = %cert_node, "mesh identity refused: {m}");
+            self.live.event(
+                "mesh.identity_refused",
+                Severity::Warning,
+                Some(cert_node),
+                None,
+                None,
+                m,
+            );
+        }
         tracing::info!(node = %cert_node, session = id, agent_last_seq = hello.last_seq, "agent connected");
         self.live.telemetry().mark_changed(cert_node);
         self.live.event(
@@ -1534,5 +1635,352 @@ impl Controller {
             step_ms,
             series: out.into_values().collect(),
         })
+    }
+}
+
+// ---- the encrypted mesh ------------------------------------------------------------------
+
+impl Controller {
+    fn mesh_view(&self, inner: &Inner, node: &str) -> Option<MeshView> {
+        let rec = inner.mesh.records.get(node)?;
+        let published = inner.mesh.planner.published(node);
+        Some(MeshView {
+            public_key: rec.public_key.map(|k| k.to_string()),
+            endpoint: rec.endpoint.map(|e| e.to_string()),
+            allowed_ips: rec.allowed_ips.iter().map(|n| n.to_string()).collect(),
+            key_since_unix_ms: rec.key_since_unix_ms,
+            rotations: rec.rotations,
+            published: published.is_some(),
+            published_until_unix_ms: published.map(|(_, d)| d.0),
+            tampered: rec.tampered.clone(),
+            rotation_pending: inner.mesh.rotation_requested.contains_key(node),
+        })
+    }
+
+    /// Makes sure every mesh seq the planner may hand out next is below a persisted mark.
+    fn reserve_mesh_seq(&self, inner: &mut Inner) -> Result<(), ApiError> {
+        // The planner takes a seq per update; a plan can produce a few per group, so keep a
+        // margin of half a block.
+        let next = inner.mesh.planner.next_seq();
+        if next + mesh::SEQ_BLOCK / 2 <= inner.mesh.seq_reserved {
+            return Ok(());
+        }
+        let mark = next + mesh::SEQ_BLOCK;
+        let v = serde_json::to_vec(&mark).map_err(|e| persist_err("reserve mesh seq", e))?;
+        self.store
+            .txn(Txn::new().then(Op::Put(KEY_MESH_SEQ.into(), v)))
+            .map_err(|e| persist_err("reserve mesh seq", e))?;
+        inner.mesh.seq_reserved = mark;
+        Ok(())
+    }
+
+    fn push(&self, inner: &mut Inner, node: &str, msg: pb::ControllerMessage) -> bool {
+        let Some(s) = inner.sessions.get(node) else {
+            return false;
+        };
+        match s.tx.try_send(Ok(msg)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "agent queue full or closed; dropping session");
+                inner.sessions.remove(node);
+                self.metrics
+                    .agents_connected
+                    .set(inner.sessions.len() as i64);
+                false
+            }
+        }
+    }
+
+    fn send_mesh(&self, inner: &mut Inner, to: &[String], update: &nicwarden_mesh::MeshUpdate) {
+        let signed = nicwarden_proto::sign_mesh_update(update, |m| self.identity.lease_key.sign(m));
+        let msg = pb::ControllerMessage {
+            msg: Some(pb::controller_message::Msg::Mesh(signed)),
+        };
+        for node in to {
+            if self.push(inner, node, msg.clone()) {
+                self.metrics.mesh_updates_sent.inc();
+            }
+        }
+        for r in &update.removals {
+            tracing::info!(node = %r.node, key = %r.public_key, reason = %r.reason, seq = update.seq, recipients = to.len(), "mesh: peer withdrawn");
+        }
+    }
+
+    /// Diffs the mesh against what was published and pushes the differences (signed once
+    /// per update, the same bytes to every recipient). Called after every ledger change and
+    /// every second.
+    fn mesh_sync(&self, inner: &mut Inner) {
+        let members = mesh::members(&inner.ledger, &inner.mesh.records);
+        let out = inner.mesh.planner.plan(&members, Time(now_ms()));
+        if out.is_empty() {
+            return;
+        }
+        if let Err(e) = self.reserve_mesh_seq(inner) {
+            // Nothing is sent under an unreserved seq; peers' entries lapse by themselves.
+            tracing::error!(error = %e, "mesh updates not sent");
+            return;
+        }
+        for o in out {
+            self.send_mesh(inner, &o.to, &o.update);
+        }
+        self.metrics.mesh_published.set(
+            members
+                .keys()
+                .filter(|n| inner.mesh.planner.published(n).is_some())
+                .count() as i64,
+        );
+    }
+
+    /// The whole current peer set of one node (on connect).
+    fn mesh_snapshot(&self, inner: &mut Inner, node: &str) {
+        let members = mesh::members(&inner.ledger, &inner.mesh.records);
+        let Some(update) = inner.mesh.planner.snapshot(node, &members, Time(now_ms())) else {
+            return;
+        };
+        if let Err(e) = self.reserve_mesh_seq(inner) {
+            tracing::error!(error = %e, %node, "mesh snapshot not sent");
+            return;
+        }
+        self.send_mesh(inner, &[node.to_string()], &update);
+    }
+
+    /// Records a node's reported WireGuard identity (at connect, or after a rotation) and
+    /// publishes it to its peers at once.
+    fn set_mesh_identity(
+        &self,
+        inner: &mut Inner,
+        node: &str,
+        info: &nicwarden_proto::MeshInfo,
+    ) -> Result<bool, ApiError> {
+        mesh::check_identity(node, info, &inner.mesh.records).map_err(ApiError::invalid)?;
+        let mut rec = inner
+            .mesh
+            .records
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| MeshRecord::new(node));
+        let rotated = rec.public_key.is_some_and(|k| k != info.public_key);
+        if rec.public_key == Some(info.public_key)
+            && rec.endpoint == Some(info.endpoint)
+            && rec.allowed_ips == info.allowed_ips
+        {
+            return Ok(false);
+        }
+        if rotated {
+            rec.burn_current();
+            rec.rotations += 1;
+        }
+        if rec.public_key != Some(info.public_key) {
+            rec.key_since_unix_ms = now_ms();
+        }
+        rec.public_key = Some(info.public_key);
+        rec.endpoint = Some(info.endpoint);
+        rec.allowed_ips = info.allowed_ips.clone();
+        let v = serde_json::to_vec(&rec).map_err(|e| persist_err("record mesh identity", e))?;
+        self.store
+            .txn(Txn::new().then(Op::Put(format!("{PREFIX_MESH}{node}"), v)))
+            .map_err(|e| persist_err("record mesh identity", e))?;
+        inner.mesh.records.insert(node.to_string(), rec);
+        Ok(rotated)
+    }
+
+    /// An agent reports a new key after a rotation.
+    pub fn mesh_key(&self, node: &str, info: &pb::MeshInfo) -> Result<(), ApiError> {
+        let info = nicwarden_proto::mesh_info_from_pb(info)
+            .map_err(|e| ApiError::invalid(format!("mesh key of {node}: {e}")))?;
+        let mut inner = self.lock();
+        let rotated = self.set_mesh_identity(&mut inner, node, &info)?;
+        let asked = inner.mesh.rotation_requested.remove(node).is_some();
+        self.mesh_sync(&mut inner);
+        drop(inner);
+        if rotated {
+            self.metrics.mesh_rotations.inc();
+            self.audit(
+                "agent",
+                "mesh.key_rotated",
+                serde_json::json!({"node": node, "public_key": info.public_key.to_string()}),
+            );
+            self.live.event(
+                "mesh.key_rotated",
+                Severity::Info,
+                Some(node),
+                None,
+                None,
+                format!(
+                    "node {node} rotated its WireGuard key{} (new key {}); its peers were sent the new key",
+                    if asked { " as asked" } else { "" },
+                    info.public_key
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Asks a connected node's agent for a new WireGuard key.
+    pub fn request_rotation(&self, node: &str, reason: &str) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        match inner.ledger.node(node) {
+            Some(n) if !n.removed => {}
+            _ => {
+                return Err(ApiError::not_found(format!(
+                    "rotate key: node {node} not found"
+                )))
+            }
+        }
+        if inner
+            .mesh
+            .records
+            .get(node)
+            .is_some_and(|r| r.tampered.is_some())
+        {
+            return Err(ApiError::new(
+                ApiErrorKind::Conflict,
+                format!("rotate key: node {node} is tampered; re-enroll it with a new join token (`nicwarden node token {node}`)"),
+            ));
+        }
+        if inner
+            .mesh
+            .records
+            .get(node)
+            .and_then(|r| r.public_key)
+            .is_none()
+        {
+            return Err(ApiError::new(
+                ApiErrorKind::Conflict,
+                format!(
+                    "rotate key: node {node} has no mesh key yet (its agent has not reported one)"
+                ),
+            ));
+        }
+        let msg = pb::ControllerMessage {
+            msg: Some(pb::controller_message::Msg::RotateKey(pb::RotateKey {
+                reason: reason.to_string(),
+            })),
+        };
+        if !self.push(&mut inner, node, msg) {
+            return Err(ApiError::new(
+                ApiErrorKind::Conflict,
+                format!("rotate key: node {node} is not connected; try again when its agent is"),
+            ));
+        }
+        inner
+            .mesh
+            .rotation_requested
+            .insert(node.to_string(), now_ms());
+        Ok(())
+    }
+
+    /// The 1-second mesh task: entries whose leases lapsed are withdrawn, renewed ones are
+    /// refreshed, and the periodic rotation policy asks nodes whose key is old for a new one.
+    pub fn mesh_tick(&self) {
+        let mut inner = self.lock();
+        self.mesh_sync(&mut inner);
+        if self.mesh_rotation_ms == 0 {
+            return;
+        }
+        let now = now_ms();
+        let due: Vec<String> = inner
+            .mesh
+            .records
+            .values()
+            .filter(|r| r.tampered.is_none() && r.public_key.is_some())
+            .filter(|r| now.saturating_sub(r.key_since_unix_ms) >= self.mesh_rotation_ms)
+            .filter(|r| inner.sessions.contains_key(&r.node))
+            .filter(|r| {
+                inner
+                    .mesh
+                    .rotation_requested
+                    .get(&r.node)
+                    .is_none_or(|t| now.saturating_sub(*t) >= 30_000)
+            })
+            .map(|r| r.node.clone())
+            .collect();
+        drop(inner);
+        for node in due {
+            if let Err(e) = self.request_rotation(&node, "periodic rotation policy") {
+                tracing::info!(%node, error = %e, "periodic key rotation not requested");
+            }
+        }
+    }
+
+    /// A node reports it was tampered with. Its leases are revoked, its key is withdrawn
+    /// from every peer (pushed at once), its certificate is refused from now on, and it is
+    /// marked tampered: only an operator's re-enrollment (new token, new key) brings it back.
+    pub fn tamper(&self, node: &str, reason: &str, detected_unix_ms: u64) {
+        let t0 = std::time::Instant::now();
+        let mut inner = self.lock();
+        let now = now_ms();
+        let mut rec = inner
+            .mesh
+            .records
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| MeshRecord::new(node));
+        if rec.tampered.is_some() {
+            return;
+        }
+        rec.tampered = Some(TamperRecord {
+            reason: reason.to_string(),
+            at_unix_ms: now,
+            detected_unix_ms,
+        });
+        rec.burn_current();
+        let mut effects = Vec::new();
+        let active: Vec<LeaseId> = inner.ledger.active_leases_of(node).map(|l| l.id).collect();
+        for id in active {
+            match inner
+                .ledger
+                .revoke(Time(now), id, &format!("node tampered: {reason}"))
+            {
+                Ok(e) => effects.extend(e),
+                Err(e) => {
+                    tracing::error!(%node, lease = %id, error = %e, "revoking a tampered node's lease failed")
+                }
+            }
+        }
+        let v = match serde_json::to_vec(&rec) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(%node, error = %e, "tamper record not serialisable");
+                return;
+            }
+        };
+        inner.mesh.records.insert(node.to_string(), rec);
+        inner.enrollments.remove(node);
+        if let Err(e) = self.persist(
+            &mut inner,
+            "record tamper",
+            vec![
+                Op::Put(format!("{PREFIX_MESH}{node}"), v),
+                Op::Delete(format!("{PREFIX_ENROLL}{node}")),
+            ],
+        ) {
+            // The in-memory state already refuses the node; say loudly that a restart
+            // would forget it.
+            tracing::error!(%node, error = %e, "persisting the tamper record failed");
+        }
+        // dispatch() also runs the mesh sync: the removal of the node's key goes out now.
+        self.dispatch(&mut inner, effects);
+        inner.sessions.remove(node);
+        self.metrics
+            .agents_connected
+            .set(inner.sessions.len() as i64);
+        drop(inner);
+        self.metrics.tamper_reports.inc();
+        tracing::warn!(%node, %reason, handled_us = t0.elapsed().as_micros() as u64, "node tampered: leases revoked, key withdrawn from its peers, certificate refused");
+        self.audit(
+            "agent",
+            "node.tampered",
+            serde_json::json!({"node": node, "reason": reason, "detected_unix_ms": detected_unix_ms}),
+        );
+        self.live.telemetry().mark_changed(node);
+        self.live.event(
+            "node.tampered",
+            Severity::Critical,
+            Some(node),
+            None,
+            None,
+            format!("node {node} reported tampering ({reason}): its leases are revoked, its key is withdrawn from every peer and its certificate refused; re-enroll it with a new join token"),
+        );
     }
 }

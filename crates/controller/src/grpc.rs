@@ -217,6 +217,25 @@ impl AgentService for AgentSvc {
                         }
                     }
                     Some(pb::agent_message::Msg::Usage(u)) => ctl.record_usage(&node, &u),
+                    Some(pb::agent_message::Msg::MeshKey(m)) => {
+                        if let Err(e) = ctl.mesh_key(&node, &m) {
+                            tracing::warn!(%node, error = %e, "mesh key refused");
+                            if let Some(tx) = weak.upgrade() {
+                                let _ = tx.try_send(Ok(pb::ControllerMessage {
+                                    msg: Some(pb::controller_message::Msg::Error(
+                                        pb::SessionError {
+                                            message: e.message,
+                                            lease_id: 0,
+                                        },
+                                    )),
+                                }));
+                            }
+                        }
+                    }
+                    Some(pb::agent_message::Msg::Tamper(t)) => {
+                        ctl.tamper(&node, &t.reason, t.detected_unix_ms);
+                        break;
+                    }
                     Some(pb::agent_message::Msg::Hello(_)) | None => {
                         tracing::info!(%node, "unexpected message on session; ignored");
                     }

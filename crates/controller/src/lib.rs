@@ -12,6 +12,7 @@ pub mod core;
 pub mod dashboard;
 pub mod grpc;
 pub mod live;
+pub mod mesh;
 pub mod metrics;
 
 pub use config::ControllerConfig;
@@ -112,6 +113,7 @@ pub async fn serve(
             expiry_grace_ms: cfg.expiry_grace_ms,
         },
         cfg.node_cert_days,
+        cfg.mesh_key_rotation_secs.saturating_mul(1000),
         crate::live::Live::new(
             nicwarden_telemetry::TelemetryConfig {
                 history_secs: cfg.telemetry_history_secs,
@@ -163,6 +165,7 @@ pub async fn serve(
                     c.live.send_tick(json);
                 }
                 c.metrics.event_subscribers.set(c.live.subscribers() as i64);
+                c.mesh_tick();
                 if n.is_multiple_of(5) {
                     c.flush_usage();
                     if let Err(e) = c.live.flush_minutes(crate::core::now_ms()) {

@@ -54,6 +54,10 @@ pub struct Metrics {
     pub telemetry_series: Gauge,
     pub telemetry_memory: Gauge,
     pub event_subscribers: Gauge,
+    pub mesh_updates_sent: Counter,
+    pub mesh_published: Gauge,
+    pub mesh_rotations: Counter,
+    pub tamper_reports: Counter,
 }
 
 impl Metrics {
@@ -157,7 +161,35 @@ impl Metrics {
             "Open live event streams (dashboards)",
             event_subscribers.clone(),
         );
+        let mesh_updates_sent = Counter::default();
+        registry.register(
+            "mesh_updates_sent",
+            "Signed peer-set updates pushed to agents (one per recipient)",
+            mesh_updates_sent.clone(),
+        );
+        let mesh_published = Gauge::default();
+        registry.register(
+            "mesh_published_nodes",
+            "Nodes whose WireGuard entry is currently published to their group's peers",
+            mesh_published.clone(),
+        );
+        let mesh_rotations = Counter::default();
+        registry.register(
+            "mesh_key_rotations",
+            "WireGuard key rotations recorded",
+            mesh_rotations.clone(),
+        );
+        let tamper_reports = Counter::default();
+        registry.register(
+            "tamper_reports",
+            "Nodes declared tampered",
+            tamper_reports.clone(),
+        );
         Metrics {
+            mesh_updates_sent,
+            mesh_published,
+            mesh_rotations,
+            tamper_reports,
             scope_rate,
             scope_leased,
             scope_bytes,

@@ -73,7 +73,13 @@ pub struct LabSpec {
     pub fabric_capacity_bps: u64,
     /// The agents' datapath backend: `ebpf` or `tc`.
     pub backend: String,
+    /// Run the encrypted mesh: each agent gets overlay address [`Lab::mesh_ip`] /24 and
+    /// listens for WireGuard on its fabric address, port [`MESH_PORT`].
+    pub mesh: bool,
 }
+
+/// The WireGuard port of the lab's agents (on their fabric address).
+pub const MESH_PORT: u16 = 51820;
 
 impl LabSpec {
     pub fn new(bin: impl Into<PathBuf>) -> Self {
@@ -83,6 +89,7 @@ impl LabSpec {
             log_level: "info".into(),
             fabric_capacity_bps: 100_000_000_000,
             backend: "ebpf".into(),
+            mesh: false,
         }
     }
 }
@@ -292,7 +299,7 @@ impl Lab {
         Ok((status, v))
     }
 
-    async fn call_ok(
+    pub async fn call_ok(
         &self,
         method: &str,
         path: &str,
@@ -367,6 +374,21 @@ impl Lab {
             args.push("--peer".into());
             args.push(format!("{}={}/32", peer.name, peer.fabric_ip));
         }
+        if self.spec.mesh {
+            let mesh_ip = Self::overlay_ip(n.fabric_ip);
+            args.extend([
+                "--mesh-address".into(),
+                format!("{mesh_ip}/24"),
+                "--mesh-endpoint".into(),
+                format!("{}:{MESH_PORT}", n.fabric_ip),
+                // WireGuard over IPv4 adds 60 bytes; keep 80 of room as wg-quick does, within
+                // what gotatun's packet buffers take.
+                "--mesh-mtu".into(),
+                (tb.spec().fabric_mtu.saturating_sub(80))
+                    .min(u32::from(nicwarden_agent::config::MESH_MAX_MTU))
+                    .to_string(),
+            ]);
+        }
         if let Some(t) = token {
             args.push("--token".into());
             args.push(t.into());
@@ -374,6 +396,32 @@ impl Lab {
         let p = self.spawn(&n.netns, node, &args)?;
         self.agents.insert(node.to_string(), p);
         Ok(())
+    }
+
+    /// A fabric address's overlay twin: 198.18.0.k -> 198.18.128.k.
+    fn overlay_ip(fabric: std::net::Ipv4Addr) -> std::net::Ipv4Addr {
+        let o = fabric.octets();
+        std::net::Ipv4Addr::new(o[0], o[1], o[2].wrapping_add(128), o[3])
+    }
+
+    /// `node`'s overlay (mesh) address, when the lab runs the mesh.
+    pub fn mesh_ip(&self, node: &str) -> Option<std::net::Ipv4Addr> {
+        let n = self.tb.node(node)?;
+        self.spec.mesh.then(|| Self::overlay_ip(n.fabric_ip))
+    }
+
+    /// `node`'s agent data directory (its tamper socket is `tamper.sock` in it).
+    pub fn agent_dir(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("agent-{node}"))
+    }
+
+    /// Sends a tamper event to `node`'s agent through its socket (as `nicwarden agent
+    /// tamper` does); returns the agent's answer once the fabric is blocked.
+    pub async fn tamper(&self, node: &str, reason: &str) -> Result<String, LabError> {
+        let sock = self.agent_dir(node).join("tamper.sock");
+        nicwarden_agent::tamper::report(&sock, reason)
+            .await
+            .map_err(|e| err(format!("tamper {node}"), format!("{e:#}")))
     }
 
     /// Where `node`'s agent pins its eBPF maps: unique per testbed, under [`PIN_ROOT`].

@@ -44,6 +44,57 @@ pub fn fmt_volume(d: &ScopeDecision) -> String {
     format!("{used} / {left}")
 }
 
+/// The mesh part of the status: this node's key and its peers.
+pub fn render_mesh(m: &nicwarden_agent::mesh::MeshStatus) -> String {
+    let mut out = format!(
+        "\nmesh: {} on {} ({}), listening on {}, key {}; update seq {}, {} updates refused, {} entries rejected, {} rotations{}\n",
+        m.backend,
+        m.iface,
+        m.address,
+        m.endpoint,
+        m.public_key.as_deref().unwrap_or("DESTROYED"),
+        m.last_seq,
+        m.rejected_updates,
+        m.rejected_entries,
+        m.rotations,
+        m.last_error
+            .as_ref()
+            .map(|e| format!("; LAST ERROR: {e}"))
+            .unwrap_or_default()
+    );
+    if m.peers.is_empty() {
+        out.push_str("  no peers (none authorized by the controller, or their entries expired)\n");
+        return out;
+    }
+    let mut t = Table::new(&[
+        "PEER",
+        "GROUP",
+        "KEY",
+        "ENDPOINT",
+        "ALLOWED IPS",
+        "EXPIRES IN",
+        "HANDSHAKE",
+        "RX",
+        "TX",
+    ]);
+    for p in &m.peers {
+        t.row(vec![
+            p.node.clone(),
+            p.group.clone(),
+            p.public_key.chars().take(10).collect::<String>() + "…",
+            p.endpoint.clone(),
+            p.allowed_ips.join(","),
+            fmt_millis(p.expires_in_ms),
+            p.last_handshake_ms_ago
+                .map_or_else(|| "never".into(), |ms| format!("{} ago", fmt_millis(ms))),
+            fmt_bytes(p.rx_bytes),
+            fmt_bytes(p.tx_bytes),
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
 pub fn render(st: &AgentStatus) -> String {
     let mut out = String::new();
     let conn = if st.connected {
@@ -58,6 +109,20 @@ pub fn render(st: &AgentStatus) -> String {
         "node {}  controller {}: {conn}\nlast seq {}, {} rejected directives\n\n",
         st.node, st.controller, st.last_seq, st.rejected_directives
     ));
+    if let Some(t) = &st.tampered {
+        out.push_str(&format!(
+            "TAMPERED ({}, from {}): fabric blocked{}{}; controller {}. Re-enroll with a new join token.\n\n",
+            t.reason,
+            t.source,
+            t.blocked_after_us
+                .map(|us| format!(" {us} us after the event"))
+                .unwrap_or_default(),
+            t.keys_destroyed_after_us
+                .map(|us| format!(", WireGuard keys destroyed after {us} us"))
+                .unwrap_or_default(),
+            if t.reported { "told" } else { "not told yet" }
+        ));
+    }
     if st.scopes.is_empty() {
         out.push_str("no scopes yet (no lease received; the default floor applies)\n");
         return out;
@@ -85,6 +150,9 @@ pub fn render(st: &AgentStatus) -> String {
         ]);
     }
     out.push_str(&t.render());
+    if let Some(m) = &st.mesh {
+        out.push_str(&render_mesh(m));
+    }
     match &st.datapath {
         None => out.push_str("\ndatapath: none (decisions are not programmed into the kernel)\n"),
         Some(dp) => {
@@ -327,6 +395,8 @@ mod tests {
                     ingress_drops: 0,
                 }],
             }),
+            mesh: None,
+            tampered: None,
         };
         let text = render(&st);
         assert!(text.contains("datapath: tc on fab0"), "{text}");

@@ -391,6 +391,9 @@ pub enum BenchSub {
     /// Controller CPU and memory under 100s to 1000s of simulated agents reporting usage
     #[command(after_help = BENCH_TELEMETRY_HELP)]
     Telemetry(BenchTelemetryArgs),
+    /// Time from a tamper event to the last of N simulated peers dropping the node's WireGuard key
+    #[command(after_help = BENCH_MESH_HELP)]
+    Mesh(BenchMeshArgs),
 }
 
 impl BenchSub {
@@ -403,6 +406,7 @@ impl BenchSub {
             BenchSub::Volume(_) => "volume",
             BenchSub::Latency(_) => "latency",
             BenchSub::Telemetry(_) => "telemetry",
+            BenchSub::Mesh(_) => "mesh",
         }
     }
 }
@@ -602,6 +606,47 @@ pub struct BenchTelemetryArgs {
     pub json: bool,
 }
 
+const BENCH_MESH_HELP: &str = "\
+No root, no testbed: runs on loopback. Starts a controller in this process (a temporary
+data directory, ephemeral loopback ports) and --agents simulated agents (`nicwarden sim`:
+real enrollment, mutual-TLS sessions) in one quota group, each with a random WireGuard key,
+its own overlay address and a 1 h egress lease, so that every node holds every other as a
+mesh peer (each node verifies every signed peer-set update and applies it to the agent's
+mesh state machine, as the agent does). Once that full mesh is up and --secs have passed,
+each of --reps runs picks another node and:
+- node-reported: t0 is taken just before the node sends its `tamper` message on its
+  session (as an agent does after blocking its fabric); the controller revokes its leases
+  and withdraws its key from every peer in one signed update;
+- operator-declared: t0 is taken just before `POST /v1/nodes/NAME/tamper`;
+and then waits until every one of its peers has removed its key (at most 60 s). Each peer's
+latency is the instant its mesh state machine removed the key, minus t0. A run's figure is
+the last peer's (the moment the node is out of the whole mesh); p50 and p99 are over the
+peers of that run. Before each run the previous node must be gone from every peer set.
+Prints every run, then min / median / max of the last-peer latency per kind. The controller
+and the agents share this process and the machine: run it otherwise idle, and in a release
+build (the debug build is much slower at signature checks).
+
+Examples:
+  nicwarden bench mesh
+  nicwarden bench mesh --agents 100 --reps 10
+  nicwarden bench mesh --agents 1000 --secs 10 --json";
+
+#[derive(Debug, Args)]
+pub struct BenchMeshArgs {
+    /// Simulated agents, all in one quota group (a full mesh of N x (N-1) peer entries)
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(4..=5_000))]
+    pub agents: u64,
+    /// Runs per kind of tamper event (node-reported, operator-declared), each on another node
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=50))]
+    pub reps: u64,
+    /// Seconds to let the fleet settle (reports, renewals) after the full mesh is up
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub secs: u64,
+    /// Print the results as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
 const TRAFFIC_HELP: &str = "\
 Bounded test traffic between hosts you own (e.g. namespaced test nodes). The sink's count
 is the authority on what was delivered. Run each side inside its namespace:
@@ -776,6 +821,24 @@ pub struct AgentRunArgs {
     /// peer (adds to the config file's [datapath.peers])
     #[arg(long = "peer", value_name = "NODE=PREFIXES", value_parser = peer_arg)]
     pub peers: Vec<(String, Vec<ipnet::Ipv4Net>)>,
+    /// Run the encrypted mesh with this overlay address and prefix, e.g. 198.18.128.2/24
+    /// (needs --mesh-endpoint; enables [mesh])
+    #[arg(long, env = "NICWARDEN_MESH_ADDRESS", value_name = "ADDR/LEN")]
+    pub mesh_address: Option<ipnet::IpNet>,
+    /// Fabric ip:port where this node's WireGuard device listens, e.g. 198.18.0.2:51820
+    #[arg(long, env = "NICWARDEN_MESH_ENDPOINT", value_name = "IP:PORT")]
+    pub mesh_endpoint: Option<SocketAddr>,
+    /// MTU of the tunnel interface [config default: 1420]
+    #[arg(long, env = "NICWARDEN_MESH_MTU", value_name = "BYTES")]
+    pub mesh_mtu: Option<u16>,
+    /// A file to watch for tamper (an enclosure sensor or GPIO value): anything but `0` or
+    /// empty is a tamper event
+    #[arg(long, env = "NICWARDEN_TAMPER_WATCH", value_name = "FILE")]
+    pub tamper_watch: Option<PathBuf>,
+    /// Unix socket taking tamper events (`nicwarden agent tamper`) [default:
+    /// <data_dir>/tamper.sock]
+    #[arg(long, env = "NICWARDEN_TAMPER_SOCKET", value_name = "PATH")]
+    pub tamper_socket: Option<PathBuf>,
     /// Remove everything the datapath backend installed on the fabric interface, then exit.
     /// The agent never does this by itself: when it stops, the kernel keeps enforcing.
     #[arg(long)]
@@ -819,6 +882,42 @@ pub enum AgentSub {
     /// Show what a running agent enforces per scope, and its connection to the controller
     #[command(after_help = AGENT_STATUS_HELP)]
     Status(AgentStatusArgs),
+    /// Report a tamper event to the running agent (as an enclosure sensor would)
+    #[command(long_about = AGENT_TAMPER_ABOUT, after_help = AGENT_TAMPER_HELP)]
+    Tamper(AgentTamperArgs),
+}
+
+const AGENT_TAMPER_ABOUT: &str = "\
+Report a tamper event to the running agent (as an enclosure sensor would).
+
+The agent then, before anything else: blocks the fabric (every scope at a floor of 0,
+whatever its leases), destroys its WireGuard private key and session keys and drops every
+peer, writes the event to <data_dir>/tamper.json, and only then tells the controller, which
+revokes the node's leases, withdraws its key from every peer and refuses its certificate.
+This command returns once the fabric is blocked and prints how long each step took.
+
+A tampered node stays blocked across agent restarts. It comes back only by re-enrollment:
+`nicwarden node token NAME` on the operator side, then the agent started with that token
+(it generates a new WireGuard key).";
+
+const AGENT_TAMPER_HELP: &str = "\
+Examples:
+  nicwarden agent tamper --reason \"lid opened\"
+  nicwarden agent tamper --socket /run/nicwarden/tamper.sock --reason \"test\"";
+
+#[derive(Debug, Args)]
+pub struct AgentTamperArgs {
+    /// Why (one line), recorded on the node and at the controller
+    #[arg(long, value_name = "TEXT")]
+    pub reason: String,
+    /// The agent's tamper socket
+    #[arg(
+        long,
+        env = "NICWARDEN_TAMPER_SOCKET",
+        value_name = "PATH",
+        default_value = "/var/lib/nicwarden/agent/tamper.sock"
+    )]
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -904,6 +1003,52 @@ pub enum NodeSub {
     /// Issue a fresh join token for a node (re-enrollment)
     #[command(after_help = NODE_TOKEN_HELP)]
     Token(NodeTokenArgs),
+    /// Ask a node's agent for a new WireGuard key; its peers get it at once
+    #[command(long_about = NODE_ROTATE_ABOUT)]
+    RotateKey(NodeRotateArgs),
+    /// Declare a node tampered: revoke its leases, withdraw its key from every peer, refuse
+    /// its certificate until it is re-enrolled
+    #[command(long_about = NODE_TAMPER_ABOUT)]
+    Tamper(NodeTamperArgs),
+}
+
+const NODE_ROTATE_ABOUT: &str = "\
+Ask a node's agent for a new WireGuard key pair.
+
+The agent generates the key, installs it in its device and reports the public key; the
+controller retires the old key (it can never be used again) and pushes the new one to every
+peer of the node's group at once. Tunnels re-handshake with the new key: flows between healthy
+nodes continue (a TCP flow sees at most a few retransmissions). The controller also rotates
+every key periodically (`mesh_key_rotation_secs` in its config, default one day).
+
+Examples:
+  nicwarden node rotate-key node-1
+  nicwarden node rotate-key node-1 --wait 10s";
+
+const NODE_TAMPER_ABOUT: &str = "\
+Declare a node tampered, as if its agent had reported it (use it when another system saw the
+enclosure alarm). The controller revokes every lease of the node, withdraws its WireGuard key
+from every peer at once (they drop its tunnels), refuses its certificate, and marks it
+tampered. It comes back only with `nicwarden node token NAME` and a re-enrollment, with a new
+key.
+
+Examples:
+  nicwarden node tamper node-3 --reason \"rack 12 door alarm\"";
+
+#[derive(Debug, Args)]
+pub struct NodeRotateArgs {
+    pub name: String,
+    /// Wait until the node reported its new key (at most this long), e.g. 10s
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub wait: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeTamperArgs {
+    pub name: String,
+    /// Why, recorded in the audit log and the node's record
+    #[arg(long, value_name = "TEXT")]
+    pub reason: String,
 }
 
 #[derive(Debug, Args)]

@@ -112,6 +112,23 @@ pub fn agent_config(args: &AgentRunArgs) -> anyhow::Result<AgentConfig> {
     for (node, nets) in &args.peers {
         cfg.datapath.peers.insert(node.clone(), nets.clone());
     }
+    if let Some(a) = args.mesh_address {
+        cfg.mesh.address = Some(a);
+        cfg.mesh.enabled = true;
+    }
+    if let Some(e) = args.mesh_endpoint {
+        cfg.mesh.endpoint = Some(e);
+        cfg.mesh.enabled = true;
+    }
+    if let Some(m) = args.mesh_mtu {
+        cfg.mesh.mtu = m;
+    }
+    if let Some(w) = &args.tamper_watch {
+        cfg.tamper.watch = Some(w.clone());
+    }
+    if let Some(s) = &args.tamper_socket {
+        cfg.tamper.socket = Some(s.clone());
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -131,6 +148,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Agent(agent) => match agent.command {
             Some(AgentSub::Status(args)) => agent_status::run(args).await,
+            Some(AgentSub::Tamper(args)) => {
+                let out = nicwarden_agent::tamper::report(&args.socket, &args.reason).await?;
+                println!("agent: {out}");
+                Ok(())
+            }
             None if agent.run.cleanup => {
                 let cfg = agent_config(&agent.run)?;
                 init_tracing();

@@ -115,6 +115,8 @@ fn print_join_token(client: &Client, hint: &AgentHint, resp: &AddNodeResponse, v
 fn node_state(n: &NodeView) -> &'static str {
     if n.record.removed {
         "removed"
+    } else if n.mesh.as_ref().is_some_and(|m| m.tampered.is_some()) {
+        "TAMPERED"
     } else if n.connected {
         "connected"
     } else if n.enrolled {
@@ -155,6 +157,47 @@ fn node_fields(n: &NodeView) -> String {
         ),
         ("active leases", n.active_leases.to_string()),
         ("last seq", n.last_seq.to_string()),
+        (
+            "mesh key",
+            n.mesh
+                .as_ref()
+                .and_then(|m| m.public_key.clone())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "mesh",
+            match &n.mesh {
+                None => "not in the mesh (its agent reported no key)".into(),
+                Some(m) => format!(
+                    "{} {} ({}); {}; {} rotations{}",
+                    m.endpoint.as_deref().unwrap_or("-"),
+                    m.allowed_ips.join(","),
+                    if m.published {
+                        format!(
+                            "published to its group until {}",
+                            opt_or(m.published_until_unix_ms, fmt_unix_ms, "-")
+                        )
+                    } else {
+                        "not published: no active lease, or tampered".into()
+                    },
+                    format_args!("key since {}", fmt_unix_ms(m.key_since_unix_ms)),
+                    m.rotations,
+                    if m.rotation_pending {
+                        ", rotation asked"
+                    } else {
+                        ""
+                    }
+                ),
+            },
+        ),
+        (
+            "tampered",
+            n.mesh
+                .as_ref()
+                .and_then(|m| m.tampered.as_ref())
+                .map(|t| format!("{} (at {})", t.reason, fmt_unix_ms(t.at_unix_ms)))
+                .unwrap_or_else(|| "no".into()),
+        ),
     ])
 }
 
@@ -219,6 +262,71 @@ pub async fn node(cmd: NodeCmd) -> anyhow::Result<()> {
                 return print_json(&raw);
             }
             print_join_token(&client, &a.hint, &resp, "new join token for");
+        }
+        NodeSub::RotateKey(a) => {
+            let path = format!("/v1/nodes/{}/rotate-key", encode(&a.name));
+            let (before, raw): (NodeView, _) = client
+                .call_as(
+                    Method::POST,
+                    &path,
+                    Some(&serde_json::json!({"reason": "operator request"})),
+                )
+                .await?;
+            let old_key = before.mesh.as_ref().and_then(|m| m.public_key.clone());
+            let Some(wait) = a.wait else {
+                if json {
+                    return print_json(&raw);
+                }
+                println!(
+                    "asked node {} for a new WireGuard key (current key {}); its peers get the new key as soon as it reports it",
+                    a.name,
+                    old_key.as_deref().unwrap_or("-")
+                );
+                return Ok(());
+            };
+            let deadline = std::time::Instant::now() + wait;
+            loop {
+                let (n, raw): (NodeView, _) = client
+                    .get(&format!("/v1/nodes/{}", encode(&a.name)))
+                    .await?;
+                let key = n.mesh.as_ref().and_then(|m| m.public_key.clone());
+                if key.is_some() && key != old_key {
+                    if json {
+                        return print_json(&raw);
+                    }
+                    println!(
+                        "node {} rotated its WireGuard key: {} -> {}; its peers have the new key",
+                        a.name,
+                        old_key.as_deref().unwrap_or("-"),
+                        key.as_deref().unwrap_or("-")
+                    );
+                    return Ok(());
+                }
+                if std::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "node {} did not report a new key within {} (asked; it may still)",
+                        a.name,
+                        humantime::format_duration(wait)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        NodeSub::Tamper(a) => {
+            let (n, raw): (NodeView, _) = client
+                .call_as(
+                    Method::POST,
+                    &format!("/v1/nodes/{}/tamper", encode(&a.name)),
+                    Some(&serde_json::json!({"reason": a.reason})),
+                )
+                .await?;
+            if json {
+                return print_json(&raw);
+            }
+            println!(
+                "node {} declared tampered: leases revoked, WireGuard key withdrawn from every peer, certificate refused; re-enroll it with `nicwarden node token {}`",
+                n.name, n.name
+            );
         }
     }
     Ok(())

@@ -11,6 +11,11 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use nicwarden_lease as core;
 use prost::Message;
 
+pub mod mesh;
+pub use mesh::{
+    mesh_info_from_pb, mesh_info_to_pb, sign_mesh_update, verify_mesh_update, MeshInfo,
+};
+
 /// Generated protobuf and gRPC code.
 #[allow(clippy::all)]
 pub mod pb {
@@ -20,15 +25,15 @@ pub mod pb {
 /// A wire message that cannot be accepted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
-    #[error("verify directive: signature is {0} bytes, expected 64")]
+    #[error("verify signed message: signature is {0} bytes, expected 64")]
     SignatureLength(usize),
-    #[error("verify directive: controller public key is not a valid Ed25519 key")]
+    #[error("verify signed message: controller public key is not a valid Ed25519 key")]
     BadPublicKey,
-    #[error("verify directive: bad signature (not signed by the pinned controller key)")]
+    #[error("verify signed message: bad signature (not signed by the pinned controller key)")]
     BadSignature,
-    #[error("decode directive: {0}")]
+    #[error("decode message: {0}")]
     Decode(String),
-    #[error("decode directive: field `{field}`: {reason}")]
+    #[error("decode message: field `{field}`: {reason}")]
     Field { field: &'static str, reason: String },
 }
 

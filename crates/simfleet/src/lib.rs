@@ -22,18 +22,32 @@
 //! the interval. Starting a thousand nodes needs more than 1,024 file descriptors:
 //! [`Fleet::start`] raises the soft `RLIMIT_NOFILE` to the hard limit and says so clearly
 //! if even that is too low.
+//!
+//! With [`FleetConfig::mesh`], each node also takes part in the encrypted mesh as an agent
+//! does, without a WireGuard device ([`mesh`]): its Hello carries a random public key, the
+//! endpoint `127.0.0.1:51820` and its own overlay host address (node `i`: `198.18.128.0 +
+//! i + 1`, a /32); every signed peer-set update is verified against the pinned lease key
+//! and applied to the real agent's state machine (`nicwarden_mesh::MeshCore`) on the node's
+//! clock; peers expire on that clock; a key rotation the controller asks for is answered
+//! with a new random key. [`Fleet::tamper`] makes a node report tampering, as an agent does
+//! after blocking its fabric. Every peer removal is recorded with its instant
+//! ([`Fleet::key_removed_by`]), for benchmarks.
 
 #![forbid(unsafe_code)]
 
 mod api;
+pub mod mesh;
 mod node;
 pub mod sim;
+
+pub use mesh::KeyRemoval;
+pub use nicwarden_mesh::WgKey;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{oneshot, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::time::Instant;
 
 use nicwarden_lease::Time;
@@ -85,6 +99,8 @@ pub struct FleetConfig {
     pub grant: Option<GrantTemplate>,
     /// Enrollments and first connections in flight at once during start (default 32).
     pub concurrency: usize,
+    /// Take part in the encrypted mesh (see the crate docs); default off.
+    pub mesh: bool,
 }
 
 impl FleetConfig {
@@ -104,6 +120,7 @@ impl FleetConfig {
             add_nodes: true,
             grant: None,
             concurrency: 32,
+            mesh: false,
         }
     }
 }
@@ -151,6 +168,8 @@ pub struct FleetStats {
     /// errors the controller sent, messages dropped on a full queue.
     pub errors: u64,
     pub last_error: Option<String>,
+    /// Mesh updates verified and applied.
+    pub mesh_updates: u64,
 }
 
 /// How far [`Fleet::start_with_progress`] has come (read it from another task).
@@ -218,6 +237,8 @@ pub enum SimError {
     UnknownNode(String),
     #[error("set rate: node {node}: {detail}")]
     UnknownScope { node: String, detail: String },
+    #[error("node {0} is not in the fleet")]
+    NoSuchNode(String),
 }
 
 impl SimError {
@@ -238,11 +259,14 @@ pub(crate) struct Counters {
     pub renewals: AtomicU64,
     pub errors: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    pub mesh_updates: AtomicU64,
 }
 
 pub(crate) struct NodeSlot {
     pub name: String,
     pub sim: Mutex<sim::NodeSim>,
+    /// `Some` when the fleet takes part in the mesh.
+    pub mesh: Mutex<Option<mesh::NodeMesh>>,
 }
 
 /// What the fleet's tasks share.
@@ -256,8 +280,10 @@ pub(crate) struct Shared {
     pub index: HashMap<String, usize>,
     pub stats: Counters,
     pub progress: Arc<StartProgress>,
-    /// Woken whenever a node accepts a directive.
+    /// Woken whenever a node accepts a directive or a mesh update, or expires a peer.
     pub changed: Notify,
+    /// Every peer removal of every node's mesh core.
+    pub removals: Mutex<mesh::RemovalLog>,
 }
 
 /// Node clocks start at 1 s: a report's `sample_time_ms` of 0 would mean "unknown".
@@ -287,6 +313,11 @@ impl Shared {
         let i = *self.index.get(node)?;
         Some(self.nodes[i].sim.lock().unwrap_or_else(|p| p.into_inner()))
     }
+
+    fn mesh(&self, node: &str) -> Option<std::sync::MutexGuard<'_, Option<mesh::NodeMesh>>> {
+        let i = *self.index.get(node)?;
+        Some(self.nodes[i].mesh.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// A running simulated fleet. Dropping it without [`Fleet::stop`] tells its tasks to stop
@@ -295,12 +326,17 @@ pub struct Fleet {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Commands to each node's task, by node index.
+    controls: Vec<mpsc::Sender<node::Control>>,
 }
 
 /// Longest time [`Fleet::start`] waits for granted leases to reach their nodes.
 const GRANT_WAIT: Duration = Duration::from_secs(60);
 /// Longest time [`Fleet::stop`] waits for the nodes' tasks.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+/// Longest time [`Fleet::tamper`] waits for the node to send its report (a node between
+/// sessions sends it once its next session is up; reconnection backs off at most 5 s).
+const TAMPER_WAIT: Duration = Duration::from_secs(15);
 
 impl Fleet {
     /// Adds/enrolls every node, opens every session, grants if asked; returns once all
@@ -323,10 +359,19 @@ impl Fleet {
         for (i, (n, scopes)) in cfg.nodes.iter().zip(scopes).enumerate() {
             let sim = sim::NodeSim::new(&n.name, &scopes)
                 .map_err(|e| SimError::Config(format!("node {}: {e}", n.name)))?;
+            let mesh = if cfg.mesh {
+                Some(
+                    mesh::NodeMesh::new(&n.name, i)
+                        .map_err(|e| SimError::Config(format!("node {}: {e}", n.name)))?,
+                )
+            } else {
+                None
+            };
             index.insert(n.name.clone(), i);
             nodes.push(NodeSlot {
                 name: n.name.clone(),
                 sim: Mutex::new(sim),
+                mesh: Mutex::new(mesh),
             });
         }
         progress.nodes.store(nodes.len(), Ordering::Relaxed);
@@ -339,20 +384,25 @@ impl Fleet {
             stats: Counters::default(),
             progress: progress.clone(),
             changed: Notify::new(),
+            removals: Mutex::new(mesh::RemovalLog::new(cfg.nodes.len())),
         });
         let (stop, stop_rx) = watch::channel(false);
         let gate = Arc::new(Semaphore::new(cfg.concurrency));
         let mut tasks = Vec::with_capacity(shared.nodes.len());
+        let mut controls = Vec::with_capacity(shared.nodes.len());
         let mut ready = futures::stream::FuturesUnordered::new();
         for i in 0..shared.nodes.len() {
             let (tx, rx) = oneshot::channel();
             ready.push(rx);
+            let (control_tx, control) = mpsc::channel(node::CONTROL_QUEUE);
+            controls.push(control_tx);
             let start = node::Start {
                 api: api.clone(),
                 add_node: cfg.add_nodes,
                 gate: gate.clone(),
                 ready: tx,
                 stop: stop_rx.clone(),
+                control,
             };
             tasks.push(tokio::spawn(node::run(shared.clone(), i, start)));
         }
@@ -360,6 +410,7 @@ impl Fleet {
             shared,
             stop,
             tasks,
+            controls,
         };
         use futures::StreamExt as _;
         while let Some(r) = ready.next().await {
@@ -473,6 +524,7 @@ impl Fleet {
             directives: s.directives.load(Ordering::Relaxed),
             renewals_sent: s.renewals.load(Ordering::Relaxed),
             errors: s.errors.load(Ordering::Relaxed),
+            mesh_updates: s.mesh_updates.load(Ordering::Relaxed),
             last_error: s
                 .last_error
                 .lock()
@@ -497,6 +549,101 @@ impl Fleet {
     /// The node names, in configuration order.
     pub fn nodes(&self) -> Vec<String> {
         self.shared.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// Re-evaluates `probe` whenever a node accepts a directive or a mesh update or expires
+    /// a peer (and at least every 100 ms), until it yields a value or `timeout` passes
+    /// (`None`: the probe's answer at the deadline was still `None`).
+    pub async fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut probe: impl FnMut(&Fleet) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(v) = probe(self) {
+                return Some(v);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            let until = deadline.min(Instant::now() + Duration::from_millis(100));
+            let _ = tokio::time::timeout_at(until, changed).await;
+        }
+    }
+
+    /// The names of the mesh peers a node holds now (sorted); `None` for an unknown node or
+    /// a fleet without the mesh.
+    pub fn mesh_peers(&self, node: &str) -> Option<Vec<String>> {
+        let g = self.shared.mesh(node)?;
+        let m = g.as_ref()?;
+        Some(m.core.peers().map(|h| h.entry.node.clone()).collect())
+    }
+
+    /// How many mesh peers a node holds now (cheaper than [`Fleet::mesh_peers`]).
+    pub fn mesh_peer_count(&self, node: &str) -> Option<usize> {
+        let g = self.shared.mesh(node)?;
+        g.as_ref().map(|m| m.core.peers().count())
+    }
+
+    /// A node's current WireGuard public key; `None` for an unknown node or a fleet without
+    /// the mesh.
+    pub fn mesh_key(&self, node: &str) -> Option<WgKey> {
+        let g = self.shared.mesh(node)?;
+        g.as_ref().map(|m| m.info.public_key)
+    }
+
+    /// Every removal of `key` from a node's peer set so far (which node, when, why), in the
+    /// order they happened.
+    pub fn key_removed_by(&self, key: WgKey) -> Vec<KeyRemoval> {
+        self.shared
+            .removals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+    }
+
+    /// How many times `key` was removed from a node's peer set so far (cheaper than
+    /// [`Fleet::key_removed_by`]).
+    pub fn key_removal_count(&self, key: WgKey) -> usize {
+        self.shared
+            .removals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .count(&key)
+    }
+
+    /// Makes `node` report tampering on its session (as an agent does after blocking its
+    /// fabric): its own mesh is shut down at once, the `tamper` message is queued to the
+    /// controller, and the node stops reconnecting. Returns once the message is queued (a
+    /// node between sessions sends it on its next session), at most 15 s.
+    pub async fn tamper(&self, node: &str, reason: &str) -> Result<(), SimError> {
+        let i = *self
+            .shared
+            .index
+            .get(node)
+            .ok_or_else(|| SimError::NoSuchNode(node.to_string()))?;
+        let (ack, done) = oneshot::channel();
+        let cmd = node::Control::Tamper {
+            reason: reason.to_string(),
+            ack,
+        };
+        let op = "report tampering";
+        self.controls[i].try_send(cmd).map_err(|e| {
+            SimError::node(node, op, format!("node task not accepting commands: {e}"))
+        })?;
+        match tokio::time::timeout(TAMPER_WAIT, done).await {
+            Ok(Ok(r)) => r.map_err(|e| SimError::node(node, op, e)),
+            Ok(Err(_)) => Err(SimError::node(node, op, "the node's task ended")),
+            Err(_) => Err(SimError::node(
+                node,
+                op,
+                format!("not sent within {} s (no session)", TAMPER_WAIT.as_secs()),
+            )),
+        }
     }
 
     /// Closes every session and waits for every node's task (at most 10 s; stragglers are
@@ -539,6 +686,15 @@ fn validate(cfg: &FleetConfig) -> Result<Vec<Vec<(String, u64)>>, SimError> {
     }
     if cfg.concurrency == 0 {
         return bad("concurrency must be at least 1".into());
+    }
+    if cfg.mesh && cfg.nodes.len() > mesh::max_mesh_nodes() {
+        return bad(format!(
+            "{} nodes cannot all have a mesh overlay address: at most {} fit in {}..{}",
+            cfg.nodes.len(),
+            mesh::max_mesh_nodes(),
+            mesh::OVERLAY_BASE,
+            mesh::OVERLAY_END
+        ));
     }
     nicwarden_agent::transport::parse_controller(&agent_url(&cfg.agent_addr))
         .map_err(|e| SimError::Config(format!("agent_addr: {e:#}")))?;

@@ -1,9 +1,11 @@
 //! The task of one simulated node: enrollment (keys in memory), the mutual-TLS session,
-//! directives, renewals, usage reports, and reconnection with bounded backoff.
+//! directives, renewals, usage reports, the mesh (when the fleet takes part), commands
+//! from the [`Fleet`](crate::Fleet) (tamper), and reconnection with bounded backoff.
 
 use crate::api::Api;
+use crate::mesh::{self, NodeMesh};
 use crate::sim::{Applied, NodeSim};
-use crate::{Shared, SimError};
+use crate::{NodeSlot, Shared, SimError};
 use nicwarden_agent::transport;
 use nicwarden_pki::{JoinToken, NodeKey};
 use nicwarden_proto::pb;
@@ -24,6 +26,17 @@ const FIRST_SESSION_ATTEMPTS: u32 = 3;
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages queued towards the controller per session.
 const QUEUE: usize = 64;
+/// Commands queued towards one node's task.
+pub(crate) const CONTROL_QUEUE: usize = 8;
+
+/// A command from the fleet to one node's task.
+pub(crate) enum Control {
+    /// Report tampering on the session (the answer says whether it was queued).
+    Tamper {
+        reason: String,
+        ack: oneshot::Sender<Result<(), String>>,
+    },
+}
 
 /// What the node's task needs to start.
 pub(crate) struct Start {
@@ -34,6 +47,7 @@ pub(crate) struct Start {
     /// Told once the first session is up, or why the node could not get there.
     pub ready: oneshot::Sender<Result<(), SimError>>,
     pub stop: watch::Receiver<bool>,
+    pub control: mpsc::Receiver<Control>,
 }
 
 /// An open session: messages to the controller go into `tx`.
@@ -48,6 +62,24 @@ struct Session {
 enum End {
     Stopped,
     Lost(String),
+    /// The node reported tampering and the controller ended the session: stay away.
+    Tampered,
+}
+
+/// Why a session could not be opened.
+enum OpenError {
+    Failed(String),
+    /// The controller refused the session because the node is tampered (reported by the
+    /// node, or declared by the operator): it will never accept this certificate again.
+    Tampered(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Failed(m) | OpenError::Tampered(m) => f.write_str(m),
+        }
+    }
 }
 
 /// Resolves once the fleet is told to stop (or dropped).
@@ -61,6 +93,10 @@ fn lock(sim: &std::sync::Mutex<NodeSim>) -> std::sync::MutexGuard<'_, NodeSim> {
     sim.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn lock_mesh(slot: &NodeSlot) -> std::sync::MutexGuard<'_, Option<NodeMesh>> {
+    slot.mesh.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The node's whole life: started by `Fleet::start`, ends when the fleet stops.
 pub(crate) async fn run(shared: Arc<Shared>, idx: usize, start: Start) {
     let Start {
@@ -69,6 +105,7 @@ pub(crate) async fn run(shared: Arc<Shared>, idx: usize, start: Start) {
         gate,
         ready,
         mut stop,
+        mut control,
     } = start;
     let name = shared.nodes[idx].name.clone();
     let first = async {
@@ -130,6 +167,12 @@ pub(crate) async fn run(shared: Arc<Shared>, idx: usize, start: Start) {
                 };
                 match r {
                     Ok(s) => s,
+                    Err(OpenError::Tampered(e)) => {
+                        // Declared tampered by the operator while we were away: refused
+                        // for good. Do not spin on refusals.
+                        tracing::info!(node = %name, "session refused, node tampered; not reconnecting: {e}");
+                        break;
+                    }
                     Err(e) => {
                         shared.error(&name, &format!("reconnect: {e}"));
                         tokio::select! {
@@ -147,10 +190,14 @@ pub(crate) async fn run(shared: Arc<Shared>, idx: usize, start: Start) {
             shared.progress.connected.fetch_add(1, Ordering::Relaxed);
             let _ = r.send(Ok(()));
         }
-        let end = drive(&shared, idx, s, &mut report, &mut stop).await;
+        let end = drive(&shared, idx, s, &mut report, &mut stop, &mut control).await;
         shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
         match end {
             End::Stopped => break,
+            End::Tampered => {
+                tracing::info!(node = %name, "tampered: session ended, not reconnecting");
+                break;
+            }
             End::Lost(why) => {
                 shared.error(&name, &why);
                 backoff = MIN_BACKOFF;
@@ -240,26 +287,40 @@ async fn open_session(
     shared: &Shared,
     idx: usize,
     tls: &rustls::ClientConfig,
-) -> Result<Session, String> {
+) -> Result<Session, OpenError> {
     let node = &shared.nodes[idx].name;
     let channel = transport::connect(&shared.agent_url, tls.clone())
         .await
-        .map_err(|e| format!("connect to {}: {e:#}", shared.agent_url))?;
+        .map_err(|e| OpenError::Failed(format!("connect to {}: {e:#}", shared.agent_url)))?;
     let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(QUEUE);
     let last_seq = lock(&shared.nodes[idx].sim).last_seq();
+    // A node whose mesh is shut down (tampered) no longer offers an identity.
+    let mesh = lock_mesh(&shared.nodes[idx])
+        .as_ref()
+        .filter(|m| m.core.tampered().is_none())
+        .map(NodeMesh::info_pb);
     tx.try_send(pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
             node: node.clone(),
             last_seq,
             agent_version: concat!("simfleet/", env!("CARGO_PKG_VERSION")).to_string(),
+            mesh,
+            ..Default::default()
         })),
     })
-    .map_err(|_| "queue Hello".to_string())?;
+    .map_err(|_| OpenError::Failed("queue Hello".to_string()))?;
     let resp = client
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(|s| format!("session refused: {}", s.message()))?;
+        .map_err(|s| {
+            let m = format!("session refused: {}", s.message());
+            if s.code() == tonic::Code::PermissionDenied && s.message().contains("tampered") {
+                OpenError::Tampered(m)
+            } else {
+                OpenError::Failed(m)
+            }
+        })?;
     Ok(Session {
         tx,
         inbound: resp.into_inner(),
@@ -274,6 +335,7 @@ async fn drive(
     mut s: Session,
     report: &mut Interval,
     stop: &mut watch::Receiver<bool>,
+    control: &mut mpsc::Receiver<Control>,
 ) -> End {
     let slot = &shared.nodes[idx];
     let send = |tx: &mpsc::Sender<pb::AgentMessage>, msg: pb::agent_message::Msg| -> bool {
@@ -287,17 +349,51 @@ async fn drive(
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     };
+    let mut tampered = false;
     loop {
-        let wake = lock(&slot.sim)
-            .poll_timeout()
+        let lease_wake = lock(&slot.sim).poll_timeout();
+        let mesh_wake = lock_mesh(slot).as_ref().and_then(|m| m.core.poll_timeout());
+        let wake = [lease_wake, mesh_wake]
+            .into_iter()
+            .flatten()
+            .min()
             .map(|t| shared.instant(t))
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = stopped(stop) => return End::Stopped,
             m = s.inbound.next() => match m {
-                Some(Ok(m)) => on_message(shared, idx, m),
-                Some(Err(st)) => return End::Lost(format!("session ended: {}", st.message())),
-                None => return End::Lost("session closed by the controller".into()),
+                Some(Ok(m)) => {
+                    if let Some(reply) = on_message(shared, idx, m) {
+                        send(&s.tx, reply);
+                    }
+                }
+                Some(Err(st)) => return ended(tampered, format!("session ended: {}", st.message())),
+                None => return ended(tampered, "session closed by the controller".into()),
+            },
+            Some(c) = control.recv() => match c {
+                Control::Tamper { reason, ack } => {
+                    // As an agent does: its fabric is blocked (nothing to do here), its whole
+                    // mesh dropped and refused from now on, then the report goes out.
+                    if let Some(m) = lock_mesh(slot).as_mut() {
+                        let diff = m.core.tamper(&reason);
+                        mesh::note(&shared.removals, &slot.name, &diff);
+                    }
+                    let detected_unix_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let msg = pb::agent_message::Msg::Tamper(pb::TamperReport {
+                        reason,
+                        detected_unix_ms,
+                    });
+                    let r = if send(&s.tx, msg) {
+                        tampered = true;
+                        Ok(())
+                    } else {
+                        Err("the session's queue to the controller is full or closed".to_string())
+                    };
+                    let _ = ack.send(r);
+                    shared.changed.notify_waiters();
+                }
             },
             _ = report.tick() => {
                 let r = lock(&slot.sim).report(shared.now());
@@ -306,7 +402,15 @@ async fn drive(
                 }
             }
             _ = tokio::time::sleep_until(wake) => {
-                let due = lock(&slot.sim).renewals(shared.now());
+                let now = shared.now();
+                if let Some(m) = lock_mesh(slot).as_mut() {
+                    let diff = m.core.poll(now);
+                    if !diff.removed.is_empty() {
+                        mesh::note(&shared.removals, &slot.name, &diff);
+                        shared.changed.notify_waiters();
+                    }
+                }
+                let due = lock(&slot.sim).renewals(now);
                 for id in due {
                     let msg = pb::agent_message::Msg::Renew(pb::RenewRequest { lease_id: id });
                     if send(&s.tx, msg) {
@@ -318,8 +422,24 @@ async fn drive(
     }
 }
 
-fn on_message(shared: &Shared, idx: usize, m: pb::ControllerMessage) {
-    let name = &shared.nodes[idx].name;
+/// How a session that ended because of `why` ended: a node that reported tampering expects
+/// the controller to end it.
+fn ended(tampered: bool, why: String) -> End {
+    if tampered {
+        End::Tampered
+    } else {
+        End::Lost(why)
+    }
+}
+
+/// Handles one message from the controller; returns the answer to send, if any.
+fn on_message(
+    shared: &Shared,
+    idx: usize,
+    m: pb::ControllerMessage,
+) -> Option<pb::agent_message::Msg> {
+    let slot = &shared.nodes[idx];
+    let name = &slot.name;
     match m.msg {
         Some(pb::controller_message::Msg::Directive(sd)) => {
             let r = lock(&shared.nodes[idx].sim).handle_directive(shared.now(), &sd);
@@ -339,10 +459,55 @@ fn on_message(shared: &Shared, idx: usize, m: pb::ControllerMessage) {
                 Err(e) => shared.error(name, &format!("directive rejected: {e}")),
             }
         }
+        Some(pb::controller_message::Msg::Mesh(su)) => {
+            let lease_key = lock(&slot.sim).lease_key();
+            let now = shared.now();
+            let mut g = lock_mesh(slot);
+            // A fleet outside the mesh ignores mesh updates, as an agent without it does.
+            let m = g.as_mut()?;
+            if m.core.tampered().is_some() {
+                // Refused, as an agent refuses it; expected: the controller clears a
+                // tampered node's set (an empty snapshot) as it handles the report.
+                tracing::debug!(node = %name, "mesh update after tampering: ignored");
+                return None;
+            }
+            match mesh::apply(m, lease_key, &su, now) {
+                Ok(diff) => {
+                    drop(g);
+                    shared.stats.mesh_updates.fetch_add(1, Ordering::Relaxed);
+                    mesh::note(&shared.removals, name, &diff);
+                    if let Some(r) = diff.rejected.first() {
+                        shared.error(
+                            name,
+                            &format!(
+                                "mesh update: {} entries refused (first: node {}: {})",
+                                diff.rejected.len(),
+                                r.node,
+                                r.reason
+                            ),
+                        );
+                    }
+                    tracing::debug!(node = %name, upserted = diff.upserted.len(), removed = diff.removed.len(), "mesh update applied");
+                    shared.changed.notify_waiters();
+                }
+                Err(e) => {
+                    drop(g);
+                    shared.error(name, &format!("mesh update rejected: {e}"));
+                }
+            }
+        }
+        Some(pb::controller_message::Msg::RotateKey(r)) => {
+            let mut g = lock_mesh(slot);
+            let m = g.as_mut().filter(|m| m.core.tampered().is_none())?;
+            let info = m.rotate();
+            tracing::debug!(node = %name, reason = %r.reason, key = %m.info.public_key, "mesh key rotated");
+            return Some(pb::agent_message::Msg::MeshKey(info));
+        }
         Some(pb::controller_message::Msg::Error(e)) => shared.error(
             name,
             &format!("controller error (lease {}): {}", e.lease_id, e.message),
         ),
         None => shared.error(name, "empty message from the controller"),
     }
+    None
 }

@@ -81,6 +81,11 @@ impl NodeSim {
         self.lease_key = Some(key);
     }
 
+    /// The pinned lease-signing key, once enrolled (it also signs mesh updates).
+    pub fn lease_key(&self) -> Option<[u8; 32]> {
+        self.lease_key
+    }
+
     /// The highest directive sequence number accepted (for Hello).
     pub fn last_seq(&self) -> u64 {
         self.core.last_seq()

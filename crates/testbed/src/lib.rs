@@ -25,6 +25,7 @@
 //!
 //! Creating a testbed needs CAP_NET_ADMIN and CAP_SYS_ADMIN (root); it uses iproute2's `ip`.
 
+pub mod capture;
 mod error;
 mod names;
 mod netns;

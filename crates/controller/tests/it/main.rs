@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod mesh;
 mod telemetry;
 
 pub(crate) struct Running {
@@ -323,6 +324,7 @@ async fn session_with(
             node: node.into(),
             last_seq: 0,
             agent_version: "test".into(),
+            ..Default::default()
         })),
     };
     // Keep the request stream open: a refused session must be refused by the controller,

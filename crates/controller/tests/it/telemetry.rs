@@ -164,6 +164,7 @@ impl TestAgent {
                 node: node.into(),
                 last_seq: 0,
                 agent_version: "telemetry-test".into(),
+                ..Default::default()
             })),
         })
         .await
@@ -205,7 +206,9 @@ impl TestAgent {
                 Some(pb::controller_message::Msg::Error(e)) => {
                     panic!("session error: {} (lease {})", e.message, e.lease_id)
                 }
-                None => continue,
+                Some(pb::controller_message::Msg::Mesh(_))
+                | Some(pb::controller_message::Msg::RotateKey(_))
+                | None => continue,
             }
         }
     }

@@ -15,6 +15,7 @@
 
 mod backends;
 mod latency;
+mod mesh;
 mod scale;
 mod shaping;
 mod telemetry;
@@ -35,11 +36,12 @@ use crate::table::Table;
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     // `telemetry` runs on loopback only: no testbed, no root.
-    if !matches!(cmd.command, BenchSub::Telemetry(_)) {
+    if !matches!(cmd.command, BenchSub::Telemetry(_) | BenchSub::Mesh(_)) {
         crate::demo::require_root(&format!("bench {}", cmd.command.name()))?;
     }
     match cmd.command {
         BenchSub::Telemetry(args) => telemetry::run(args),
+        BenchSub::Mesh(args) => mesh::run(args),
         BenchSub::Shaping(args) => shaping::run(args),
         BenchSub::Backends(args) => backends::run(args),
         BenchSub::Scale(args) => scale::run(args),

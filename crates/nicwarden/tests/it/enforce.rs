@@ -67,7 +67,7 @@ where
     }
 }
 
-fn node(lab: &Lab, name: &str) -> Node {
+pub(crate) fn node(lab: &Lab, name: &str) -> Node {
     lab.testbed().node(name).expect("testbed node").clone()
 }
 
@@ -76,7 +76,7 @@ type Joined<T> =
 
 /// One flow from a node to another: a sink on the receiver's fabric address (bound before
 /// the sender starts), a sender thread in the sender's namespace.
-struct Flow {
+pub(crate) struct Flow {
     sink: Joined<Report>,
     sender: Joined<Report>,
     progress: Arc<std::sync::atomic::AtomicU64>,
@@ -87,8 +87,8 @@ struct Flow {
 impl Flow {
     /// Starts `spec` (its destination port on `to`) from `from`; the sink stops after `idle`
     /// without data, and at the latest `idle` + 2 s after the sender's duration.
-    fn start(from: &Node, to: &Node, spec: SendSpec, idle: Duration) -> Flow {
-        let listen = SocketAddr::from((to.fabric_ip, spec.dst.port()));
+    pub(crate) fn start(from: &Node, to: &Node, spec: SendSpec, idle: Duration) -> Flow {
+        let listen = spec.dst;
         let mut sink_spec = SinkSpec::new(spec.proto, listen);
         sink_spec.duration = spec.duration + idle + Duration::from_secs(2);
         sink_spec.idle_timeout = idle;
@@ -120,7 +120,7 @@ impl Flow {
     }
 
     /// Waits (bounded) until at least `bytes` arrived.
-    async fn wait_bytes(&self, bytes: u64, limit: Duration) {
+    pub(crate) async fn wait_bytes(&self, bytes: u64, limit: Duration) {
         let end = Instant::now() + limit;
         while self.progress.load(Ordering::SeqCst) < bytes {
             assert!(
@@ -133,7 +133,7 @@ impl Flow {
     }
 
     /// What was sent, what arrived, and the instant the last byte arrived.
-    fn finish(self) -> (Report, Report, Option<Instant>) {
+    pub(crate) fn finish(self) -> (Report, Report, Option<Instant>) {
         let sent = self
             .sender
             .join()

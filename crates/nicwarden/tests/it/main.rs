@@ -9,6 +9,7 @@ mod e2e;
 mod enforce;
 mod harness;
 mod live_cli;
+mod mesh;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -41,12 +42,15 @@ const COMMANDS: &[&[&str]] = &[
     &["controller"],
     &["agent"],
     &["agent", "status"],
+    &["agent", "tamper"],
     &["node"],
     &["node", "add"],
     &["node", "list"],
     &["node", "show"],
     &["node", "remove"],
     &["node", "token"],
+    &["node", "rotate-key"],
+    &["node", "tamper"],
     &["lease"],
     &["lease", "grant"],
     &["lease", "list"],

@@ -2,6 +2,8 @@
 //! usage that grows at the set rate and stops at 0, renewals, revocation. Every wait is on
 //! an event (an API answer, the fleet's counters) with a bounded deadline.
 
+mod mesh;
+
 use nicwarden_controller::ControllerConfig;
 use nicwarden_simfleet::{numbered_nodes, Fleet, FleetConfig, GrantTemplate, SimError};
 use serde_json::Value;
