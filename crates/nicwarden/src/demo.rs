@@ -95,6 +95,7 @@ async fn demo(
 ) -> anyhow::Result<()> {
     let mut spec = LabSpec::new(exe);
     spec.backend = args.datapath.clone();
+    spec.mesh = true;
     let mut lab = Lab::new(tb.clone(), spec)?;
     println!("agents enforce with the `{}` datapath", args.datapath);
     println!("starting the controller (data dir {})", lab.dir().display());
@@ -165,6 +166,13 @@ async fn demo(
         checks.push(check_stopped(n, &rates, "it has no lease"));
     }
 
+    view.phase(&format!(
+        "{} and {} exchange through the encrypted mesh; a capture on {}'s fabric veth looks for the plaintext",
+        names[0], names[1], names[0]
+    ));
+    checks.push(mesh_check(&lab, &names[0], &names[1]).await);
+    let _ = view.run_for(&lab, Duration::from_secs(1)).await;
+
     view.phase(&format!("revoking {}'s lease", names[0]));
     lab.revoke(l1, "demo: operator revocation").await?;
     let rates = view.run_for(&lab, phase).await;
@@ -188,6 +196,25 @@ async fn demo(
         )),
     });
     checks.push(check_stopped(&names[1], &rates, "its lease lapsed"));
+    view.phase(&format!(
+        "tamper on {} (lid opened; the controller is down, it is told when it returns)",
+        names[2]
+    ));
+    checks.push(match lab.tamper(&names[2], "demo: lid opened").await {
+        Ok(answer) => {
+            let st = lab.status(&names[2]).await?;
+            match (&st.tampered, st.mesh.as_ref().and_then(|m| m.public_key.as_ref())) {
+                (Some(t), None) => Ok(format!(
+                    "{}: tampered: fabric blocked {} us after the event, WireGuard keys destroyed after {} us ({answer})",
+                    names[2],
+                    t.blocked_after_us.unwrap_or(0),
+                    t.keys_destroyed_after_us.unwrap_or(0)
+                )),
+                _ => Err(format!("{}: tamper not in force: {answer}", names[2])),
+            }
+        }
+        Err(e) => Err(format!("{}: tamper failed: {e}", names[2])),
+    });
     view.phase("done");
     view.run_for(&lab, Duration::from_secs(1)).await;
 
@@ -211,6 +238,77 @@ async fn demo(
         );
     }
     Ok(())
+}
+
+/// `a` sends marked datagrams to `b`'s overlay address while a capture runs on `a`'s fabric
+/// veth: they must arrive, and the fabric must carry WireGuard only.
+async fn mesh_check(lab: &Lab, a: &str, b: &str) -> Result<String, String> {
+    use nicwarden_testbed::capture::{Capture, CaptureLimit};
+    const MARKER: &[u8] = b"nicwarden-demo-plaintext-marker";
+    for (n, peer) in [(a, b), (b, a)] {
+        lab.wait_status(n, "its mesh peer", Duration::from_secs(20), |s| {
+            s.mesh
+                .as_ref()
+                .is_some_and(|m| m.peers.iter().any(|p| p.node == peer))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    let tb = lab.testbed();
+    let (na, nb) = match (tb.node(a), tb.node(b)) {
+        (Some(x), Some(y)) => (x.clone(), y.clone()),
+        _ => return Err("mesh check: unknown node".into()),
+    };
+    let ip = lab.mesh_ip(b).ok_or("mesh check: no overlay address")?;
+    let rx = nb
+        .netns
+        .run(move || std::net::UdpSocket::bind((ip, 5999)))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("bind on {b}'s overlay address: {e}"))?;
+    rx.set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| e.to_string())?;
+    let cap = Capture::start(&na.netns, &na.fabric_iface, CaptureLimit::default())
+        .map_err(|e| e.to_string())?;
+    let end = Instant::now() + Duration::from_secs(8);
+    let receiver = std::thread::spawn(move || {
+        let mut got = 0u32;
+        let mut buf = [0u8; 256];
+        while got < 20 && Instant::now() < end {
+            if let Ok(n) = rx.recv(&mut buf) {
+                if &buf[..n] == MARKER {
+                    got += 1;
+                }
+            }
+        }
+        got
+    });
+    na.netns
+        .run(move || -> std::io::Result<()> {
+            let tx = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            let mut sent = 0;
+            while sent < 400 && Instant::now() < end {
+                tx.send_to(MARKER, (ip, 5999))?;
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("send through the tunnel: {e}"))?;
+    let got = receiver.join().map_err(|_| "receiver thread panicked")?;
+    let seen = cap.stop();
+    let wg = seen.count_udp_port(nicwarden_lab::MESH_PORT);
+    if got == 0 {
+        Err(format!("{a} -> {b}: nothing crossed the tunnel"))
+    } else if seen.contains(MARKER) {
+        Err(format!("{a} -> {b}: the marker crossed the fabric in plaintext"))
+    } else if wg == 0 {
+        Err(format!("{a} -> {b}: no WireGuard packets on the fabric"))
+    } else {
+        Ok(format!(
+            "{a} -> {b} through the mesh: {got} marked datagrams delivered; {a}'s fabric carried {wg} WireGuard packets and no plaintext marker"
+        ))
+    }
 }
 
 fn egress(s: &AgentStatus) -> Option<&nicwarden_lease::agent::ScopeDecision> {
