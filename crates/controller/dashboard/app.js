@@ -11,10 +11,10 @@ const EVENT_KEEP = 10000; // events kept in memory (the controller keeps as many
 const EVENT_ROWS = 2000; // rows the events table shows at most
 const EVENT_PAGE = 500; // rows it shows first (more on request, up to EVENT_ROWS)
 const NODE_EVENT_ROWS = 200;
-const STATES = ['active', 'partial', 'pending', 'exhausted', 'revoked', 'expired', 'none'];
+const STATES = ['active', 'partial', 'pending', 'exhausted', 'revoked', 'expired', 'tampered', 'none'];
 const KINDS = ['lease.', 'lease.granted', 'lease.renewed', 'lease.changed', 'lease.revoked', 'lease.expired',
   'lease.exhausted', 'agent.', 'agent.connected', 'agent.disconnected', 'node.', 'node.added', 'node.removed',
-  'node.enrolled', 'quota.set', 'tamper.', 'topology.'];
+  'node.enrolled', 'node.tampered', 'mesh.', 'mesh.key_rotated', 'quota.set', 'topology.'];
 const SEVERITIES = ['info', 'warning', 'critical'];
 
 // ---------------------------------------------------------------------------------------
@@ -859,7 +859,7 @@ const FLEET_COLS = [
   { key: 'expires', label: 'Expires in', num: true, w: 10 },
   { key: 'age', label: 'Last report', num: true, w: 12 },
 ];
-const STATE_ORDER = Object.fromEntries(['exhausted', 'revoked', 'expired', 'partial', 'pending', 'active', 'none'].map((s, i) => [s, i]));
+const STATE_ORDER = Object.fromEntries(['tampered', 'exhausted', 'revoked', 'expired', 'partial', 'pending', 'active', 'none'].map((s, i) => [s, i]));
 
 const fleetView = {
   el: null,

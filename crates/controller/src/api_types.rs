@@ -154,7 +154,7 @@ pub struct NodeNow {
     pub last_report_unix_ms: Option<u64>,
     /// Not connected, or no report within `stale_after_ms`.
     pub stale: bool,
-    /// `none`, `active`, `partial`, or the state of its non-active scopes.
+    /// `tampered`, `none`, `active`, `partial`, or the state of its non-active scopes.
     pub state: String,
     pub leased_bps: u64,
     pub floor_bps: u64,

@@ -1501,7 +1501,17 @@ impl Controller {
             connected,
             last_report_unix_ms: tele.last_report_ms(name),
             stale,
-            state: node_state(&scopes).into(),
+            // A tampered node is shown as such whatever its (revoked) leases say.
+            state: if inner
+                .mesh
+                .records
+                .get(name)
+                .is_some_and(|r| r.tampered.is_some())
+            {
+                "tampered".into()
+            } else {
+                node_state(&scopes).into()
+            },
             leased_bps: scopes
                 .iter()
                 .filter(|s| s.lease_id.is_some() && s.leased_bps > 0)
