@@ -19,6 +19,7 @@ mod mesh;
 mod scale;
 mod shaping;
 mod telemetry;
+mod tunnel;
 mod variant;
 mod volume;
 
@@ -47,6 +48,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchSub::Scale(args) => scale::run(args),
         BenchSub::Volume(args) => volume::run(args),
         BenchSub::Latency(args) => latency::run(args),
+        BenchSub::Tunnel(args) => tunnel::run(args),
     }
 }
 

@@ -162,13 +162,6 @@ impl Path {
             Path::Tunnel => "tunnel, WireGuard",
         }
     }
-
-    fn key(self) -> &'static str {
-        match self {
-            Path::Fabric => "fabric",
-            Path::Tunnel => "tunnel",
-        }
-    }
 }
 
 /// Part 1 in one repetition.
@@ -273,7 +266,11 @@ fn receive(socket: &UdpSocket, deadline: Instant) -> std::io::Result<Vec<Arrival
 /// Time from `t0` to the last of the flow's datagrams (zero if it came before `t0`); `None`
 /// if they went on into the last [`QUIET`] before `end`, or none arrived.
 fn last_arrival(arrivals: &[Arrival], t0: Instant, end: Instant) -> Option<Duration> {
-    let last = arrivals.iter().filter(|a| a.len == DATAGRAM).map(|a| a.at).max()?;
+    let last = arrivals
+        .iter()
+        .filter(|a| a.len == DATAGRAM)
+        .map(|a| a.at)
+        .max()?;
     if last + QUIET > end {
         return None;
     }
@@ -456,7 +453,11 @@ async fn tamper_once(
 }
 
 /// The whole measurement, in the management namespace.
-async fn measure(tb: Arc<Testbed>, exe: PathBuf, args: &BenchTunnelArgs) -> anyhow::Result<Results> {
+async fn measure(
+    tb: Arc<Testbed>,
+    exe: PathBuf,
+    args: &BenchTunnelArgs,
+) -> anyhow::Result<Results> {
     let names: Vec<String> = tb.nodes().iter().map(|n| n.name.clone()).collect();
     let [n1, n2, n3] = match tb.nodes() {
         [a, b, c] => [a.clone(), b.clone(), c.clone()],
@@ -468,8 +469,9 @@ async fn measure(tb: Arc<Testbed>, exe: PathBuf, args: &BenchTunnelArgs) -> anyh
     // Three non-binding leases must fit under the fabric (and default group) quota.
     spec.fabric_capacity_bps = NON_BINDING_BPS * names.len() as u64;
     let fabric_mtu = tb.spec().fabric_mtu;
-    let tunnel_mtu =
-        fabric_mtu.saturating_sub(80).min(u32::from(nicwarden_agent::config::MESH_MAX_MTU));
+    let tunnel_mtu = fabric_mtu
+        .saturating_sub(80)
+        .min(u32::from(nicwarden_agent::config::MESH_MAX_MTU));
     let mut lab = Lab::new(tb.clone(), spec)?;
     lab.start_controller().await?;
     lab.enroll_all().await?;
@@ -478,7 +480,9 @@ async fn measure(tb: Arc<Testbed>, exe: PathBuf, args: &BenchTunnelArgs) -> anyh
         lease_bps = lease_bps.min(grant(&lab, n).await?);
     }
     wait_full_mesh(&lab, &names).await?;
-    let m2 = lab.mesh_ip(&n2.name).context("node2 has no overlay address")?;
+    let m2 = lab
+        .mesh_ip(&n2.name)
+        .context("node2 has no overlay address")?;
     eprintln!(
         "  cluster up: {} agents (ebpf, mesh), leases {} each, node2 fabric {} / overlay {m2}",
         names.len(),
@@ -494,8 +498,9 @@ async fn measure(tb: Arc<Testbed>, exe: PathBuf, args: &BenchTunnelArgs) -> anyh
         Path::Tunnel => SocketAddr::from((m2, port)),
     };
     for path in [Path::Fabric, Path::Tunnel] {
-        let f = tokio::task::block_in_place(|| tcp_flow(&n1, &n2, dst(path, ports.next()), WARM_UP))
-            .with_context(|| format!("warm-up flow on the {}", path.label()))?;
+        let f =
+            tokio::task::block_in_place(|| tcp_flow(&n1, &n2, dst(path, ports.next()), WARM_UP))
+                .with_context(|| format!("warm-up flow on the {}", path.label()))?;
         if f.got.bytes == 0 {
             bail!(
                 "warm-up on the {}: nothing delivered\nnode1:\n{}\nnode2:\n{}",
@@ -531,8 +536,12 @@ async fn measure(tb: Arc<Testbed>, exe: PathBuf, args: &BenchTunnelArgs) -> anyh
                 f.got.stop
             );
             match path {
-                Path::Fabric => (pair.fabric_bps, pair.fabric_cpu) = (f.goodput_bps(), f.cpu_per_gbit()),
-                Path::Tunnel => (pair.tunnel_bps, pair.tunnel_cpu) = (f.goodput_bps(), f.cpu_per_gbit()),
+                Path::Fabric => {
+                    (pair.fabric_bps, pair.fabric_cpu) = (f.goodput_bps(), f.cpu_per_gbit())
+                }
+                Path::Tunnel => {
+                    (pair.tunnel_bps, pair.tunnel_cpu) = (f.goodput_bps(), f.cpu_per_gbit())
+                }
             }
         }
         pairs.push(pair);
@@ -596,7 +605,11 @@ fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|k| k.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
-    let build = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     format!("{cores} cores ({model}), Linux {kernel}, {build} build")
 }
 
@@ -634,19 +647,49 @@ fn report(args: &BenchTunnelArgs, r: &Results) {
     let tunnel: Vec<f64> = r.pairs.iter().map(|p| p.tunnel_bps).collect();
     let fabric_cpu: Vec<f64> = r.pairs.iter().map(|p| p.fabric_cpu).collect();
     let tunnel_cpu: Vec<f64> = r.pairs.iter().map(|p| p.tunnel_cpu).collect();
-    let ratios: Vec<f64> = r.pairs.iter().map(|p| ratio(p.tunnel_bps, p.fabric_bps)).collect();
-    let cpu_ratios: Vec<f64> = r.pairs.iter().map(|p| ratio(p.tunnel_cpu, p.fabric_cpu)).collect();
+    let ratios: Vec<f64> = r
+        .pairs
+        .iter()
+        .map(|p| ratio(p.tunnel_bps, p.fabric_bps))
+        .collect();
+    let cpu_ratios: Vec<f64> = r
+        .pairs
+        .iter()
+        .map(|p| ratio(p.tunnel_cpu, p.fabric_cpu))
+        .collect();
     let anchor = ANCHOR_ENCRYPTED_GBPS / ANCHOR_RAW_GBPS;
 
-    let blocked: Vec<f64> = r.tampers.iter().filter_map(|t| t.blocked_us).map(|u| u as f64 / 1000.0).collect();
-    let keys: Vec<f64> = r.tampers.iter().filter_map(|t| t.keys_destroyed_us).map(|u| u as f64 / 1000.0).collect();
+    let blocked: Vec<f64> = r
+        .tampers
+        .iter()
+        .filter_map(|t| t.blocked_us)
+        .map(|u| u as f64 / 1000.0)
+        .collect();
+    let keys: Vec<f64> = r
+        .tampers
+        .iter()
+        .filter_map(|t| t.keys_destroyed_us)
+        .map(|u| u as f64 / 1000.0)
+        .collect();
     let calls: Vec<f64> = r.tampers.iter().map(|t| ms(t.call)).collect();
-    let last_dgram: Vec<f64> = r.tampers.iter().filter_map(|t| t.last_datagram.map(ms)).collect();
-    let last_peer: Vec<f64> = r.tampers.iter().filter_map(|t| t.last_peer().map(ms)).collect();
+    let last_dgram: Vec<f64> = r
+        .tampers
+        .iter()
+        .filter_map(|t| t.last_datagram.map(ms))
+        .collect();
+    let last_peer: Vec<f64> = r
+        .tampers
+        .iter()
+        .filter_map(|t| t.last_peer().map(ms))
+        .collect();
     let periods: Vec<f64> = r
         .tampers
         .iter()
-        .flat_map(|t| t.watches.iter().flat_map(|(_, w)| w.periods_ms.iter().copied()))
+        .flat_map(|t| {
+            t.watches
+                .iter()
+                .flat_map(|(_, w)| w.periods_ms.iter().copied())
+        })
         .collect();
     let resolutions: Vec<f64> = r
         .tampers
@@ -723,8 +766,19 @@ fn report(args: &BenchTunnelArgs, r: &Results) {
         "   fabric: {} (MTU {}), tunnel: {} (MTU {}, over the same fabric, datapath and lease)",
         r.fabric_dst, r.fabric_mtu, r.tunnel_dst, r.tunnel_mtu
     );
-    let mut t = Table::new(&["PATH", "REPS", "GOODPUT MEDIAN", "MIN", "MAX", "CPU S/GBIT MEDIAN", "PER REPETITION"]);
-    for (path, v, cpu) in [(Path::Fabric, &fabric, &fabric_cpu), (Path::Tunnel, &tunnel, &tunnel_cpu)] {
+    let mut t = Table::new(&[
+        "PATH",
+        "REPS",
+        "GOODPUT MEDIAN",
+        "MIN",
+        "MAX",
+        "CPU S/GBIT MEDIAN",
+        "PER REPETITION",
+    ]);
+    for (path, v, cpu) in [
+        (Path::Fabric, &fabric, &fabric_cpu),
+        (Path::Tunnel, &tunnel, &tunnel_cpu),
+    ] {
         t.row(vec![
             path.label().into(),
             v.len().to_string(),
@@ -742,7 +796,11 @@ fn report(args: &BenchTunnelArgs, r: &Results) {
         format!("{:.2}", min(&ratios)),
         format!("{:.2}", max(&ratios)),
         format!("{:.2}", median(&cpu_ratios)),
-        ratios.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),
+        ratios
+            .iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", "),
     ]);
     print!("{}", t.render());
     println!(
@@ -762,18 +820,38 @@ fn report(args: &BenchTunnelArgs, r: &Results) {
         DATAGRAM,
         DATAGRAM as f64 * 8.0 / PACED_BPS as f64 * 1e6
     );
-    let mut t = Table::new(&["REP", "AGENT: BLOCKED", "AGENT: KEYS DESTROYED", "TAMPER CALL", "LAST DATAGRAM AFTER", "ARRIVALS"]);
+    println!(
+        "   The agent's figures end when its whole reconcile (eBPF map write first, then the HTB \
+         classes), and then the key destruction, returned; packets stop at the map write, so the \
+         external figure can be the smaller one. The tamper call returns after the agent's whole \
+         response (block, keys, record, report)."
+    );
+    let mut t = Table::new(&[
+        "REP",
+        "AGENT: BLOCKED",
+        "AGENT: KEYS DESTROYED",
+        "TAMPER CALL",
+        "LAST DATAGRAM AFTER",
+        "ARRIVALS",
+    ]);
     for (i, x) in r.tampers.iter().enumerate() {
         t.row(vec![
             (i + 1).to_string(),
             fmt_opt_ms(x.blocked_us.map(|u| u as f64 / 1000.0)),
             fmt_opt_ms(x.keys_destroyed_us.map(|u| u as f64 / 1000.0)),
             fmt_ms(ms(x.call)),
-            x.last_datagram.map_or("not stopped".into(), |d| fmt_ms(ms(d))),
+            x.last_datagram
+                .map_or("not stopped".into(), |d| fmt_ms(ms(d))),
             x.arrivals.to_string(),
         ]);
     }
-    let stat = |v: &[f64], f: fn(&[f64]) -> f64| if v.is_empty() { "-".to_string() } else { fmt_ms(f(v)) };
+    let stat = |v: &[f64], f: fn(&[f64]) -> f64| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            fmt_ms(f(v))
+        }
+    };
     for (label, f) in [("median", median as fn(&[f64]) -> f64), ("max", max)] {
         t.row(vec![
             label.into(),
@@ -813,7 +891,12 @@ fn report(args: &BenchTunnelArgs, r: &Results) {
     for (i, x) in r.tampers.iter().enumerate() {
         let mut row = vec![(i + 1).to_string()];
         for (_, w) in &x.watches {
-            row.push(w.gone_after.map_or(format!("not within {} s", POLL_LIMIT.as_secs()), |d| fmt_ms(ms(d))));
+            row.push(
+                w.gone_after
+                    .map_or(format!("not within {} s", POLL_LIMIT.as_secs()), |d| {
+                        fmt_ms(ms(d))
+                    }),
+            );
             row.push(fmt_opt_ms(w.resolution().map(ms)));
         }
         row.push(fmt_opt_ms(x.last_peer().map(ms)));
@@ -856,7 +939,10 @@ mod tests {
             Some(Duration::ZERO)
         );
         // Still arriving near the end: not stopped.
-        assert_eq!(last_arrival(&arrivals(base, &[1450], DATAGRAM), t0, end), None);
+        assert_eq!(
+            last_arrival(&arrivals(base, &[1450], DATAGRAM), t0, end),
+            None
+        );
         assert_eq!(last_arrival(&[], t0, end), None);
     }
 
@@ -875,7 +961,10 @@ mod tests {
             arrivals: 0,
             watches: vec![("node2".into(), w(a)), ("node3".into(), w(b))],
         };
-        assert_eq!(rep(Some(5), Some(9)).last_peer(), Some(Duration::from_millis(9)));
+        assert_eq!(
+            rep(Some(5), Some(9)).last_peer(),
+            Some(Duration::from_millis(9))
+        );
         assert_eq!(rep(Some(5), None).last_peer(), None);
         assert_eq!(w(Some(5)).resolution(), Some(Duration::from_millis(4)));
     }
