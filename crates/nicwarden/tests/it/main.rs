@@ -73,6 +73,7 @@ const COMMANDS: &[&[&str]] = &[
     &["bench", "volume"],
     &["bench", "latency"],
     &["bench", "telemetry"],
+    &["bench", "tunnel"],
     &["sim"],
     &["traffic"],
     &["traffic", "sink"],
@@ -364,6 +365,7 @@ fn demo_without_privileges_says_what_it_needs() {
         "bench scale",
         "bench volume",
         "bench latency",
+        "bench tunnel",
     ] {
         let words: Vec<&str> = cmd.split(' ').collect();
         let bin = env!("CARGO_BIN_EXE_nicwarden");
