@@ -67,6 +67,10 @@ pub struct MeshConfig {
     pub mtu: u16,
     /// The WireGuard private key (0600) [default: <data_dir>/wg.key]; generated at first start.
     pub key_file: Option<PathBuf>,
+    /// Let only WireGuard cross the fabric interface: every other IP packet in or out of
+    /// it is dropped (nftables table `inet nicwarden_guard`, kept when the agent stops;
+    /// `agent --cleanup` removes it). ARP and the management interface are untouched.
+    pub encrypted_only: bool,
 }
 
 impl Default for MeshConfig {
@@ -79,6 +83,7 @@ impl Default for MeshConfig {
             endpoint: None,
             mtu: 1420,
             key_file: None,
+            encrypted_only: false,
         }
     }
 }
@@ -276,6 +281,11 @@ impl AgentConfig {
                     "mesh.iface `{}` must be a new interface name of 1-15 characters, not the fabric interface",
                     m.iface
                 )));
+            }
+            if m.encrypted_only && self.datapath.backend == "none" {
+                return Err(ConfigError::Invalid(
+                    "mesh.encrypted_only needs a datapath backend (`ebpf` or `tc`): with `none` nothing is programmed".into(),
+                ));
             }
             if m.mtu < 1280 || m.mtu > MESH_MAX_MTU {
                 return Err(ConfigError::Invalid(format!(

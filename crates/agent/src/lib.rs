@@ -181,6 +181,29 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         });
     }
     let hello: SharedHello = Arc::default();
+    // The fabric guard goes in before the tunnel carries anything: from here on, nothing
+    // but WireGuard crosses the fabric interface.
+    let guard = match (
+        cfg.mesh.enabled && cfg.mesh.encrypted_only,
+        cfg.mesh.endpoint,
+    ) {
+        (true, Some(ep)) => {
+            let spec = nicwarden_datapath::GuardSpec {
+                iface: cfg.datapath.fabric_iface.clone(),
+                port: ep.port(),
+            };
+            let mut g = nicwarden_datapath::FabricGuard::new();
+            tokio::task::block_in_place(|| g.ensure(&spec)).with_context(|| {
+                format!(
+                    "install the fabric guard (only WireGuard on {}, mesh.encrypted_only)",
+                    spec.iface
+                )
+            })?;
+            tracing::info!(iface = %spec.iface, port = spec.port, "fabric guard: only WireGuard crosses the fabric interface");
+            Some((g, spec))
+        }
+        _ => None,
+    };
     let mesh = match (&tamper_rec, cfg.mesh.enabled) {
         (None, true) => {
             let m = mesh::MeshShell::start(&cfg, clock.now()).await?;
@@ -261,6 +284,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         last_desired: None,
         last_reconcile: Instant::now(),
         mesh,
+        guard,
+        guard_status: None,
         hello,
         tampered: tamper_rec.map(|t| TamperStatus {
             reason: t.reason,
@@ -311,6 +336,12 @@ struct Loop {
     /// The leases held, as signed by the controller (persisted with the replay guard).
     held: BTreeMap<u64, identity::HeldLease>,
     mesh: Option<mesh::MeshShell>,
+    /// `mesh.encrypted_only`: the nftables guard and what it lets through.
+    guard: Option<(
+        nicwarden_datapath::FabricGuard<nicwarden_datapath::RealNft>,
+        nicwarden_datapath::GuardSpec,
+    )>,
+    guard_status: Option<mesh::GuardStatus>,
     hello: SharedHello,
     /// Set by a tamper event (or the record found at start): the fabric stays blocked.
     tampered: Option<TamperStatus>,
@@ -418,6 +449,11 @@ pub fn open_datapath(
 /// `nicwarden agent --cleanup`: removes everything the configured backend installed on
 /// the fabric interface. The agent itself never does this on exit (it would fail open).
 pub fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
+    if cfg.mesh.encrypted_only {
+        nicwarden_datapath::FabricGuard::new()
+            .remove()
+            .context("remove the fabric guard (table inet nicwarden_guard)")?;
+    }
     match open_datapath(&cfg.datapath, &cfg.node)? {
         None => {
             tracing::info!("datapath backend `none`: nothing to remove");
@@ -503,6 +539,7 @@ impl Loop {
         }
         // Usage may have spent a volume (exhausted: floor), and drift is repaired here.
         self.enforce(now);
+        self.check_guard();
         if !self.connected {
             return;
         }
@@ -567,6 +604,37 @@ impl Loop {
                 self.held.remove(&lease.0);
             }
             _ => {}
+        }
+    }
+
+    /// Re-installs the fabric guard if it went missing (every report tick: one `nft list`),
+    /// and reads what it dropped.
+    fn check_guard(&mut self) {
+        let Some((g, spec)) = self.guard.as_mut() else {
+            return;
+        };
+        let result = tokio::task::block_in_place(|| {
+            let changed = g.ensure(spec)?;
+            g.counters().map(|c| (changed, c))
+        });
+        let st = self.guard_status.get_or_insert_with(|| mesh::GuardStatus {
+            iface: spec.iface.clone(),
+            port: spec.port,
+            ..Default::default()
+        });
+        match result {
+            Ok((changed, c)) => {
+                if changed {
+                    tracing::warn!(iface = %spec.iface, "fabric guard was missing or different: re-installed");
+                    st.repairs += 1;
+                }
+                st.counters = c.unwrap_or_default();
+                st.last_error = None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "fabric guard check failed");
+                st.last_error = Some(e.to_string());
+            }
         }
     }
 
@@ -773,7 +841,11 @@ impl Loop {
                 let now = self.clock.now();
                 self.expire(now);
                 let mesh = match &self.mesh {
-                    Some(m) => Some(m.status(now).await),
+                    Some(m) => {
+                        let mut st = m.status(now).await;
+                        st.guard = self.guard_status.clone();
+                        Some(st)
+                    }
                     None => None,
                 };
                 let _ = reply.send(AgentStatus {

@@ -78,6 +78,19 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
 }
 
+/// The fabric guard (`mesh.encrypted_only`) as `/status` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct GuardStatus {
+    pub iface: String,
+    pub port: u16,
+    /// Plaintext packets dropped on the fabric interface since the guard was installed.
+    #[serde(flatten)]
+    pub counters: nicwarden_datapath::GuardCounters,
+    /// Times it was found missing (removed behind the agent's back) and re-installed.
+    pub repairs: u64,
+    pub last_error: Option<String>,
+}
+
 /// The mesh part of `/status`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct MeshStatus {
@@ -94,6 +107,9 @@ pub struct MeshStatus {
     pub rejected_entries: u64,
     pub rotations: u64,
     pub last_error: Option<String>,
+    /// `mesh.encrypted_only`: the guard and what it dropped.
+    #[serde(default)]
+    pub guard: Option<GuardStatus>,
 }
 
 pub struct MeshShell {
@@ -391,6 +407,7 @@ impl MeshShell {
             rejected_entries: self.rejected_entries,
             rotations: self.rotations,
             last_error: self.last_error.clone(),
+            guard: None,
         }
     }
 }

@@ -23,10 +23,13 @@
 //! fake kernel in [`fake`]; `shaper.rs` is the HTB layer both backends share. The eBPF backend
 //! adds [`BpfOps`] (aya, with an in-memory [`ebpf::FakeBpf`]) and its program,
 //! `bpf/nicwarden.bpf.c`, compiled by `build.rs` with clang and embedded in the crate.
+//! [`guard`] is the mesh's fabric guard (`inet nicwarden_guard`: only WireGuard crosses the
+//! fabric), independent of the backend.
 
 pub mod ebpf;
 mod error;
 pub mod fake;
+pub mod guard;
 mod nft;
 mod ops;
 pub mod plan;
@@ -39,7 +42,8 @@ mod tests;
 
 pub use ebpf::{BpfOps, EbpfDatapath, RealBpf};
 pub use error::DatapathError;
-pub use ops::{NftOps, RealNft, RealTc, TcOps};
+pub use guard::{FabricGuard, GuardCounters, GuardSpec};
+pub use ops::{GuardOps, NftOps, RealNft, RealTc, TcOps};
 
 use ipnet::Ipv4Net;
 use nft::{NftDesired, NftKernel};

@@ -35,6 +35,14 @@ pub trait NftOps: Send {
     fn apply(&mut self, script: &str) -> Result<(), DatapathError>;
 }
 
+/// The nftables operations of the fabric guard (table `inet nicwarden_guard`).
+pub trait GuardOps: Send {
+    /// `nft -j list table inet nicwarden_guard`; `None` if the table does not exist.
+    fn list_guard_json(&mut self) -> Result<Option<String>, DatapathError>;
+    /// `nft -f -`: one atomic transaction.
+    fn apply_guard(&mut self, script: &str) -> Result<(), DatapathError>;
+}
+
 /// Output of a successful tool run.
 pub(crate) struct Ran {
     pub(crate) stdout: String,
@@ -229,6 +237,38 @@ impl NftOps for RealNft {
         c.args(["-f", "-"]);
         run(
             &format!("apply nft script to table {FAMILY} {TABLE}"),
+            c,
+            Some(script),
+        )
+        .map(|_| ())
+    }
+}
+
+impl GuardOps for RealNft {
+    fn list_guard_json(&mut self) -> Result<Option<String>, DatapathError> {
+        use crate::guard::{GUARD_FAMILY, GUARD_TABLE};
+        let mut c = self.nft();
+        c.args(["-j", "list", "table", GUARD_FAMILY, GUARD_TABLE]);
+        match run(
+            &format!("list nft table {GUARD_FAMILY} {GUARD_TABLE}"),
+            c,
+            None,
+        ) {
+            Ok(ran) => Ok(Some(ran.stdout)),
+            Err(DatapathError::Command { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+    fn apply_guard(&mut self, script: &str) -> Result<(), DatapathError> {
+        use crate::guard::{GUARD_FAMILY, GUARD_TABLE};
+        let mut c = self.nft();
+        c.args(["-f", "-"]);
+        run(
+            &format!("apply nft script to table {GUARD_FAMILY} {GUARD_TABLE}"),
             c,
             Some(script),
         )

@@ -76,6 +76,8 @@ pub struct LabSpec {
     /// Run the encrypted mesh: each agent gets overlay address [`Lab::mesh_ip`] /24 and
     /// listens for WireGuard on its fabric address, port [`MESH_PORT`].
     pub mesh: bool,
+    /// With `mesh`: agents let only WireGuard cross their fabric (`--mesh-encrypted-only`).
+    pub mesh_encrypted_only: bool,
 }
 
 /// The WireGuard port of the lab's agents (on their fabric address).
@@ -90,6 +92,7 @@ impl LabSpec {
             fabric_capacity_bps: 100_000_000_000,
             backend: "ebpf".into(),
             mesh: false,
+            mesh_encrypted_only: false,
         }
     }
 }
@@ -388,6 +391,9 @@ impl Lab {
                     .min(u32::from(nicwarden_agent::config::MESH_MAX_MTU))
                     .to_string(),
             ]);
+            if self.spec.mesh_encrypted_only {
+                args.push("--mesh-encrypted-only".into());
+            }
         }
         if let Some(t) = token {
             args.push("--token".into());

@@ -62,6 +62,24 @@ pub fn render_mesh(m: &nicwarden_agent::mesh::MeshStatus) -> String {
             .map(|e| format!("; LAST ERROR: {e}"))
             .unwrap_or_default()
     );
+    if let Some(g) = &m.guard {
+        out.push_str(&format!(
+            "fabric guard on {}: only WireGuard (udp {}) crosses it; plaintext dropped: {} out, {} in{}{}\n",
+            g.iface,
+            g.port,
+            g.counters.dropped_out_packets,
+            g.counters.dropped_in_packets,
+            if g.repairs > 0 {
+                format!("; re-installed {} times", g.repairs)
+            } else {
+                String::new()
+            },
+            g.last_error
+                .as_ref()
+                .map(|e| format!("; LAST ERROR: {e}"))
+                .unwrap_or_default()
+        ));
+    }
     if m.peers.is_empty() {
         out.push_str("  no peers (none authorized by the controller, or their entries expired)\n");
         return out;

@@ -881,6 +881,10 @@ pub struct AgentRunArgs {
     /// Fabric ip:port where this node's WireGuard device listens, e.g. 198.18.0.2:51820
     #[arg(long, env = "NICWARDEN_MESH_ENDPOINT", value_name = "IP:PORT")]
     pub mesh_endpoint: Option<SocketAddr>,
+    /// Let only WireGuard cross the fabric interface (drop every other IP packet in or out of
+    /// it; kept when the agent stops, removed by --cleanup)
+    #[arg(long, env = "NICWARDEN_MESH_ENCRYPTED_ONLY")]
+    pub mesh_encrypted_only: bool,
     /// MTU of the tunnel interface [config default: 1420]
     #[arg(long, env = "NICWARDEN_MESH_MTU", value_name = "BYTES")]
     pub mesh_mtu: Option<u16>,

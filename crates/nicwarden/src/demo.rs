@@ -301,7 +301,9 @@ async fn mesh_check(lab: &Lab, a: &str, b: &str) -> Result<String, String> {
     if got == 0 {
         Err(format!("{a} -> {b}: nothing crossed the tunnel"))
     } else if seen.contains(MARKER) {
-        Err(format!("{a} -> {b}: the marker crossed the fabric in plaintext"))
+        Err(format!(
+            "{a} -> {b}: the marker crossed the fabric in plaintext"
+        ))
     } else if wg == 0 {
         Err(format!("{a} -> {b}: no WireGuard packets on the fabric"))
     } else {

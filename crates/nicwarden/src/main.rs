@@ -120,6 +120,9 @@ pub fn agent_config(args: &AgentRunArgs) -> anyhow::Result<AgentConfig> {
         cfg.mesh.endpoint = Some(e);
         cfg.mesh.enabled = true;
     }
+    if args.mesh_encrypted_only {
+        cfg.mesh.encrypted_only = true;
+    }
     if let Some(m) = args.mesh_mtu {
         cfg.mesh.mtu = m;
     }

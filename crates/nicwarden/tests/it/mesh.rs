@@ -23,6 +23,15 @@ where
     F: FnOnce(Lab) -> Fut + Send,
     Fut: Future<Output = ()>,
 {
+    with_mesh_lab_opts(nodes, false, body)
+}
+
+/// [`with_mesh_lab`], the agents with `--mesh-encrypted-only` if `encrypted_only`.
+fn with_mesh_lab_opts<F, Fut>(nodes: usize, encrypted_only: bool, body: F)
+where
+    F: FnOnce(Lab) -> Fut + Send,
+    Fut: Future<Output = ()>,
+{
     if !nicwarden_testbed::has_privileges() {
         eprintln!("skipped: needs root (network namespaces, TUN, bpf)");
         return;
@@ -40,6 +49,7 @@ where
         let mut spec = LabSpec::new(BIN);
         spec.backend = "ebpf".into();
         spec.mesh = true;
+        spec.mesh_encrypted_only = encrypted_only;
         let mut lab = Lab::new(tb2, spec).expect("lab");
         lab.start_controller().await.expect("start the controller");
         lab.enroll_all().await.expect("enroll the agents");
@@ -499,5 +509,99 @@ fn rotation_keeps_a_flow_alive() {
             .await
             .expect("node");
         assert_eq!(v["mesh"]["rotations"], 1, "{v}");
+    });
+}
+
+#[test]
+fn encrypted_only_lets_nothing_but_wireguard_cross_the_fabric() {
+    with_mesh_lab_opts(2, true, |mut lab| async move {
+        grant(&lab, "node1", 1_000_000_000).await;
+        grant(&lab, "node2", 1_000_000_000).await;
+        wait_peers(&lab, "node1", &["node2"]).await;
+        wait_peers(&lab, "node2", &["node1"]).await;
+        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
+        let m2 = lab.mesh_ip("node2").expect("mesh ip");
+        // Through the tunnel: delivered. In clear to the same node: dropped, and counted.
+        assert!(
+            udp_marker(&n1, &n2, m2, 7041, 20, Duration::from_secs(8)) > 0,
+            "tunnel broken"
+        );
+        assert_eq!(
+            udp_marker(
+                &n1,
+                &n2,
+                n2.fabric_ip,
+                7042,
+                10,
+                Duration::from_millis(1500)
+            ),
+            0
+        );
+        lab.wait_status(
+            "node1",
+            "the guard's drops counted",
+            Duration::from_secs(5),
+            |s| {
+                s.mesh
+                    .as_ref()
+                    .and_then(|m| m.guard.as_ref())
+                    .is_some_and(|g| g.counters.dropped_out_packets > 0)
+            },
+        )
+        .await
+        .expect("guard counters");
+        // The guard outlives the agent: a stopped agent does not open the fabric.
+        lab.kill_agent("node1");
+        assert_eq!(
+            udp_marker(
+                &n1,
+                &n2,
+                n2.fabric_ip,
+                7043,
+                10,
+                Duration::from_millis(1500)
+            ),
+            0
+        );
+        // Removed behind its back, it comes back at the next check of a running agent.
+        lab.start_agent("node1", None)
+            .expect("restart node1's agent");
+        lab.wait_status("node1", "connected again", Duration::from_secs(20), |s| {
+            s.connected
+        })
+        .await
+        .expect("connected");
+        n1.netns
+            .run(|| {
+                std::process::Command::new("nft")
+                    .args(["delete", "table", "inet", "nicwarden_guard"])
+                    .status()
+            })
+            .expect("enter node1's namespace")
+            .expect("run nft");
+        lab.wait_status(
+            "node1",
+            "the guard re-installed",
+            Duration::from_secs(10),
+            |s| {
+                s.mesh
+                    .as_ref()
+                    .and_then(|m| m.guard.as_ref())
+                    .is_some_and(|g| g.repairs > 0)
+            },
+        )
+        .await
+        .expect("guard repaired");
+        assert_eq!(
+            udp_marker(
+                &n1,
+                &n2,
+                n2.fabric_ip,
+                7044,
+                10,
+                Duration::from_millis(1500)
+            ),
+            0
+        );
     });
 }
