@@ -25,6 +25,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, Notify};
 
+/// How long additions to the mesh wait so that one plan covers a burst of grants.
+pub const MESH_COALESCE: std::time::Duration = std::time::Duration::from_millis(50);
+
 const KEY_TREE: &str = "/tree";
 const KEY_NEXT_LEASE: &str = "/meta/next_lease_id";
 const PREFIX_NODES: &str = "/nodes/";
@@ -144,6 +147,8 @@ pub struct Controller {
     pub live: Live,
     /// Woken when the ledger's next timeout may have moved earlier.
     pub timer: Notify,
+    /// Woken when the mesh has entries to add or refresh (planned [`MESH_COALESCE`] later).
+    pub mesh_wake: Notify,
     node_cert_days: u32,
     /// Ask each node for a new WireGuard key this often (0: only on operator request).
     mesh_rotation_ms: u64,
@@ -199,6 +204,7 @@ impl Controller {
             metrics: Metrics::new(),
             live,
             timer: Notify::new(),
+            mesh_wake: Notify::new(),
             node_cert_days,
             mesh_rotation_ms,
         };
@@ -271,6 +277,12 @@ impl Controller {
     /// Signs and pushes directives to connected agents; records expirations.
     fn dispatch(&self, inner: &mut Inner, effects: Vec<Effect>) {
         let now = now_ms();
+        let removal = effects.iter().any(|e| {
+            matches!(
+                e,
+                Effect::Send(Directive::Revoke(_)) | Effect::Expired { .. }
+            )
+        });
         for eff in effects {
             match eff {
                 Effect::Send(d) => {
@@ -352,8 +364,13 @@ impl Controller {
         }
         self.update_lease_gauges(inner);
         self.timer.notify_one();
-        // Lease changes move nodes in and out of their peers' sets: at once, in the same lock.
-        self.mesh_sync(inner);
+        // A revocation or a lapse may take a node out of its peers' sets: planned at once,
+        // in the same lock. Grants and renewals only add or refresh: coalesced.
+        if removal {
+            self.mesh_sync(inner);
+        } else {
+            self.mesh_wake.notify_one();
+        }
     }
 
     fn update_lease_gauges(&self, inner: &Inner) {
@@ -822,21 +839,26 @@ impl Controller {
         self.metrics
             .agents_connected
             .set(inner.sessions.len() as i64);
-        let mesh_refused = match hello.mesh.as_ref().map(|m| {
+        let (mesh_refused, rotated) = match hello.mesh.as_ref().map(|m| {
             nicwarden_proto::mesh_info_from_pb(m)
                 .map_err(|e| ApiError::invalid(format!("mesh identity of {cert_node}: {e}")))
                 .and_then(|info| self.set_mesh_identity(&mut inner, cert_node, &info))
         }) {
-            Some(Err(e)) => Some(e.message),
-            _ => None,
+            Some(Err(e)) => (Some(e.message), false),
+            Some(Ok(rotated)) => (None, rotated),
+            None => (None, false),
         };
         let effects = inner.ledger.resync(Time(now_ms()), cert_node);
         if let Err(e) = self.persist(&mut inner, "resync", vec![]) {
             inner.sessions.remove(cert_node);
             return Err(tonic::Status::internal(e.message));
         }
-        // Publishes this node's (new) entry to its peers, then gives it its own peer set.
+        // Its entry reaches its peers with the next (coalesced) plan; a key that changed
+        // while it was away is replaced at its peers now, the old one retired.
         self.dispatch(&mut inner, effects);
+        if rotated {
+            self.mesh_sync(&mut inner);
+        }
         if let Some(m) = &mesh_refused {
             let msg = pb::ControllerMessage {
                 msg: Some(pb::controller_message::Msg::Error(pb::SessionError {
@@ -1276,6 +1298,8 @@ impl Controller {
         let effects = inner.ledger.set_quota(Time(now_ms()), tree)?;
         self.persist(&mut inner, "set quota", vec![])?;
         self.dispatch(&mut inner, effects);
+        // A node that changed group leaves its old peers' sets now.
+        self.mesh_sync(&mut inner);
         drop(inner);
         self.audit(
             "operator",
@@ -1741,6 +1765,12 @@ impl Controller {
         );
     }
 
+    /// Plans and pushes the mesh now (the coalescing task).
+    pub fn mesh_sync_now(&self) {
+        let mut inner = self.lock();
+        self.mesh_sync(&mut inner);
+    }
+
     /// The whole current peer set of one node (on connect).
     fn mesh_snapshot(&self, inner: &mut Inner, node: &str) {
         let members = mesh::members(&inner.ledger, &inner.mesh.records);
@@ -1969,9 +1999,11 @@ impl Controller {
             // would forget it.
             tracing::error!(%node, error = %e, "persisting the tamper record failed");
         }
-        // dispatch() also runs the mesh sync: the removal of the node's key goes out now.
-        self.dispatch(&mut inner, effects);
+        // Its session ends first (nothing more is sent to it); dispatch() then plans the
+        // mesh at once: the removal of its key goes out to every peer now.
         inner.sessions.remove(node);
+        self.dispatch(&mut inner, effects);
+        self.mesh_sync(&mut inner);
         self.metrics
             .agents_connected
             .set(inner.sessions.len() as i64);

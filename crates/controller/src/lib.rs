@@ -147,6 +147,19 @@ pub async fn serve(
         }
     });
 
+    // Mesh: grants and renewals only add or refresh entries, so their plan waits a moment
+    // and one plan covers a burst (a thousand grants must not become a thousand updates per
+    // member). Removals never wait: they are planned inside the change that causes them.
+    let mesh_ctl = ctl.clone();
+    let mesh = tokio::spawn(async move {
+        loop {
+            mesh_ctl.mesh_wake.notified().await;
+            tokio::time::sleep(crate::core::MESH_COALESCE).await;
+            let c = mesh_ctl.clone();
+            let _ = tokio::task::spawn_blocking(move || c.mesh_sync_now()).await;
+        }
+    });
+
     // Live side: a tick a second for the event stream; closed minutes to the store and
     // recorded usage to the lease store every few seconds; retention every 5 minutes.
     let live_ctl = ctl.clone();
@@ -228,6 +241,7 @@ pub async fn serve(
     let (g, a) = tokio::join!(grpc, api);
     timer.abort();
     live.abort();
+    mesh.abort();
     // What the last seconds recorded is not lost on a clean stop.
     ctl.flush_usage();
     if let Err(e) = ctl.live.flush_minutes(u64::MAX) {

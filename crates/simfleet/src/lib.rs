@@ -95,7 +95,8 @@ pub struct FleetConfig {
     /// Add each node first (`POST /v1/nodes`; an existing node gets a fresh join token).
     /// Otherwise every node must exist already and gets a fresh token.
     pub add_nodes: bool,
-    /// Grant one lease per scope once every session is up.
+    /// Grant one lease per scope once every session is up (with [`FleetConfig::mesh`], in
+    /// waves of `concurrency` grants, each held before the next).
     pub grant: Option<GrantTemplate>,
     /// Enrollments and first connections in flight at once during start (default 32).
     pub concurrency: usize,
@@ -437,7 +438,8 @@ impl Fleet {
         Ok(fleet)
     }
 
-    /// Grants one lease per scope, then waits until every node holds its leases.
+    /// Grants one lease per scope, then waits until every node holds its leases (in the
+    /// mesh: in waves of `concurrency` grants, each held before the next).
     async fn grant_all(
         &self,
         cfg: &FleetConfig,
@@ -460,20 +462,36 @@ impl Fleet {
             .collect();
         let progress = &self.shared.progress;
         progress.grants.store(wanted.len(), Ordering::Relaxed);
-        let results: Vec<Result<(&str, &str, u64), SimError>> =
-            futures::stream::iter(wanted.iter().map(|&(node, scope, rate)| async move {
-                let r = api.grant(node, scope, rate, t.ttl_s, t.volume_bytes).await;
-                progress.granted.fetch_add(1, Ordering::Relaxed);
-                r.map(|id| (node, scope, id)).map_err(|f| SimError::Grant {
-                    node: node.to_string(),
-                    scope: scope.to_string(),
-                    detail: f.to_string(),
-                })
-            }))
-            .buffer_unordered(cfg.concurrency)
-            .collect()
-            .await;
-        let granted: Vec<(&str, &str, u64)> = results.into_iter().collect::<Result<_, _>>()?;
+        // In the mesh, each grant publishes its node to every member of its group: one update
+        // per member. Granting in waves, each held before the next, keeps every node's
+        // backlog of updates (and so the controller's queue towards it) bounded.
+        let wave = if cfg.mesh {
+            cfg.concurrency
+        } else {
+            wanted.len().max(1)
+        };
+        for chunk in wanted.chunks(wave) {
+            let results: Vec<Result<(&str, &str, u64), SimError>> =
+                futures::stream::iter(chunk.iter().map(|&(node, scope, rate)| async move {
+                    let r = api.grant(node, scope, rate, t.ttl_s, t.volume_bytes).await;
+                    progress.granted.fetch_add(1, Ordering::Relaxed);
+                    r.map(|id| (node, scope, id)).map_err(|f| SimError::Grant {
+                        node: node.to_string(),
+                        scope: scope.to_string(),
+                        detail: f.to_string(),
+                    })
+                }))
+                .buffer_unordered(cfg.concurrency)
+                .collect()
+                .await;
+            let granted: Vec<(&str, &str, u64)> = results.into_iter().collect::<Result<_, _>>()?;
+            self.wait_held(&granted).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits (at most [`GRANT_WAIT`]) until every node holds the leases granted to it.
+    async fn wait_held(&self, granted: &[(&str, &str, u64)]) -> Result<(), SimError> {
         let deadline = Instant::now() + GRANT_WAIT;
         loop {
             let changed = self.shared.changed.notified();
