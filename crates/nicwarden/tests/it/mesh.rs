@@ -341,6 +341,9 @@ fn tamper_cuts_the_node_off_until_reenrolled() {
             node(&lab, "node2"),
             node(&lab, "node3"),
         );
+        // What an attacker who copied the key before the tamper would hold.
+        let stolen = nicwarden_wg::StaticKey::load(&lab.agent_dir("node1").join("wg.key"))
+            .expect("read node1's WireGuard key");
 
         let answer = lab.tamper("node1", "lid opened").await.expect("tamper");
         assert!(answer.contains("fabric blocked"), "{answer}");
@@ -394,6 +397,11 @@ fn tamper_cuts_the_node_off_until_reenrolled() {
             .await
             .expect("events");
         assert_eq!(ev["events"].as_array().map(|a| a.len()), Some(1), "{ev}");
+
+        // Its peers refuse handshakes made with its old key, even from a host whose
+        // datapath lets them out: node2 never answers.
+        lab.kill_agent("node1");
+        impostor_is_refused(&lab, &stolen).await;
 
         // A restart keeps it tampered (the record), and the controller still refuses it.
         lab.start_agent("node1", None)
@@ -604,4 +612,91 @@ fn encrypted_only_lets_nothing_but_wireguard_cross_the_fabric() {
             0
         );
     });
+}
+
+/// With node1's (tampered) agent stopped and its datapath removed, runs a WireGuard device
+/// in node1's namespace with node1's old key, aimed at node2: its handshakes reach node2's
+/// fabric, node2 answers none of them, and nothing crosses.
+async fn impostor_is_refused(lab: &Lab, stolen: &nicwarden_wg::StaticKey) {
+    use nicwarden_datapath::Datapath;
+    use nicwarden_wg::WgBackend;
+    let (n1, n2) = (node(lab, "node1"), node(lab, "node2"));
+    let node2_key: nicwarden_mesh::WgKey = lab
+        .status("node2")
+        .await
+        .expect("status")
+        .mesh
+        .and_then(|m| m.public_key)
+        .expect("node2's key")
+        .parse()
+        .expect("key");
+    let pin = lab.pin_dir("node1");
+    let iface = n1.fabric_iface.clone();
+    n1.netns
+        .run(move || nicwarden_datapath::EbpfDatapath::new(&iface, &pin).remove())
+        .expect("enter node1's namespace")
+        .expect("remove node1's datapath");
+    let cfg = nicwarden_wg::DeviceConfig {
+        iface: "nwimp0".into(),
+        address: "198.18.128.201/24".parse().expect("net"),
+        listen: SocketAddr::from((n1.fabric_ip, 51999)),
+        mtu: 1420,
+    };
+    let (rt, dev) = n1
+        .netns
+        .run(|| {
+            // Its worker threads are created here, inside node1's namespace.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let dev = rt
+                .block_on(nicwarden_wg::GotatunBackend::start(&cfg, stolen))
+                .expect("start the impostor's device");
+            (rt, dev)
+        })
+        .expect("enter node1's namespace");
+    let peer = nicwarden_wg::PeerConfig {
+        public_key: node2_key.0,
+        endpoint: SocketAddr::from((n2.fabric_ip, MESH_PORT)),
+        allowed_ips: vec!["198.18.128.2/32".parse().expect("net")],
+        keepalive_secs: None,
+    };
+    // The device lives on its own runtime; this test runs inside another one.
+    let dev = Arc::new(dev);
+    let d = dev.clone();
+    rt.spawn(async move { d.upsert_peer(&peer).await })
+        .await
+        .expect("join")
+        .expect("impostor peer");
+    let cap = Capture::start(&n2.netns, &n2.fabric_iface, CaptureLimit::default())
+        .expect("capture on node2's fabric veth");
+    let m2 = lab.mesh_ip("node2").expect("mesh ip");
+    let got = udp_marker(&n1, &n2, m2, 7025, 5, Duration::from_secs(6));
+    let seen = cap.stop();
+    let d = dev.clone();
+    let _ = rt.spawn(async move { d.shutdown().await }).await;
+    drop(dev);
+    rt.shutdown_background();
+    // IPv4/UDP frames from `src` to or from the impostor's port.
+    let from = |src: Ipv4Addr| {
+        seen.frames
+            .iter()
+            .filter(|f| {
+                f.len() > 38
+                    && f[12..14] == [0x08, 0x00]
+                    && f[23] == 17
+                    && f[26..30] == src.octets()
+                    && (u16::from_be_bytes([f[34], f[35]]) == 51999
+                        || u16::from_be_bytes([f[36], f[37]]) == 51999)
+            })
+            .count()
+    };
+    assert_eq!(got, 0, "the impostor reached node2");
+    assert!(
+        from(n1.fabric_ip) > 0,
+        "no handshake from the impostor reached node2"
+    );
+    assert_eq!(from(n2.fabric_ip), 0, "node2 answered the impostor");
 }
