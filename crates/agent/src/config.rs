@@ -37,6 +37,41 @@ pub struct AgentConfig {
     pub mesh: MeshConfig,
     /// Tamper inputs.
     pub tamper: TamperConfig,
+    /// Link probes on the fabric port (interconnect verification).
+    pub probe: ProbeConfig,
+}
+
+/// `[probe]`: link probes. Every `interval_ms` the agent broadcasts a probe signed with its
+/// node key on the fabric interface and answers its neighbours' probes; what it hears goes
+/// to the controller, which verifies the signatures. Runs only with a datapath backend (a
+/// real fabric interface); the datapath lets probes through whatever the leases say.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    pub enabled: bool,
+    /// Probe interval, ms (at least 100).
+    pub interval_ms: u64,
+    /// At most this many neighbours' probes are answered per interval (the excess is
+    /// counted as dropped).
+    pub max_answers_per_round: u32,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            enabled: true,
+            interval_ms: 1000,
+            max_answers_per_round: 64,
+        }
+    }
+}
+
+impl ProbeConfig {
+    /// Whether the agent runs the prober: enabled, and a datapath backend on a real fabric
+    /// interface.
+    pub fn runs(&self, datapath: &DatapathConfig) -> bool {
+        self.enabled && datapath.enabled()
+    }
 }
 
 /// Largest tunnel MTU: gotatun reads and encrypts packets in 4096-byte buffers (the
@@ -195,6 +230,7 @@ impl Default for AgentConfig {
             datapath: DatapathConfig::default(),
             mesh: MeshConfig::default(),
             tamper: TamperConfig::default(),
+            probe: ProbeConfig::default(),
         }
     }
 }
@@ -293,6 +329,21 @@ impl AgentConfig {
                     m.mtu
                 )));
             }
+        }
+        if self.probe.interval_ms < crate::probe::MIN_INTERVAL_MS
+            || self.probe.interval_ms > 3_600_000
+        {
+            return Err(ConfigError::Invalid(format!(
+                "probe.interval_ms must be between {} and 3600000, got {}",
+                crate::probe::MIN_INTERVAL_MS,
+                self.probe.interval_ms
+            )));
+        }
+        if !(1..=4096).contains(&self.probe.max_answers_per_round) {
+            return Err(ConfigError::Invalid(format!(
+                "probe.max_answers_per_round must be between 1 and 4096, got {}",
+                self.probe.max_answers_per_round
+            )));
         }
         if self.tamper.watch_interval_ms < 10 {
             return Err(ConfigError::Invalid(

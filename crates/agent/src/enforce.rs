@@ -114,7 +114,17 @@ impl Enforcer {
         self.start_used.retain(|id, _| live.contains(id));
         self.drop_base.retain(|id, _| live.contains(id));
         self.volumes.retain(|id, _| live.contains(id));
-        (DesiredState { scopes }, unresolved)
+        // Every configured peer is counted on its own (byte conservation), whatever the
+        // lease scopes are.
+        let peers = cfg
+            .peers
+            .iter()
+            .map(|(node, addrs)| nicwarden_datapath::PeerCount {
+                node: node.clone(),
+                addrs: addrs.clone(),
+            })
+            .collect();
+        (DesiredState { scopes, peers }, unresolved)
     }
 
     /// Per-lease usage from kernel counters, and the per-scope kernel view (with rates

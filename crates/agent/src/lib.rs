@@ -16,6 +16,9 @@
 //! a watched sensor file) blocks the fabric, destroys the WireGuard keys, drops every peer,
 //! persists the event and tells the controller, in that order.
 //!
+//! On a node with a datapath it also runs link probes on the fabric port ([`probe`]): signed
+//! probes and answers between neighbours, whose raw answers it reports to the controller.
+//!
 //! The process is one event loop over [`Event`]; the session task, the status server and
 //! the tamper inputs only send events to it.
 
@@ -24,6 +27,7 @@ pub mod counters;
 pub mod enforce;
 pub mod identity;
 pub mod mesh;
+pub mod probe;
 pub mod status;
 pub mod tamper;
 pub mod transport;
@@ -52,6 +56,8 @@ enum Event {
     Message(pb::ControllerMessage),
     Status(oneshot::Sender<AgentStatus>),
     Tamper(tamper::TamperRequest),
+    /// A finished round of link probes, from the prober's thread.
+    Probe(pb::ProbeReport),
 }
 
 /// What the session task says in its Hello, kept current by the loop.
@@ -261,6 +267,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         },
     );
     let held = restore_leases(&mut core, clock.now(), &ident.lease_key, &persisted.leases);
+    let (prober, probe_error) = start_prober(&cfg, &ident.key, tamper_rec.is_some(), &ev_tx);
     let cfg_iface = cfg.datapath.fabric_iface.clone();
     let mut lp = Loop {
         cfg,
@@ -287,6 +294,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         guard,
         guard_status: None,
         hello,
+        prober,
+        probe_error,
         tampered: tamper_rec.map(|t| TamperStatus {
             reason: t.reason,
             source: t.source,
@@ -343,6 +352,10 @@ struct Loop {
     )>,
     guard_status: Option<mesh::GuardStatus>,
     hello: SharedHello,
+    /// Link probes on the fabric port (its own thread; stops when dropped).
+    prober: Option<probe::Prober>,
+    /// Why the prober is not running, when it should be.
+    probe_error: Option<String>,
     /// Set by a tamper event (or the record found at start): the fabric stays blocked.
     tampered: Option<TamperStatus>,
 }
@@ -402,6 +415,48 @@ fn restore_leases(
         }
     }
     held
+}
+
+/// Starts the link prober on the fabric interface when `[probe]` and the datapath say so
+/// (not on a tampered node). Its rounds reach the loop as [`Event::Probe`], dropped when the
+/// loop's queue is full. A prober that cannot start is reported, not fatal: leases do not
+/// depend on it.
+fn start_prober(
+    cfg: &AgentConfig,
+    key: &nicwarden_pki::NodeKey,
+    tampered: bool,
+    ev: &mpsc::Sender<Event>,
+) -> (Option<probe::Prober>, Option<String>) {
+    if !cfg.probe.runs(&cfg.datapath) || tampered {
+        return (None, None);
+    }
+    let started = nicwarden_pki::NodeKey::from_pem(&key.to_pem())
+        .map_err(|e| e.to_string())
+        .and_then(|key| {
+            let tx = ev.clone();
+            probe::Prober::start(
+                probe::ProberConfig {
+                    node: cfg.node.clone(),
+                    iface: cfg.datapath.fabric_iface.clone(),
+                    interval: Duration::from_millis(cfg.probe.interval_ms),
+                    max_answers_per_round: cfg.probe.max_answers_per_round,
+                },
+                key,
+                move |r| {
+                    if tx.try_send(Event::Probe(r)).is_err() {
+                        tracing::debug!("agent loop busy; probe round dropped");
+                    }
+                },
+            )
+            .map_err(|e| e.to_string())
+        });
+    match started {
+        Ok(p) => (Some(p), None),
+        Err(e) => {
+            tracing::error!(error = %e, "link probes not started");
+            (None, Some(e))
+        }
+    }
 }
 
 /// A full reconcile (kernel read back and compared) at least this often, even when the
@@ -780,6 +835,10 @@ impl Loop {
             None => "no mesh".to_string(),
         };
         let keys_us = t0.elapsed().as_micros() as u64;
+        // A tampered node stops vouching for links (its identity is about to be retired).
+        if let Some(p) = self.prober.take() {
+            tokio::task::block_in_place(|| drop(p));
+        }
         // 3. Persist.
         let rec = tamper::TamperRecord {
             reason: req.reason.clone(),
@@ -837,6 +896,8 @@ impl Loop {
                 self.last_error = Some(why);
             }
             Event::Message(m) => self.on_message(m).await?,
+            // Probes are about now: a round heard while disconnected is dropped.
+            Event::Probe(report) => self.send(pb::agent_message::Msg::ProbeReport(report)),
             Event::Status(reply) => {
                 let now = self.clock.now();
                 self.expire(now);
@@ -859,6 +920,16 @@ impl Loop {
                     datapath: self.dp_status.clone(),
                     mesh,
                     tampered: self.tampered.clone(),
+                    probe: match (&self.prober, &self.probe_error) {
+                        (Some(p), _) => Some(p.status()),
+                        (None, Some(e)) => Some(probe::ProbeStatus {
+                            iface: self.cfg.datapath.fabric_iface.clone(),
+                            interval_ms: self.cfg.probe.interval_ms,
+                            last_error: Some(e.clone()),
+                            ..Default::default()
+                        }),
+                        (None, None) => None,
+                    },
                 });
             }
         }

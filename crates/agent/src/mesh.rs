@@ -45,22 +45,10 @@ pub fn load_state(dir: &Path) -> anyhow::Result<MeshPersisted> {
 }
 
 fn save_state(dir: &Path, st: &MeshPersisted) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(STATE_FILE);
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     let body = serde_json::to_vec(st).context("encode mesh state")?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("write mesh state {}", tmp.display()))?;
-    f.write_all(&body)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("write mesh state {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("write mesh state {}", path.display()))
+    nicwarden_pki::write_private(&path, &body)
+        .with_context(|| format!("write mesh state {}", path.display()))
 }
 
 /// One peer as `/status` shows it.

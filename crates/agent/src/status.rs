@@ -27,4 +27,7 @@ pub struct AgentStatus {
     /// Set once this node was tampered with: the fabric is blocked until re-enrollment.
     #[serde(default)]
     pub tampered: Option<crate::TamperStatus>,
+    /// Link probes on the fabric port (absent when not running).
+    #[serde(default)]
+    pub probe: Option<crate::probe::ProbeStatus>,
 }

@@ -45,29 +45,12 @@ pub fn load(dir: &Path) -> anyhow::Result<Option<TamperRecord>> {
     }
 }
 
-/// Writes the record durably (temp file, fsync, rename, fsync of the directory).
+/// Writes the record durably (mode 0600, temp file, fsync, rename, fsync of the directory).
 pub fn save(dir: &Path, rec: &TamperRecord) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(RECORD_FILE);
-    let tmp = dir.join(format!("{RECORD_FILE}.tmp"));
     let body = serde_json::to_vec_pretty(rec).context("encode tamper record")?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("write tamper record {}", tmp.display()))?;
-    f.write_all(&body)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("write tamper record {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path)
-        .with_context(|| format!("write tamper record {}", path.display()))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("sync {}", dir.display()))?;
-    Ok(())
+    nicwarden_pki::write_private(&path, &body)
+        .with_context(|| format!("write tamper record {}", path.display()))
 }
 
 pub fn clear(dir: &Path) -> anyhow::Result<()> {

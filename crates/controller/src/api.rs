@@ -111,6 +111,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/telemetry/series", get(series))
         .route("/events", get(events))
         .route("/events/stream", get(event_stream))
+        .route("/topology", get(get_topology).put(apply_topology))
+        .route("/topology/status", get(topology_status))
+        .route("/topology/versions", get(topology_versions))
+        .route("/topology/versions/{version}", get(topology_version))
         .route("/quota", get(get_quota))
         .route("/quota/{name}", axum::routing::put(set_quota))
         .route("/audit", get(audit))
@@ -286,6 +290,41 @@ async fn declare_tamper(
     st.ctl.get_node(&name)?;
     st.ctl.tamper(&name, &reason, crate::core::now_ms());
     st.ctl.get_node(&name).map(Json)
+}
+
+async fn get_topology(
+    State(st): State<ApiState>,
+) -> Result<Json<crate::topology::TopologyView>, ApiError> {
+    crate::topology::current(&st.ctl).map(Json)
+}
+
+async fn apply_topology(
+    State(st): State<ApiState>,
+    req: Result<Json<crate::topology::ApplyTopologyRequest>, JsonRejection>,
+) -> Result<Json<crate::topology::TopologyView>, ApiError> {
+    crate::topology::apply(&st.ctl, body(req)?).map(Json)
+}
+
+async fn topology_status(State(st): State<ApiState>) -> Json<crate::topology::TopologyStatus> {
+    Json(crate::topology::status(&st.ctl))
+}
+
+async fn topology_versions(
+    State(st): State<ApiState>,
+) -> Result<Json<Vec<crate::topology::VersionView>>, ApiError> {
+    crate::topology::versions(&st.ctl).map(Json)
+}
+
+async fn topology_version(
+    State(st): State<ApiState>,
+    Path(version): Path<String>,
+) -> Result<Json<crate::topology::TopologyView>, ApiError> {
+    let v = version.parse::<u64>().map_err(|_| {
+        ApiError::invalid(format!(
+            "topology version must be a number, got `{version}`"
+        ))
+    })?;
+    crate::topology::version(&st.ctl, v).map(Json)
 }
 
 async fn get_quota(State(st): State<ApiState>) -> Json<QuotaView> {

@@ -35,6 +35,17 @@ pub struct ControllerConfig {
     /// Ask every node's agent for a new WireGuard key when its key is this old, seconds
     /// (0: only when the operator asks, `nicwarden node rotate-key`).
     pub mesh_key_rotation_secs: u64,
+    /// The agents' link-probe interval the verifier expects, ms (a port is judged missing
+    /// after `topology_missing_after_rounds` rounds without its neighbour).
+    pub topology_probe_interval_ms: u64,
+    pub topology_missing_after_rounds: u32,
+    /// Byte conservation: allowed difference per window, bytes plus a share of the bytes sent.
+    pub topology_byte_tolerance_bytes: u64,
+    pub topology_byte_tolerance_ratio: f64,
+    /// Finding kinds whose culprit nodes lose their leases automatically (default: none,
+    /// report only): `missing_link`, `unexpected_link`, `miswired`, `unauthenticated`,
+    /// `unknown_neighbor`, `rtt_exceeded`, `flapping`, `byte_mismatch`.
+    pub topology_revoke: Vec<String>,
 }
 
 impl Default for ControllerConfig {
@@ -52,6 +63,11 @@ impl Default for ControllerConfig {
             telemetry_minute_retention_hours: 24,
             telemetry_stale_after_ms: 5000,
             mesh_key_rotation_secs: 86_400,
+            topology_probe_interval_ms: 1000,
+            topology_missing_after_rounds: 3,
+            topology_byte_tolerance_bytes: 64 * 1024,
+            topology_byte_tolerance_ratio: 0.001,
+            topology_revoke: Vec::new(),
         }
     }
 }
@@ -66,6 +82,47 @@ pub enum ConfigError {
 }
 
 impl ControllerConfig {
+    /// The verifier's settings and the revoke policy, checked.
+    pub fn topology_config(&self) -> Result<crate::topology::TopologyConfig, ConfigError> {
+        let mut revoke = std::collections::BTreeSet::new();
+        for k in &self.topology_revoke {
+            let kind = nicwarden_topology::FindingKind::ALL
+                .into_iter()
+                .find(|f| f.as_str() == k)
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "topology_revoke: unknown finding kind `{k}` (one of: {})",
+                        nicwarden_topology::FindingKind::ALL
+                            .iter()
+                            .map(|f| f.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+            revoke.insert(kind);
+        }
+        if self.topology_probe_interval_ms < 100 {
+            return Err(ConfigError::Invalid(
+                "topology_probe_interval_ms must be >= 100".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.topology_byte_tolerance_ratio) {
+            return Err(ConfigError::Invalid(
+                "topology_byte_tolerance_ratio must be in [0, 1)".into(),
+            ));
+        }
+        Ok(crate::topology::TopologyConfig {
+            verifier: nicwarden_topology::VerifierConfig {
+                probe_interval_ms: self.topology_probe_interval_ms,
+                missing_after_rounds: self.topology_missing_after_rounds.max(1),
+                byte_tolerance_bytes: self.topology_byte_tolerance_bytes,
+                byte_tolerance_ratio: self.topology_byte_tolerance_ratio,
+                ..Default::default()
+            },
+            policy: nicwarden_topology::Policy { revoke },
+        })
+    }
+
     /// Reads a TOML file; unknown keys and wrong types are errors naming the key.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
         nicwarden_process::read_toml(path).map_err(ConfigError::File)
@@ -73,6 +130,7 @@ impl ControllerConfig {
 
     /// Checks everything that can be checked before binding a port.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.topology_config()?;
         if self.fabric_capacity_bps == 0 {
             return Err(ConfigError::Invalid(
                 "fabric_capacity_bps must be > 0".into(),

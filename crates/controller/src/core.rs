@@ -121,6 +121,11 @@ pub struct EnrollmentRecord {
     pub cert_fingerprint: String,
     pub serial: String,
     pub enrolled_at_unix_ms: u64,
+    /// The certificate itself (DER, hex): its public key verifies the node's signed link
+    /// probes. Absent in records written before interconnect verification: such a node's
+    /// probes count as from an unknown identity until it re-enrolls.
+    #[serde(default)]
+    pub cert_der_hex: Option<String>,
 }
 
 /// A connected agent's outbound queue.
@@ -152,6 +157,8 @@ pub struct Controller {
     node_cert_days: u32,
     /// Ask each node for a new WireGuard key this often (0: only on operator request).
     mesh_rotation_ms: u64,
+    /// The declared topology and the verifier (its own lock, taken after the ledger's).
+    pub(crate) topo: Mutex<crate::topology::TopoState>,
 }
 
 fn persist_err(op: &str, e: impl std::fmt::Display) -> ApiError {
@@ -168,6 +175,7 @@ impl Controller {
         ledger_config: LedgerConfig,
         node_cert_days: u32,
         mesh_rotation_ms: u64,
+        topology_cfg: crate::topology::TopologyConfig,
         live: Live,
     ) -> Result<Self, anyhow::Error> {
         use nicwarden_store::StoreExt;
@@ -188,6 +196,7 @@ impl Controller {
         let enrollments: Vec<EnrollmentRecord> = values(store.range_json(PREFIX_ENROLL)?);
         let mesh_records: Vec<MeshRecord> = values(store.range_json(PREFIX_MESH)?);
         let mesh_seq: u64 = store.get_json(KEY_MESH_SEQ)?.unwrap_or(1);
+        let topo = crate::topology::TopoState::load(&store, topology_cfg)?;
         let ctl = Controller {
             inner: Mutex::new(Inner {
                 ledger,
@@ -205,6 +214,7 @@ impl Controller {
             live,
             timer: Notify::new(),
             mesh_wake: Notify::new(),
+            topo: Mutex::new(topo),
             node_cert_days,
             mesh_rotation_ms,
         };
@@ -233,6 +243,45 @@ impl Controller {
 
     pub fn store(&self) -> &SqliteStore {
         &self.store
+    }
+
+    /// The certificate (DER) a node enrolled with, if recorded.
+    pub(crate) fn node_cert(&self, node: &str) -> Option<Vec<u8>> {
+        let inner = self.lock();
+        inner
+            .enrollments
+            .get(node)
+            .and_then(|e| e.cert_der_hex.as_deref())
+            .and_then(|h| hex::decode(h).ok())
+    }
+
+    /// Whether `node` is a (not removed) node of this controller.
+    pub(crate) fn has_node(&self, node: &str) -> bool {
+        let inner = self.lock();
+        inner.ledger.node(node).is_some_and(|n| !n.removed)
+    }
+
+    /// Revokes every active lease of `node` (an automatic policy); returns how many.
+    pub(crate) fn revoke_node(&self, node: &str, reason: &str) -> usize {
+        let ids: Vec<LeaseId> = {
+            let inner = self.lock();
+            inner.ledger.active_leases_of(node).map(|l| l.id).collect()
+        };
+        let mut n = 0;
+        for id in ids {
+            match self.revoke(id, reason) {
+                Ok(_) => n += 1,
+                Err(e) => {
+                    tracing::error!(%node, lease = %id, error = %e, "automatic revocation failed")
+                }
+            }
+        }
+        n
+    }
+
+    /// Appends an action the controller took by itself to the audit log.
+    pub fn audit_controller(&self, action: &str, detail: serde_json::Value) {
+        self.audit("controller", action, detail)
     }
 
     /// Appends an operator action to the audit log.
@@ -705,6 +754,7 @@ impl Controller {
             cert_fingerprint: fingerprint,
             serial,
             enrolled_at_unix_ms: now,
+            cert_der_hex: Some(hex::encode(der.as_ref())),
         };
         let used = TokenRecord {
             used_at_unix_ms: Some(now),
@@ -2024,5 +2074,13 @@ impl Controller {
             None,
             format!("node {node} reported tampering ({reason}): its leases are revoked, its key is withdrawn from every peer and its certificate refused; re-enroll it with a new join token"),
         );
+    }
+}
+
+impl Controller {
+    /// A node's link-probe rounds (interconnect verification): judged by the topology
+    /// verifier (see `topology.rs`).
+    pub fn probe_report(&self, node: &str, report: &pb::ProbeReport) {
+        crate::topology::probe_report(self, node, report);
     }
 }

@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod live;
 pub mod mesh;
 pub mod metrics;
+pub mod topology;
 
 pub use config::ControllerConfig;
 
@@ -114,6 +115,7 @@ pub async fn serve(
         },
         cfg.node_cert_days,
         cfg.mesh_key_rotation_secs.saturating_mul(1000),
+        cfg.topology_config()?,
         crate::live::Live::new(
             nicwarden_telemetry::TelemetryConfig {
                 history_secs: cfg.telemetry_history_secs,
@@ -179,6 +181,7 @@ pub async fn serve(
                 }
                 c.metrics.event_subscribers.set(c.live.subscribers() as i64);
                 c.mesh_tick();
+                crate::topology::tick(&c);
                 if n.is_multiple_of(5) {
                     c.flush_usage();
                     if let Err(e) = c.live.flush_minutes(crate::core::now_ms()) {

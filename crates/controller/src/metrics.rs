@@ -58,6 +58,13 @@ pub struct Metrics {
     pub mesh_published: Gauge,
     pub mesh_rotations: Counter,
     pub tamper_reports: Counter,
+    pub topology_findings: Family<FindingLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct FindingLabels {
+    pub kind: String,
+    pub severity: String,
 }
 
 impl Metrics {
@@ -185,7 +192,14 @@ impl Metrics {
             "Nodes declared tampered",
             tamper_reports.clone(),
         );
+        let topology_findings = Family::<FindingLabels, Gauge>::default();
+        registry.register(
+            "topology_findings",
+            "Open interconnect-verification findings by kind and severity",
+            topology_findings.clone(),
+        );
         Metrics {
+            topology_findings,
             mesh_updates_sent,
             mesh_published,
             mesh_rotations,
@@ -208,6 +222,41 @@ impl Metrics {
             volume_exhausted,
             enrollments,
             session_refusals,
+        }
+    }
+
+    /// Sets the open findings per kind and severity (kinds with none go back to 0).
+    pub fn set_topology_findings(
+        &self,
+        counts: &std::collections::BTreeMap<
+            (
+                nicwarden_topology::FindingKind,
+                nicwarden_topology::Severity,
+            ),
+            i64,
+        >,
+    ) {
+        for kind in nicwarden_topology::FindingKind::ALL {
+            for severity in [
+                nicwarden_topology::Severity::Info,
+                nicwarden_topology::Severity::Warning,
+                nicwarden_topology::Severity::Critical,
+            ] {
+                let labels = FindingLabels {
+                    kind: kind.as_str().to_string(),
+                    severity: format!("{severity:?}").to_lowercase(),
+                };
+                match counts.get(&(kind, severity)) {
+                    Some(n) => {
+                        self.topology_findings.get_or_create(&labels).set(*n);
+                    }
+                    None => {
+                        if let Some(g) = self.topology_findings.get(&labels) {
+                            g.set(0);
+                        }
+                    }
+                }
+            }
         }
     }
 

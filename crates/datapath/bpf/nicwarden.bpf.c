@@ -6,8 +6,10 @@
 //
 // nw_egress (clsact egress) decides whether a packet may leave and which HTB class shapes it;
 // HTB (installed by tc, see src/plan.rs) still shapes the rate. Per packet:
-//   * ARP: HTB class 1:2 (control), pass, not counted (only ARP passes outside the scopes,
-//     as with the tc backend's filters);
+//   * ARP and nicwarden's link probes (EtherType 0x88B5: signed probes and answers, a few
+//     per second, bounded by the agent): HTB class 1:2 (control), pass, not counted (only
+//     they pass outside the scopes, as with the tc backend's filters), so interconnect
+//     verification works whatever the leases say;
 //   * IPv4: the destination is looked up in the LPM trie `nw_dst` -> scope slot (a miss is
 //     slot 0, the egress scope); IPv6 and any other protocol: slot 0 (like the tc backend's
 //     catch-all filter), so a blocked egress blocks them too;
@@ -21,8 +23,8 @@
 // nw_ingress (clsact ingress) polices what arrives from the peers, so that a node without an
 // agent (or with a lying one) cannot push more at this node than this node's lease for that
 // scope accepts. Per packet:
-//   * anything but IPv4 (ARP, and IPv6 or other protocols, which the fabric does not carry
-//     for nicwarden): passes, not counted;
+//   * anything but IPv4 (ARP, link probes, a switch's LLDP, and IPv6 or other protocols,
+//     which the fabric does not carry for nicwarden): passes, not counted;
 //   * IPv4: the *source* is looked up in the same trie `nw_dst` (a peer scope's prefixes are
 //     that peer's addresses; a miss is slot 0, the egress scope);
 //   * mode BLOCKED (or unknown): drop and count (a node without a valid lease has no fabric
@@ -31,13 +33,21 @@
 //     burst) admits the packet or drops it (counted as policed). No volume is charged: the
 //     volume is what this node sends.
 //
+// Both programs also count per peer node, for byte conservation between nodes whatever the
+// scopes: the peer address (destination at egress, source at ingress) is looked up in the LPM
+// trie `nw_peer` -> peer index, and the packet is added to that index of `nw_peer_stats`:
+// at egress as tx when it passes (only at the final TC_ACT_OK), at ingress as rx when it is
+// admitted and as rx_dropped when the program drops it. Non-IPv4 frames are not counted.
+// `nw_peer_node` (index -> node name) is the agent's alone; no program reads it.
+//
 // Lengths are IP packet lengths (IPv4 total length; for IPv6, for an IPv4 header whose total
 // length is 0 as with BIG TCP, and for non-IP frames: skb->len minus the Ethernet header), so
 // the figures match the nftables backend, which counts IP bytes. A GSO/GRO super-packet is one
 // packet of its full length, as in nftables.
 //
 // Lookup cost does not depend on the number of scopes: one LPM lookup (bounded by the 32
-// bits of an address) and three array lookups per packet and direction.
+// bits of an address) and three array lookups per packet and direction, plus one LPM lookup
+// in nw_peer and one array lookup for the per-peer counters.
 
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -48,6 +58,9 @@
 // Keep in sync with src/ebpf/maps.rs.
 #define NW_SLOTS 1024
 #define NW_DST_MAX 65536
+#define NW_PEERS 1024
+#define NW_PEER_ADDRS_MAX 4096
+#define NW_PEER_NAME_LEN 64
 
 // Token bucket bounds (see nw_police_admit): rates below 2^39 B/s (4.398 Tbit/s; the agent
 // accepts at most 4 Tbit/s) keep `elapsed_us * rate` below 2^63 for any elapsed time under
@@ -63,6 +76,8 @@
 
 // HTB class 1:2, the control class of the tc layout.
 #define NW_CONTROL_CLASSID 0x00010002
+// EtherType of nicwarden's link probes (crates/proto/src/link.rs LINK_ETHERTYPE).
+#define NW_ETH_P_LINK 0x88B5
 
 struct nw_dst_key {
 	__u32 prefixlen;
@@ -106,10 +121,27 @@ struct nw_istats {
 	__u64 blocked_drops;
 };
 
+// Per peer index, per CPU. IP bytes.
+struct nw_peer_stats {
+	__u64 tx_bytes; // passed by nw_egress towards the peer
+	__u64 tx_packets;
+	__u64 rx_bytes; // admitted by nw_ingress from the peer
+	__u64 rx_packets;
+	__u64 rx_dropped_bytes; // dropped by nw_ingress (blocked, policed)
+	__u64 rx_dropped_packets;
+};
+
+// The node a peer index counts (NUL-padded; all zeroes: free). Written and read by the agent.
+struct nw_peer_node {
+	char node[NW_PEER_NAME_LEN];
+};
+
 _Static_assert(sizeof(struct nw_config) == 24, "nw_config layout (maps.rs ScopeConfig)");
 _Static_assert(sizeof(struct nw_stats) == 32, "nw_stats layout (maps.rs ScopeStats)");
 _Static_assert(sizeof(struct nw_police) == 48, "nw_police layout (maps.rs Police)");
 _Static_assert(sizeof(struct nw_istats) == 32, "nw_istats layout (maps.rs IngressStats)");
+_Static_assert(sizeof(struct nw_peer_stats) == 48, "nw_peer_stats layout (maps.rs PeerStats)");
+_Static_assert(sizeof(struct nw_peer_node) == 64, "nw_peer_node layout (maps.rs PEER_NAME_SIZE)");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -162,6 +194,32 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nw_istats SEC(".maps");
 
+// Peer address (same key as nw_dst) -> peer index.
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, NW_PEER_ADDRS_MAX);
+	__type(key, struct nw_dst_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nw_peer SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NW_PEERS);
+	__type(key, __u32);
+	__type(value, struct nw_peer_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nw_peer_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, NW_PEERS);
+	__type(key, __u32);
+	__type(value, struct nw_peer_node);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nw_peer_node SEC(".maps");
+
 // The part of the IPv4 header we read.
 struct nw_ipv4 {
 	__u8 version_ihl;
@@ -177,10 +235,11 @@ struct nw_ipv4 {
 };
 
 // Reads the IPv4 header after the Ethernet one: sets `slot` to the scope of the peer address
-// (the destination, or with `by_saddr` the source) when nw_dst holds it, and `len` to the IP
-// total length when it is not 0. Leaves both as they are if the header cannot be read.
+// (the destination, or with `by_saddr` the source) when nw_dst holds it, `len` to the IP
+// total length when it is not 0, and `peer` to the per-peer counters of that address when
+// nw_peer holds it. Leaves them as they are if the header cannot be read.
 static __always_inline void nw_classify_ipv4(struct __sk_buff *skb, int by_saddr, __u32 *slot,
-					     __u64 *len)
+					     __u64 *len, struct nw_peer_stats **peer)
 {
 	struct nw_ipv4 ip;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) != 0)
@@ -192,6 +251,9 @@ static __always_inline void nw_classify_ipv4(struct __sk_buff *skb, int by_saddr
 		*slot = *found;
 	if (tot_len != 0)
 		*len = tot_len;
+	__u32 *index = bpf_map_lookup_elem(&nw_peer, &key);
+	if (index)
+		*peer = bpf_map_lookup_elem(&nw_peer_stats, index);
 }
 
 SEC("classifier")
@@ -199,10 +261,12 @@ int nw_egress(struct __sk_buff *skb)
 {
 	__u32 slot = 0;
 	__u64 len = skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0;
+	struct nw_peer_stats *peer = NULL;
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		nw_classify_ipv4(skb, 0, &slot, &len);
-	} else if (skb->protocol == bpf_htons(ETH_P_ARP)) {
+		nw_classify_ipv4(skb, 0, &slot, &len, &peer);
+	} else if (skb->protocol == bpf_htons(ETH_P_ARP) ||
+		   skb->protocol == bpf_htons(NW_ETH_P_LINK)) {
 		skb->priority = NW_CONTROL_CLASSID;
 		return TC_ACT_OK;
 	}
@@ -235,6 +299,11 @@ int nw_egress(struct __sk_buff *skb)
 	// touches this CPU's copy meanwhile.
 	stats->bytes += len;
 	stats->packets += 1;
+	// Per peer: only what actually passes (per-CPU, as above).
+	if (peer) {
+		peer->tx_bytes += len;
+		peer->tx_packets += 1;
+	}
 	skb->priority = cfg->classid;
 	return TC_ACT_OK;
 }
@@ -283,36 +352,49 @@ static __always_inline int nw_police_admit(struct nw_police *p, __u64 len, __u64
 SEC("classifier")
 int nw_ingress(struct __sk_buff *skb)
 {
-	// Only IPv4 is policed: ARP must work whatever the leases say, and the fabric carries
-	// nicwarden's traffic as IPv4.
+	// Only IPv4 is policed: ARP, link probes and LLDP must work whatever the leases say,
+	// and the fabric carries nicwarden's traffic as IPv4.
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
 
 	// At clsact ingress skb->data is at the MAC header for a tc program, as at egress.
 	__u32 slot = 0;
 	__u64 len = skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0;
-	nw_classify_ipv4(skb, 1, &slot, &len);
+	struct nw_peer_stats *peer = NULL;
+	nw_classify_ipv4(skb, 1, &slot, &len, &peer);
 	__u64 now = bpf_ktime_get_ns();
 
+	// Per-CPU values, as at egress (tc ingress runs with bottom halves disabled). Every drop
+	// below is counted against the peer as rx_dropped, every admission as rx.
 	struct nw_config *cfg = bpf_map_lookup_elem(&nw_config, &slot);
 	struct nw_istats *stats = bpf_map_lookup_elem(&nw_istats, &slot);
 	struct nw_police *police = bpf_map_lookup_elem(&nw_police, &slot);
 	if (!cfg || !stats || !police)
-		return TC_ACT_SHOT; // a slot outside the maps: fail closed
+		goto drop; // a slot outside the maps: fail closed
 
 	if (cfg->mode != NW_MODE_LEASE && cfg->mode != NW_MODE_FLOOR) {
 		// NW_MODE_BLOCKED, and any unknown mode: fail closed.
 		stats->blocked_drops += 1;
-		return TC_ACT_SHOT;
+		goto drop;
 	}
 	if (!nw_police_admit(police, len, now)) {
 		stats->policed_drops += 1;
-		return TC_ACT_SHOT;
+		goto drop;
 	}
-	// Per-CPU values, as at egress (tc ingress runs with bottom halves disabled).
 	stats->bytes += len;
 	stats->packets += 1;
+	if (peer) {
+		peer->rx_bytes += len;
+		peer->rx_packets += 1;
+	}
 	return TC_ACT_OK;
+
+drop:
+	if (peer) {
+		peer->rx_dropped_bytes += len;
+		peer->rx_dropped_packets += 1;
+	}
+	return TC_ACT_SHOT;
 }
 
 // No GPL-only helpers are used.

@@ -430,6 +430,20 @@ fn hex(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s, 16).map_err(|_| format!("bad hex `{s}`"))
 }
 
+/// A filter protocol as iproute2 prints it back: the names it knows (`arp`, `ip`, `all`) as
+/// they are, a number it has no name for (`0x88b5`) as `[34997]`.
+fn shown_protocol(p: &str) -> Result<String, String> {
+    match p.strip_prefix("0x") {
+        Some(h) => match u16::from_str_radix(h, 16).map_err(|_| format!("bad protocol `{p}`"))? {
+            0x0806 => Ok("arp".into()),
+            0x0800 => Ok("ip".into()),
+            0x0003 => Ok("all".into()),
+            n => Ok(format!("[{n}]")),
+        },
+        None => Ok(p.to_string()),
+    }
+}
+
 fn minor_of(classid: &str) -> Result<u16, String> {
     match classid.split_once(':') {
         Some(("1", m)) => u16::try_from(hex(m)?).map_err(|_| format!("bad classid {classid}")),
@@ -605,7 +619,7 @@ fn exec_tc(dev: &mut Dev, dev_name: &str, toks: &[&str]) -> Result<(), String> {
                 }
                 return Ok(());
             }
-            let protocol = need(toks, "protocol")?.to_string();
+            let protocol = shown_protocol(need(toks, "protocol")?)?;
             let (ht, node) = need(toks, "handle")?.split_once("::").ok_or("bad handle")?;
             let node = hex(node)?;
             let class_minor = minor_of(need(toks, "classid")?)?;
@@ -881,7 +895,7 @@ fn render_table(t: &Table) -> String {
 /// Short constructors for the [`DesiredState`](crate::DesiredState) scopes tests write, shared
 /// by this crate's unit tests and its kernel tests.
 pub mod fixtures {
-    use crate::{ScopeEnforce, ScopeSpec};
+    use crate::{PeerCount, ScopeEnforce, ScopeSpec};
     use nicwarden_lease::{LeaseId, Scope};
 
     /// The egress scope (no destinations: everything the peer scopes do not match).
@@ -920,6 +934,17 @@ pub mod fixtures {
     /// A floor at `rate` bit/s; 0 blocks the scope.
     pub fn floor(rate: u64) -> ScopeEnforce {
         ScopeEnforce::Floor { rate_bps: rate }
+    }
+
+    /// Counted peer `node` with the addresses `addrs` (e.g. `"198.18.0.2/32"`).
+    ///
+    /// # Panics
+    /// If an address does not parse: fixtures are literals.
+    pub fn counted(node: &str, addrs: &[&str]) -> PeerCount {
+        PeerCount {
+            node: node.to_string(),
+            addrs: addrs.iter().map(|a| a.parse().expect("prefix")).collect(),
+        }
     }
 }
 

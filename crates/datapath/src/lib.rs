@@ -12,6 +12,16 @@
 //! second one on the clsact ingress hook polices what arrives from each scope's addresses
 //! with a token bucket at the scope's rate (and drops it when the scope is blocked).
 //!
+//! Per-peer counters, for byte conservation between nodes: [`DesiredState::peers`] lists
+//! every known peer node and its fabric addresses, whatever the scopes, and
+//! [`Datapath::peer_counters`] reports per peer what this node passed towards it (`tx`) and
+//! what arrived from it, admitted (`rx`) or dropped by the program (`rx_dropped`), in IP
+//! bytes, cumulative since the peer was installed ([`PeerCounters`]). For nodes A and B, A's
+//! `tx` to B equals B's `rx + rx_dropped` from A when nothing is lost between them. The eBPF
+//! backend counts in its maps `nw_peer`, `nw_peer_stats` and `nw_peer_node` (see
+//! [`ebpf::maps`]); the tc backend validates the peers but does not count them
+//! ([`DatapathError::Unavailable`]).
+//!
 //! Kernel state outlives the agent on purpose: the agent never removes it on exit, so a node
 //! whose agent died keeps enforcing its last state (fail closed), and a restarted agent
 //! reconciles against what it finds, without resetting counters or volume accounting.
@@ -60,6 +70,45 @@ pub struct DesiredState {
     /// the peer scopes do not match). (The datapath sorts a copy itself; duplicates are
     /// rejected.)
     pub scopes: Vec<ScopeSpec>,
+    /// Every known peer node and its fabric addresses, whatever the scopes: what it sent to
+    /// and received from each is counted per peer ([`Datapath::peer_counters`], the eBPF
+    /// backend), for byte conservation between nodes. Addresses of different peers must not
+    /// overlap; at most [`plan::MAX_PEERS`] peers with [`plan::MAX_PEER_ADDRS`] addresses in
+    /// all. (The datapath sorts a copy itself; duplicates are rejected.)
+    #[serde(default)]
+    pub peers: Vec<PeerCount>,
+}
+
+/// A peer node whose traffic is counted (see [`DesiredState::peers`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCount {
+    /// The peer's node name (at most [`plan::MAX_PEER_NAME_LEN`] bytes).
+    pub node: String,
+    /// Its fabric addresses (/32s in practice; prefixes are counted by longest match). At
+    /// least one.
+    pub addrs: Vec<Ipv4Net>,
+}
+
+/// What one peer's traffic amounted to on this node's fabric interface, cumulative since
+/// the peer was first installed (counters survive agent restarts; a peer removed from the
+/// desired state and added again starts from zero), summed over CPUs. Bytes are IP packet
+/// lengths, as everywhere in the datapath; only IPv4 packets are counted.
+///
+/// `tx_*` counts what the eBPF program *passed* towards the peer's addresses (after the
+/// volume and blocked decisions; HTB may still drop it afterwards, which shows in the
+/// scope's [`ClassStats::drops`], not here). `rx_*` counts what arrived from the peer's
+/// addresses and was admitted; `rx_dropped_*` what arrived from them and the program dropped
+/// (the ingress policer, a blocked scope). So for peers A and B, what A counts as `tx` to B
+/// equals what B counts as `rx + rx_dropped` from A, when nothing is lost between them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCounters {
+    pub node: String,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_dropped_bytes: u64,
+    pub rx_dropped_packets: u64,
 }
 
 /// One scope of a [`DesiredState`].
@@ -163,6 +212,11 @@ pub trait Datapath: Send {
     /// Kernel counters per scope of the current desired state (the last valid one passed to
     /// `reconcile`; empty before the first).
     fn counters(&mut self) -> Result<Vec<ScopeCounters>, DatapathError>;
+    /// Per-peer byte counters of the peers of the current desired state (the last valid one
+    /// passed to `reconcile`; empty before the first), sorted by node; a peer not installed
+    /// yet (its reconcile failed) reads as zeros. [`DatapathError::Unavailable`] from a
+    /// backend that does not count per peer.
+    fn peer_counters(&mut self) -> Result<Vec<PeerCounters>, DatapathError>;
     /// Removes everything this backend installed. Only for an explicit operator cleanup; the
     /// agent never calls it on exit (the kernel keeps enforcing when the agent dies).
     fn remove(&mut self) -> Result<(), DatapathError>;
@@ -170,7 +224,7 @@ pub trait Datapath: Send {
 
 /// The "tc" backend: HTB shaping (tc) + volume quotas (nftables) on one fabric interface.
 ///
-/// tc: an HTB root `1: default 3` whose default class drops (fail closed), an ARP class, one
+/// tc: an HTB root `1: default 3` whose default class drops (fail closed), a control class (ARP, link probes), one
 /// class per scope with u32 filters by destination; layout, numbering, burst and quantum: see
 /// [`plan`]. nftables: table `inet nicwarden`, chain `postrouting`, per lease `L` a quota `qL`
 /// (`over` = the volume, or [`plan::UNLIMITED_VOLUME`]) and counters `dL` (volume drops) and `pL`
@@ -349,6 +403,14 @@ impl Datapath for LinuxDatapath {
                 ingress: IngressStats::default(),
             })
             .collect())
+    }
+
+    fn peer_counters(&mut self) -> Result<Vec<PeerCounters>, DatapathError> {
+        // nftables could count per peer with named counters, but only for what leaves
+        // through the rules (nothing of what arrives is policed or dropped by this backend).
+        Err(DatapathError::Unavailable(
+            "per-peer byte counters need the ebpf backend".to_string(),
+        ))
     }
 
     fn remove(&mut self) -> Result<(), DatapathError> {

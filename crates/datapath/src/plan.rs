@@ -8,7 +8,7 @@
 //! | object | key |
 //! |---|---|
 //! | root qdisc | `htb 1: default 3 direct_qlen 0` |
-//! | control class (ARP) | `1:2`, leaf `2:`, filter `protocol arp pref 1 handle ::1` |
+//! | control class (ARP, link probes) | `1:2`, leaf `2:`, filters `protocol arp pref 1 handle ::1` and `protocol 0x88b5 pref 2 handle ::1` |
 //! | drop class (unclassified) | `1:3`, leaf `3:` (`pfifo limit 0`) |
 //! | egress scope | class `1:10`, leaf `10:`, filter `protocol all pref 1000 handle ::1` |
 //! | peer scope *i* | class `1:(0x100 + i)`, leaf `(0x100 + i):`, filters `protocol ip pref (100 + i) handle ::(k + 1)` for its *k*-th prefix |
@@ -46,7 +46,7 @@ use ipnet::Ipv4Net;
 use nicwarden_lease::{LeaseId, Scope};
 use std::collections::BTreeSet;
 
-/// Minor of the control class (ARP).
+/// Minor of the control class (ARP, link probes).
 pub const CONTROL_MINOR: u16 = 0x2;
 /// Minor of the drop class (HTB default: whatever no filter classifies).
 pub const DROP_MINOR: u16 = 0x3;
@@ -56,6 +56,13 @@ pub const EGRESS_MINOR: u16 = 0x10;
 pub const PEER_MINOR_BASE: u16 = 0x100;
 /// Filter preference of the ARP filter.
 pub const ARP_PREF: u16 = 1;
+/// Filter preference of the link-probe filter (EtherType 0x88B5, to the control class: probes
+/// are never throttled by quotas).
+pub const PROBE_PREF: u16 = 2;
+/// The link probes' EtherType as `tc filter add ... protocol` takes it. `tc -j filter show`
+/// prints it back as `[34997]` (iproute2 names only the protocols it knows), see
+/// [`same_protocol`].
+pub const PROBE_PROTOCOL: &str = "0x88b5";
 /// Filter preference of the first peer scope.
 pub const PEER_PREF_BASE: u16 = 100;
 /// Filter preference of the egress catch-all filter.
@@ -64,6 +71,14 @@ pub const EGRESS_PREF: u16 = 1000;
 pub const MAX_PEER_SCOPES: usize = (EGRESS_PREF - PEER_PREF_BASE) as usize;
 /// At most this many prefixes per peer scope after aggregation (u32 node ids are 12 bits).
 pub const MAX_PREFIXES_PER_SCOPE: usize = 0xfff;
+/// At most this many counted peers ([`crate::DesiredState::peers`]; the eBPF map
+/// `nw_peer_stats` has one entry per peer).
+pub const MAX_PEERS: usize = 1024;
+/// At most this many peer addresses in all, after aggregation (entries of `nw_peer`).
+pub const MAX_PEER_ADDRS: usize = 4096;
+/// Longest peer node name in bytes (node names are at most 63; the eBPF backend keeps each
+/// in a 64-byte slot).
+pub const MAX_PEER_NAME_LEN: usize = 63;
 /// The kernel keeps rates in bytes/s: 8 bit/s is the smallest non-zero rate.
 pub const MIN_RATE_BPS: u64 = 8;
 /// Highest accepted rate (4 Tbit/s); far above any NIC, far below the kernel's overflow.
@@ -73,7 +88,8 @@ pub const MAX_RATE_BPS: u64 = 4_000_000_000_000;
 pub const UNLIMITED_VOLUME: u64 = 1 << 62;
 /// Largest accepted volume (anything larger would collide with [`UNLIMITED_VOLUME`]).
 pub const MAX_VOLUME_BYTES: u64 = UNLIMITED_VOLUME - 1;
-/// Rate of the control class (ARP).
+/// Rate of the control class (ARP, link probes: a probe and at most a few dozen answers of
+/// a few hundred bytes per interval and port).
 pub const CONTROL_RATE_BPS: u64 = 1_000_000;
 
 const MTU_FRAME_BYTES: u64 = 1514;
@@ -109,6 +125,23 @@ pub enum FilterMatch {
     IpDst(Ipv4Net),
 }
 
+/// Whether a filter protocol as a plan writes it (`arp`, `0x88b5`, ...) and as `tc -j filter
+/// show` prints it (`arp`, `[34997]`, ...) name the same protocol. Names compare as they are;
+/// numbers (`0x88b5`, `[34997]`, `34997`) by value.
+pub fn same_protocol(plan: &str, shown: &str) -> bool {
+    fn number(s: &str) -> Option<u32> {
+        let s = s.trim();
+        if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            return number(inner);
+        }
+        match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            Some(hex) => u32::from_str_radix(hex, 16).ok(),
+            None => s.parse().ok(),
+        }
+    }
+    plan == shown || matches!((number(plan), number(shown)), (Some(a), Some(b)) if a == b)
+}
+
 impl FilterMatch {
     /// (value, mask, offset) of the u32 key, as `tc -j filter show` reports it.
     pub fn key(&self) -> (u32, u32, i64) {
@@ -131,7 +164,7 @@ pub struct FilterPlan {
     pub pref: u16,
     /// Node id within the pref's hash table (`handle ::node`), from 1.
     pub node: u32,
-    /// "arp", "ip" or "all".
+    /// "arp", [`PROBE_PROTOCOL`], "ip" or "all".
     pub protocol: &'static str,
     pub matcher: FilterMatch,
     /// Target class minor.
@@ -166,7 +199,8 @@ pub struct ScopePlan {
 /// How packets reach their HTB class.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Steering {
-    /// u32 filters on the root qdisc (the tc backend): ARP to the control class, each peer
+    /// u32 filters on the root qdisc (the tc backend): ARP and link probes to the control
+    /// class, each peer
     /// prefix to its scope's class, everything else to egress.
     U32Filters,
     /// No filters: something before HTB (the eBPF backend's program) sets `skb->priority` to
@@ -174,10 +208,20 @@ pub enum Steering {
     SkbPriority,
 }
 
+/// One counted peer, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerPlan {
+    pub node: String,
+    /// Aggregated, sorted; never empty.
+    pub addrs: Vec<Ipv4Net>,
+}
+
 /// The whole kernel layout for one desired state on one device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub dev: String,
+    /// The counted peers, sorted by node (see [`crate::DesiredState::peers`]).
+    pub peers: Vec<PeerPlan>,
     /// Sorted by scope (egress first, then peers by name).
     pub scopes: Vec<ScopePlan>,
     /// Sorted by minor; includes the control and drop classes.
@@ -227,6 +271,7 @@ impl Plan {
         let mut taken: Vec<(u32, u32, Ipv4Net, &Scope)> = Vec::new();
         let mut plan = Plan {
             dev: dev.to_string(),
+            peers: build_peers(&desired.peers)?,
             scopes: Vec::new(),
             classes: vec![
                 class(
@@ -238,14 +283,24 @@ impl Plan {
                 ),
                 class(DROP_MINOR, "drop", MIN_RATE_BPS, 0, 0),
             ],
-            filters: vec![FilterPlan {
-                pref: ARP_PREF,
-                node: 1,
-                protocol: "arp",
-                matcher: FilterMatch::All,
-                class_minor: CONTROL_MINOR,
-                label: "control".to_string(),
-            }],
+            filters: vec![
+                FilterPlan {
+                    pref: ARP_PREF,
+                    node: 1,
+                    protocol: "arp",
+                    matcher: FilterMatch::All,
+                    class_minor: CONTROL_MINOR,
+                    label: "control".to_string(),
+                },
+                FilterPlan {
+                    pref: PROBE_PREF,
+                    node: 1,
+                    protocol: PROBE_PROTOCOL,
+                    matcher: FilterMatch::All,
+                    class_minor: CONTROL_MINOR,
+                    label: "control".to_string(),
+                },
+            ],
         };
 
         let mut peer_index: u16 = 0;
@@ -419,6 +474,77 @@ pub fn quantum(rate_bps: u64) -> u64 {
     (rate_bps / 8 / 10).clamp(MTU_FRAME_BYTES, QUANTUM_MAX)
 }
 
+/// Validates the counted peers: names non-empty, at most [`MAX_PEER_NAME_LEN`] bytes, no
+/// NUL, each listed once; at least one address each; no address of one peer overlapping one
+/// of another; at most [`MAX_PEERS`] peers and [`MAX_PEER_ADDRS`] addresses in all.
+fn build_peers(peers: &[crate::PeerCount]) -> Result<Vec<PeerPlan>, DatapathError> {
+    let invalid = |msg: String| Err(DatapathError::Invalid(msg));
+    if peers.len() > MAX_PEERS {
+        return invalid(format!(
+            "{} counted peers; at most {MAX_PEERS} are supported",
+            peers.len()
+        ));
+    }
+    let mut out: Vec<PeerPlan> = Vec::with_capacity(peers.len());
+    for p in peers {
+        if p.node.is_empty() {
+            return invalid("counted peer with an empty node name".to_string());
+        }
+        if p.node.len() > MAX_PEER_NAME_LEN || p.node.contains('\0') {
+            return invalid(format!(
+                "counted peer {:?}: node names are at most {MAX_PEER_NAME_LEN} bytes without NUL",
+                p.node
+            ));
+        }
+        if p.addrs.is_empty() {
+            return invalid(format!("counted peer {}: no address", p.node));
+        }
+        out.push(PeerPlan {
+            node: p.node.clone(),
+            addrs: Ipv4Net::aggregate(&p.addrs),
+        });
+    }
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    for pair in out.windows(2) {
+        if pair[0].node == pair[1].node {
+            return invalid(format!("counted peer {} listed twice", pair[0].node));
+        }
+    }
+    let total: usize = out.iter().map(|p| p.addrs.len()).sum();
+    if total > MAX_PEER_ADDRS {
+        return invalid(format!(
+            "{total} counted peer addresses in all; at most {MAX_PEER_ADDRS} are supported"
+        ));
+    }
+    // Sorted by start, a range overlaps an earlier one iff it starts before the furthest end
+    // seen so far. (Ranges of one peer do not overlap: they are aggregated.)
+    let mut ranges: Vec<(u32, u32, Ipv4Net, &str)> = out
+        .iter()
+        .flat_map(|p| {
+            p.addrs
+                .iter()
+                .map(move |n| (interval(n), *n, p.node.as_str()))
+        })
+        .map(|((lo, hi), net, node)| (lo, hi, net, node))
+        .collect();
+    ranges.sort_unstable();
+    let mut furthest: Option<&(u32, u32, Ipv4Net, &str)> = None;
+    for r in &ranges {
+        if let Some(f) = furthest {
+            if r.0 <= f.1 {
+                return invalid(format!(
+                    "address {} of counted peer {} overlaps {} of counted peer {}",
+                    r.2, r.3, f.2, f.3
+                ));
+            }
+        }
+        if furthest.is_none_or(|f| r.1 > f.1) {
+            furthest = Some(r);
+        }
+    }
+    Ok(out)
+}
+
 /// Inclusive address range of a prefix.
 pub fn interval(net: &Ipv4Net) -> (u32, u32) {
     (u32::from(net.network()), u32::from(net.broadcast()))
@@ -473,12 +599,142 @@ mod tests {
     const BLOCKED: ScopeEnforce = ScopeEnforce::Floor { rate_bps: 0 };
 
     #[test]
+    fn rejects_bad_peers() {
+        use crate::fake::fixtures::counted;
+        use crate::PeerCount;
+        #[track_caller]
+        fn check(peers: Vec<PeerCount>, expect: &str) {
+            let desired = DesiredState {
+                scopes: vec![egress(BLOCKED)],
+                peers,
+            };
+            let err = Plan::build("fab0", &desired)
+                .expect_err("must be rejected")
+                .to_string();
+            assert_eq!(err, format!("invalid desired state: {expect}"));
+        }
+        check(
+            vec![counted("", &["198.18.0.2/32"])],
+            "counted peer with an empty node name",
+        );
+        check(
+            vec![counted(&"n".repeat(64), &["198.18.0.2/32"])],
+            &format!(
+                "counted peer {:?}: node names are at most 63 bytes without NUL",
+                "n".repeat(64)
+            ),
+        );
+        check(
+            vec![counted("a\0b", &["198.18.0.2/32"])],
+            "counted peer \"a\\0b\": node names are at most 63 bytes without NUL",
+        );
+        check(vec![counted("a", &[])], "counted peer a: no address");
+        check(
+            vec![
+                counted("a", &["198.18.0.2/32"]),
+                counted("a", &["198.18.0.3/32"]),
+            ],
+            "counted peer a listed twice",
+        );
+        check(
+            vec![
+                counted("a", &["198.18.0.0/16"]),
+                counted("b", &["198.18.4.0/24"]),
+            ],
+            "address 198.18.4.0/24 of counted peer b overlaps 198.18.0.0/16 of counted peer a",
+        );
+        check(
+            vec![
+                counted("b", &["198.18.0.9/32", "198.18.0.2/32"]),
+                counted("a", &["198.18.0.1/32", "198.18.0.9/32"]),
+            ],
+            "address 198.18.0.9/32 of counted peer b overlaps 198.18.0.9/32 of counted peer a",
+        );
+        let many = |n: usize| -> Vec<PeerCount> {
+            (0..n)
+                .map(|i| PeerCount {
+                    node: format!("n{i}"),
+                    addrs: vec![Ipv4Net::new(
+                        std::net::Ipv4Addr::from(0x0a00_0000 + 2 * i as u32),
+                        32,
+                    )
+                    .expect("prefix")],
+                })
+                .collect()
+        };
+        check(
+            many(MAX_PEERS + 1),
+            "1025 counted peers; at most 1024 are supported",
+        );
+        let scattered = |n: u32| -> Vec<Ipv4Net> {
+            (0..n)
+                .map(|i| {
+                    Ipv4Net::new(std::net::Ipv4Addr::from(0x0a00_0000 + 2 * i), 32).expect("prefix")
+                })
+                .collect()
+        };
+        check(
+            vec![PeerCount {
+                node: "a".into(),
+                addrs: scattered(MAX_PEER_ADDRS as u32 + 1),
+            }],
+            "4097 counted peer addresses in all; at most 4096 are supported",
+        );
+
+        // At the limits, and duplicate or adjacent addresses of one peer: accepted,
+        // aggregated, sorted by node.
+        let desired = |peers| DesiredState {
+            scopes: vec![egress(BLOCKED)],
+            peers,
+        };
+        assert!(Plan::build("fab0", &desired(many(MAX_PEERS))).is_ok());
+        let plan = Plan::build(
+            "fab0",
+            &desired(vec![
+                PeerCount {
+                    node: "a".into(),
+                    addrs: scattered(MAX_PEER_ADDRS as u32),
+                },
+                counted("b", &["198.18.0.2/32", "198.18.0.3/32", "198.18.0.2/32"]),
+            ]),
+        );
+        assert!(plan.is_err(), "4098 addresses in all");
+        let plan = Plan::build(
+            "fab0",
+            &desired(vec![
+                counted("b", &["198.18.0.2/32", "198.18.0.3/32", "198.18.0.2/32"]),
+                counted("a", &["198.18.0.1/32"]),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(
+            plan.peers,
+            [
+                PeerPlan {
+                    node: "a".into(),
+                    addrs: vec!["198.18.0.1/32".parse().expect("prefix")],
+                },
+                PeerPlan {
+                    node: "b".into(),
+                    addrs: vec!["198.18.0.2/31".parse().expect("prefix")],
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn rejects_bad_desired_states() {
         #[track_caller]
         fn check(dev: &str, scopes: Vec<ScopeSpec>, expect: &str) {
-            let err = Plan::build(dev, &DesiredState { scopes })
-                .expect_err("must be rejected")
-                .to_string();
+            let err = Plan::build(
+                dev,
+                &DesiredState {
+                    scopes,
+                    peers: Vec::new(),
+                },
+            )
+            .expect_err("must be rejected")
+            .to_string();
             assert_eq!(err, format!("invalid desired state: {expect}"));
         }
         check(
@@ -556,6 +812,7 @@ mod tests {
     #[test]
     fn lays_out_scopes_in_sorted_order() {
         let desired = DesiredState {
+            peers: Vec::new(),
             scopes: vec![
                 peer("zeta", &["198.19.9.0/24"], BLOCKED),
                 egress(lease(5, 50_000_001, Some(1000), 0)),
@@ -624,6 +881,7 @@ mod tests {
             filters,
             [
                 "1 ::1 arp match u32 0 0 -> 1:2",
+                "2 ::1 0x88b5 match u32 0 0 -> 1:2",
                 "100 ::1 ip match ip dst 198.19.0.0/23 -> 1:100",
                 "100 ::2 ip match ip dst 198.19.4.4/32 -> 1:100",
                 "101 ::1 ip match ip dst 198.19.9.0/24 -> 1:101",
@@ -639,5 +897,23 @@ mod tests {
                 start_used: 0
             })
         );
+    }
+
+    #[test]
+    fn filter_protocols_compare_as_tc_prints_them() {
+        for (plan, shown, same) in [
+            ("arp", "arp", true),
+            ("ip", "ip", true),
+            ("all", "all", true),
+            ("arp", "ip", false),
+            (PROBE_PROTOCOL, "[34997]", true),
+            (PROBE_PROTOCOL, "0x88B5", true),
+            (PROBE_PROTOCOL, "34997", true),
+            (PROBE_PROTOCOL, "[35020]", false),
+            (PROBE_PROTOCOL, "all", false),
+            (PROBE_PROTOCOL, "[]", false),
+        ] {
+            assert_eq!(same_protocol(plan, shown), same, "{plan} vs {shown}");
+        }
     }
 }

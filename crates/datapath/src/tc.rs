@@ -16,7 +16,7 @@
 //! handle, `filter replace` by full handle), which keeps queues and counters. The root qdisc
 //! is only (re)created when it is not ours, never during an ordinary reconcile.
 
-use crate::plan::{ClassPlan, FilterPlan, Plan, DROP_MINOR};
+use crate::plan::{same_protocol, ClassPlan, FilterPlan, Plan, DROP_MINOR};
 use crate::{Change, ClassStats, DatapathError};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -547,7 +547,9 @@ pub fn diff(plan: &Plan, kernel: &TcKernel, last: Option<&Plan>) -> TcDiff {
     let mut add_changes = Vec::new();
     for (pref, kp) in &kernel.prefs {
         let keep = wanted.get(pref).is_some_and(|fs| {
-            fs.first().is_some_and(|f| f.protocol == kp.protocol) && kp.kind == "u32"
+            fs.first()
+                .is_some_and(|f| same_protocol(f.protocol, &kp.protocol))
+                && kp.kind == "u32"
         });
         if !keep {
             out.cmds
@@ -561,18 +563,21 @@ pub fn diff(plan: &Plan, kernel: &TcKernel, last: Option<&Plan>) -> TcDiff {
         }
     }
     for (pref, fs) in &wanted {
-        let kp = kernel
-            .prefs
-            .get(pref)
-            .filter(|kp| fs.first().is_some_and(|f| f.protocol == kp.protocol) && kp.kind == "u32");
+        let kp = kernel.prefs.get(pref).filter(|kp| {
+            fs.first()
+                .is_some_and(|f| same_protocol(f.protocol, &kp.protocol))
+                && kp.kind == "u32"
+        });
         let nodes = kp.map(|kp| &kp.nodes);
         let wanted_nodes: BTreeSet<u32> = fs.iter().map(|f| f.node).collect();
-        if let (Some(kp), Some(nodes)) = (kp, nodes) {
+        if let (Some(f0), Some(nodes)) = (fs.first(), nodes) {
             for (node, kf) in nodes {
                 if !wanted_nodes.contains(node) {
+                    // The plan's spelling: tc prints numeric protocols as `[N]`, which it
+                    // does not take back.
                     out.cmds.push(format!(
                         "filter del dev {dev} parent 1: protocol {} pref {pref} handle {} u32",
-                        kp.protocol, kf.handle
+                        f0.protocol, kf.handle
                     ));
                     out.changes
                         .push(change(format!("filter pref {pref} {} removed", kf.handle)));

@@ -4,15 +4,18 @@ use crate::fake::fixtures::{egress, floor, lease, peer};
 use crate::fake::FakeKernel;
 use crate::test_support::apply;
 use crate::{
-    ClassStats, Datapath, DesiredState, IngressStats, LeaseCounters, LinuxDatapath, ScopeCounters,
-    ScopeEnforce, ScopeSpec,
+    ClassStats, Datapath, DatapathError, DesiredState, IngressStats, LeaseCounters, LinuxDatapath,
+    ScopeCounters, ScopeEnforce, ScopeSpec,
 };
 use nicwarden_lease::{LeaseId, Scope};
 
 const DEV: &str = "fab0";
 
 fn state(scopes: Vec<ScopeSpec>) -> DesiredState {
-    DesiredState { scopes }
+    DesiredState {
+        scopes,
+        peers: Vec::new(),
+    }
 }
 
 /// Egress lease 7 with a volume, peer b on lease 9 without one, peer c blocked.
@@ -46,8 +49,9 @@ const INSTALL_CLASSES: [&str; 5] = [
     "tc: class 1:101 (peer:c) added: rate 8 bit/s, burst 10 B, quantum 1514, leaf pfifo limit 0 (drops everything)",
 ];
 /// The filters a first install of [`three_scopes`] adds, in order.
-const INSTALL_FILTERS: [&str; 4] = [
+const INSTALL_FILTERS: [&str; 5] = [
     "tc: filter pref 1 ::1 (control) arp match u32 0 0 -> 1:2 added",
+    "tc: filter pref 2 ::1 (control) 0x88b5 match u32 0 0 -> 1:2 added",
     "tc: filter pref 100 ::1 (peer:b) ip match ip dst 198.18.0.2/32 -> 1:100 added",
     "tc: filter pref 101 ::1 (peer:c) ip match ip dst 198.18.0.3/32 -> 1:101 added",
     "tc: filter pref 1000 ::1 (egress) all match u32 0 0 -> 1:10 added",
@@ -81,12 +85,14 @@ fn renders_first_install() {
         "qdisc replace dev fab0 parent 1:3 handle 3: pfifo limit 0",
     ];
     let arp = "filter add dev fab0 parent 1: protocol arp pref 1 handle ::1 u32 match u32 0 0 classid 1:2";
+    let probe = "filter add dev fab0 parent 1: protocol 0x88b5 pref 2 handle ::1 u32 match u32 0 0 classid 1:2";
     let egress_filter = "filter add dev fab0 parent 1: protocol all pref 1000 handle ::1 u32 match u32 0 0 classid 1:10";
     let with = |middle: &[&'static str], filters: &[&'static str]| -> Vec<&'static str> {
         let mut v = vec![root];
         v.extend(fixed);
         v.extend(middle);
         v.push(arp);
+        v.push(probe);
         v.extend(filters);
         v.push(egress_filter);
         v
@@ -331,13 +337,13 @@ fn changes_only_what_differs() {
         ]),
         &[
             "nft: chain postrouting rewritten (2 -> 2 rules)",
-            "tc: filter pref 100 801::2 removed",
+            "tc: filter pref 100 802::2 removed",
             "tc: filter pref 100 ::1 (peer:b) ip match ip dst 198.18.0.9/32 -> 1:100 replaced",
         ],
         &[
             "add table inet nicwarden\ndelete table inet nicwarden\ntable inet nicwarden {\n\tcounter b100 { packets 0 bytes 0 }\n\tcounter b10 { packets 0 bytes 0 }\n\tchain postrouting {\n\t\ttype filter hook postrouting priority 0; policy accept;\n\t\toifname \"fab0\" ip daddr { 198.18.0.9/32 } counter name \"b100\" drop\n\t\toifname \"fab0\" counter name \"b10\" drop\n\t}\n}\n",
-            "filter del dev fab0 parent 1: protocol ip pref 100 handle 801::2 u32",
-            "filter replace dev fab0 parent 1: protocol ip pref 100 handle 801::1 u32 match ip dst 198.18.0.9/32 classid 1:100",
+            "filter del dev fab0 parent 1: protocol ip pref 100 handle 802::2 u32",
+            "filter replace dev fab0 parent 1: protocol ip pref 100 handle 802::1 u32 match ip dst 198.18.0.9/32 classid 1:100",
         ],
     );
     // A peer scope goes away: its filters go before its class (the kernel refuses otherwise).
@@ -531,7 +537,7 @@ fn repairs_partial_state() {
             let err = dp.reconcile(&three_scopes()).err().map(|e| e.to_string());
             assert_eq!(
                 err.as_deref(),
-                Some("apply tc batch (command 9 of 15: `qdisc replace dev fab0 parent 1:100 handle 100: pfifo limit 1000`; the ones before it applied): `tc -batch -` failed (exit status 1): injected failure")
+                Some("apply tc batch (command 9 of 16: `qdisc replace dev fab0 parent 1:100 handle 100: pfifo limit 1000`; the ones before it applied): `tc -batch -` failed (exit status 1): injected failure")
             );
         },
         &[
@@ -676,7 +682,7 @@ fn remove_leaves_nothing() {
     // Idempotent, and a later reconcile installs everything again.
     dp.remove().expect("remove again");
     assert_eq!(dp.counters().ok(), Some(vec![]));
-    assert_eq!(apply(&mut dp, &three_scopes()).len(), 13);
+    assert_eq!(apply(&mut dp, &three_scopes()).len(), 14);
     assert_eq!(k.rule_count(), 5);
 }
 
@@ -697,4 +703,46 @@ fn desired_state_serde_round_trip() {
     let json = serde_json::to_string(&d).expect("serialize");
     let back: DesiredState = serde_json::from_str(&json).expect("deserialize");
     assert_eq!(back, d);
+}
+
+/// A desired state written before peers existed still reads (no peers); one with peers
+/// round-trips.
+#[test]
+fn desired_state_peers_default_to_none() {
+    let mut old = serde_json::to_value(three_scopes()).expect("serialize");
+    old.as_object_mut().map(|o| o.remove("peers"));
+    assert!(old.get("scopes").is_some() && old.get("peers").is_none());
+    let d: DesiredState = serde_json::from_value(old).expect("deserialize");
+    assert_eq!(d.peers, []);
+    let d = DesiredState {
+        peers: vec![crate::fake::fixtures::counted("b", &["198.18.0.2/32"])],
+        ..three_scopes()
+    };
+    let json = serde_json::to_string(&d).expect("serialize");
+    let back: DesiredState = serde_json::from_str(&json).expect("deserialize");
+    assert_eq!(back, d);
+}
+
+/// The tc backend validates the peers like the eBPF one, and says it does not count them.
+#[test]
+fn tc_backend_has_no_peer_counters() {
+    let k = FakeKernel::new("fab0");
+    let mut dp = k.datapath();
+    let bad = DesiredState {
+        peers: vec![crate::fake::fixtures::counted("b", &[])],
+        ..three_scopes()
+    };
+    let err = dp.reconcile(&bad).expect_err("invalid").to_string();
+    assert_eq!(err, "invalid desired state: counted peer b: no address");
+    let good = DesiredState {
+        peers: vec![crate::fake::fixtures::counted("b", &["198.18.0.2/32"])],
+        ..three_scopes()
+    };
+    apply(&mut dp, &good);
+    let err = dp.peer_counters().expect_err("tc counts no peers");
+    assert!(matches!(err, DatapathError::Unavailable(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "datapath unavailable: per-peer byte counters need the ebpf backend"
+    );
 }

@@ -78,6 +78,11 @@ pub struct LabSpec {
     pub mesh: bool,
     /// With `mesh`: agents let only WireGuard cross their fabric (`--mesh-encrypted-only`).
     pub mesh_encrypted_only: bool,
+    /// Extra arguments for the controller and for every agent.
+    pub controller_args: Vec<String>,
+    pub agent_args: Vec<String>,
+    /// Run the testbed switch's LLDP announcer at this interval (interconnect verification).
+    pub lldp_interval: Option<Duration>,
 }
 
 /// The WireGuard port of the lab's agents (on their fabric address).
@@ -93,6 +98,9 @@ impl LabSpec {
             backend: "ebpf".into(),
             mesh: false,
             mesh_encrypted_only: false,
+            controller_args: Vec::new(),
+            agent_args: Vec::new(),
+            lldp_interval: None,
         }
     }
 }
@@ -125,6 +133,8 @@ pub struct Lab {
     http: reqwest::Client,
     /// How many processes were started (names log files uniquely).
     started: u64,
+    /// The switch's LLDP announcer, if the spec asks for one.
+    _lldp: Option<nicwarden_testbed::LldpAnnouncer>,
 }
 
 impl Lab {
@@ -139,6 +149,13 @@ impl Lab {
             .no_proxy()
             .build()
             .map_err(|e| err("build the HTTP client", e))?;
+        let lldp = match spec.lldp_interval {
+            Some(every) => Some(
+                nicwarden_testbed::LldpAnnouncer::start(&tb, every)
+                    .map_err(|e| err("start the switch's LLDP announcer", e))?,
+            ),
+            None => None,
+        };
         Ok(Lab {
             tb,
             spec,
@@ -147,6 +164,7 @@ impl Lab {
             agents: BTreeMap::new(),
             http,
             started: 0,
+            _lldp: lldp,
         })
     }
 
@@ -232,6 +250,10 @@ impl Lab {
             "--fabric-capacity".into(),
             self.spec.fabric_capacity_bps.to_string(),
         ];
+        let args: Vec<String> = args
+            .into_iter()
+            .chain(self.spec.controller_args.iter().cloned())
+            .collect();
         let tb = self.tb.clone();
         let p = self.spawn(tb.mgmt(), "controller", &args)?;
         self.ctl = Some(p);
@@ -395,6 +417,7 @@ impl Lab {
                 args.push("--mesh-encrypted-only".into());
             }
         }
+        args.extend(self.spec.agent_args.iter().cloned());
         if let Some(t) = token {
             args.push("--token".into());
             args.push(t.into());

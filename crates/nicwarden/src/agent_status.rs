@@ -44,6 +44,45 @@ pub fn fmt_volume(d: &ScopeDecision) -> String {
     format!("{used} / {left}")
 }
 
+/// The link-probe part of the status: counters and who the last round heard.
+pub fn render_probe(p: &nicwarden_agent::probe::ProbeStatus) -> String {
+    let mut out = format!(
+        "\nlink probes on {} every {} ms: {} sent, {} heard, {} answered, {} answers heard, {} LLDP; dropped {} (rate limit), {} (undecodable), {} (round full){}\n",
+        p.iface,
+        p.interval_ms,
+        p.probes_sent,
+        p.probes_heard,
+        p.answers_sent,
+        p.answers_heard,
+        p.lldp_heard,
+        p.dropped_rate_limited,
+        p.dropped_undecodable,
+        p.dropped_round_full,
+        p.last_error
+            .as_ref()
+            .map(|e| format!("; LAST ERROR: {e}"))
+            .unwrap_or_default()
+    );
+    if let Some(r) = &p.last_round {
+        for n in &r.neighbours {
+            let rtt = n
+                .rtt_us
+                .map_or_else(|| "stale nonce".to_string(), |us| format!("rtt {us} us"));
+            out.push_str(&format!(
+                "  {}: node {} port {} ({rtt})\n",
+                r.port, n.node, n.port
+            ));
+        }
+        for s in &r.switches {
+            out.push_str(&format!(
+                "  {}: switch {} port {}\n",
+                r.port, s.chassis, s.port
+            ));
+        }
+    }
+    out
+}
+
 /// The mesh part of the status: this node's key and its peers.
 pub fn render_mesh(m: &nicwarden_agent::mesh::MeshStatus) -> String {
     let mut out = format!(
@@ -170,6 +209,9 @@ pub fn render(st: &AgentStatus) -> String {
     out.push_str(&t.render());
     if let Some(m) = &st.mesh {
         out.push_str(&render_mesh(m));
+    }
+    if let Some(p) = &st.probe {
+        out.push_str(&render_probe(p));
     }
     match &st.datapath {
         None => out.push_str("\ndatapath: none (decisions are not programmed into the kernel)\n"),
@@ -415,6 +457,7 @@ mod tests {
             }),
             mesh: None,
             tampered: None,
+            probe: None,
         };
         let text = render(&st);
         assert!(text.contains("datapath: tc on fab0"), "{text}");

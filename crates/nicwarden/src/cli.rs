@@ -213,6 +213,9 @@ pub enum Command {
     /// Show and set the quota tree (fabric, groups, nodes)
     #[command(after_help = QUOTA_HELP)]
     Quota(QuotaCmd),
+    /// Declare the fabric's links and see what the probes found (interconnect verification)
+    #[command(after_help = TOPOLOGY_HELP)]
+    Topology(TopologyCmd),
     /// List the audit log (no subcommand) or verify its hash chain
     #[command(after_help = AUDIT_HELP)]
     Audit(AuditCmd),
@@ -825,6 +828,18 @@ pub struct ControllerArgs {
         value_parser = ["static", "fair_share"]
     )]
     pub fabric_algorithm: Option<String>,
+    /// The agents' link-probe interval the topology verifier expects, ms [config default: 1000]
+    #[arg(long, env = "NICWARDEN_TOPOLOGY_PROBE_INTERVAL", value_name = "MS")]
+    pub topology_probe_interval: Option<u64>,
+    /// Finding kinds whose blamed nodes lose their leases automatically, comma-separated
+    /// (e.g. miswired,unexpected_link) [config default: none, report only]
+    #[arg(
+        long,
+        env = "NICWARDEN_TOPOLOGY_REVOKE",
+        value_name = "KINDS",
+        value_delimiter = ','
+    )]
+    pub topology_revoke: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -901,6 +916,12 @@ pub struct AgentRunArgs {
     /// <data_dir>/tamper.sock]
     #[arg(long, env = "NICWARDEN_TAMPER_SOCKET", value_name = "PATH")]
     pub tamper_socket: Option<PathBuf>,
+    /// Link probe interval in ms (at least 100) [config default: 1000]
+    #[arg(long, env = "NICWARDEN_PROBE_INTERVAL", value_name = "MS")]
+    pub probe_interval: Option<u64>,
+    /// Do not send or answer link probes on the fabric interface ([probe] enabled = false)
+    #[arg(long, env = "NICWARDEN_NO_PROBE")]
+    pub no_probe: bool,
     /// Remove everything the datapath backend installed on the fabric interface, then exit.
     /// The agent never does this by itself: when it stops, the kernel keeps enforcing.
     #[arg(long)]
@@ -1247,6 +1268,96 @@ pub struct RevokeArgs {
     /// Why (recorded in the audit log and sent to the agent)
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
+}
+
+const TOPOLOGY_HELP: &str = "\
+Examples:
+  nicwarden topology apply fabric.toml --dry-run
+  nicwarden topology apply fabric.toml
+  nicwarden topology status
+  nicwarden topology show --version 3
+  nicwarden topology history";
+
+#[derive(Debug, Args)]
+pub struct TopologyCmd {
+    #[command(flatten)]
+    pub client: ClientOpts,
+    #[command(subcommand)]
+    pub command: TopologySub,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopologySub {
+    /// Validate a topology file and store it as the next version
+    #[command(long_about = TOPOLOGY_APPLY_ABOUT)]
+    Apply(TopologyApplyArgs),
+    /// Show the applied topology (or an earlier version)
+    #[command(
+        after_help = "Examples:\n  nicwarden topology show\n  nicwarden topology show --version 2 --source"
+    )]
+    Show(TopologyShowArgs),
+    /// List every version applied
+    #[command(after_help = "Examples:\n  nicwarden topology history")]
+    History,
+    /// The verifier's findings and what each port's probes heard
+    #[command(long_about = TOPOLOGY_STATUS_ABOUT)]
+    Status,
+}
+
+const TOPOLOGY_APPLY_ABOUT: &str = "\
+Validate a topology file (TOML) and store it in the controller as the next version.
+
+The file declares the nodes with their fabric ports, the switches with their ports, and the
+links that should exist (node:port <-> node:port, or node:port <-> switch:port), each with an
+optional round-trip bound. Every error is reported at once (unknown devices and ports,
+duplicate ports, self-links, a port in two links, nodes the controller does not know). A file
+that declares what is already applied makes no new version.
+
+  version_note = \"rack 12 after re-cabling\"
+  [defaults]
+  rtt_max_us = 2000
+  [nodes.node1]
+  ports = [\"fab0\"]
+  [switches.leaf1]
+  ports = [\"p1\", \"p2\"]
+  [[links]]
+  a = \"node1:fab0\"
+  b = \"leaf1:p1\"
+
+Examples:
+  nicwarden topology apply fabric.toml --dry-run
+  nicwarden topology apply fabric.toml";
+
+const TOPOLOGY_STATUS_ABOUT: &str = "\
+The verifier's open findings (missing, unexpected or miswired links, unauthenticated or
+unknown neighbours, round trips above a link's bound, flapping links, bytes not conserved
+between two nodes), each with its severity, first and last time seen and the nodes it
+blames; then what each probing port heard in its last round.
+
+Findings clear by themselves when the condition is gone. Which kinds revoke the blamed
+nodes' leases automatically is the controller's `topology_revoke` setting (default: none).
+
+Examples:
+  nicwarden topology status
+  nicwarden topology status --json";
+
+#[derive(Debug, Args)]
+pub struct TopologyApplyArgs {
+    /// The topology file (TOML)
+    pub file: PathBuf,
+    /// Validate only; store nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TopologyShowArgs {
+    /// An earlier version [default: the applied one]
+    #[arg(long, value_name = "N")]
+    pub version: Option<u64>,
+    /// Print the file as it was applied
+    #[arg(long)]
+    pub source: bool,
 }
 
 #[derive(Debug, Args)]

@@ -26,6 +26,7 @@ mod live_cli;
 mod ops;
 mod sim;
 mod table;
+mod topology_cli;
 mod traffic;
 mod units;
 
@@ -71,6 +72,12 @@ pub fn controller_config(args: &ControllerArgs) -> anyhow::Result<ControllerConf
     }
     if let Some(a) = &args.fabric_algorithm {
         cfg.fabric_algorithm = a.clone();
+    }
+    if let Some(ms) = args.topology_probe_interval {
+        cfg.topology_probe_interval_ms = ms;
+    }
+    if !args.topology_revoke.is_empty() {
+        cfg.topology_revoke = args.topology_revoke.clone();
     }
     cfg.validate()?;
     Ok(cfg)
@@ -132,6 +139,12 @@ pub fn agent_config(args: &AgentRunArgs) -> anyhow::Result<AgentConfig> {
     if let Some(s) = &args.tamper_socket {
         cfg.tamper.socket = Some(s.clone());
     }
+    if let Some(ms) = args.probe_interval {
+        cfg.probe.interval_ms = ms;
+    }
+    if args.no_probe {
+        cfg.probe.enabled = false;
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -176,6 +189,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(cmd) => ops::node(cmd).await,
         Command::Lease(cmd) => ops::lease(cmd).await,
         Command::Quota(cmd) => ops::quota(cmd).await,
+        Command::Topology(cmd) => topology_cli::topology(cmd).await,
         Command::Audit(cmd) => ops::audit(cmd).await,
         Command::Events(args) => live_cli::events(args).await,
         Command::Top(args) => live_cli::top(args).await,
@@ -290,6 +304,26 @@ mod tests {
             format!("{err:#}").contains("agent_listen and api_listen"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn agent_probe_flags() {
+        let cfg = agent_config(&agent_args(&["--node", "n1"])).expect("valid");
+        assert!(cfg.probe.enabled);
+        assert_eq!(cfg.probe.interval_ms, 1000);
+        let cfg = agent_config(&agent_args(&[
+            "--node",
+            "n1",
+            "--probe-interval",
+            "250",
+            "--no-probe",
+        ]))
+        .expect("valid");
+        assert!(!cfg.probe.enabled);
+        assert_eq!(cfg.probe.interval_ms, 250);
+        let err = agent_config(&agent_args(&["--node", "n1", "--probe-interval", "50"]))
+            .expect_err("too short");
+        assert!(format!("{err:#}").contains("probe.interval_ms"), "{err:#}");
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub struct AuditVerify {
     pub message: String,
 }
 
-fn print_json(raw: &serde_json::Value) -> anyhow::Result<()> {
+pub fn print_json(raw: &serde_json::Value) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::to_string_pretty(raw).context("format JSON")?

@@ -17,6 +17,8 @@
 //!   session RPC reads the identity with [`node_identity_from_cert`].
 //! - **Leases** ([`LeaseSigningKey`], [`verify_lease_signature`]): Ed25519 with strict
 //!   verification.
+//! - **Link probes** ([`NodeKey::sign_fixed`], [`verify_node_signature`]): ECDSA P-256 with
+//!   SHA-256 by the node key, fixed 64-byte `r || s`, checked against the node certificate.
 //!
 //! Architecture invariant: secrets (private keys, token secrets) live in zeroizing buffers and
 //! never appear in `Debug` output or logs.
@@ -40,7 +42,9 @@ pub use controller::{
 pub use error::PkiError;
 pub use files::{write_private, write_public};
 pub use lease_key::{verify_lease_signature, LeaseSigningKey};
-pub use node::{node_identity_from_cert, validate_node_name, NodeKey, NODE_URI_PREFIX};
+pub use node::{
+    node_identity_from_cert, validate_node_name, verify_node_signature, NodeKey, NODE_URI_PREFIX,
+};
 pub use tls::{
     agent_client_config, controller_server_config, crypto_provider, enrollment_client_config,
     ALPN_H2,

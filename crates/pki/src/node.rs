@@ -169,6 +169,30 @@ impl NodeKey {
         Ok(self.key_pair("read node public key")?.public_key_der())
     }
 
+    /// Signs `msg` with the node key: ECDSA P-256 with SHA-256, the signature in the fixed
+    /// 64-byte `r || s` form (what link probes carry; [`verify_node_signature`] checks it).
+    /// Refused for a key that is not ECDSA P-256 (P-384 and Ed25519 keys are accepted for TLS
+    /// but cannot make this signature).
+    pub fn sign_fixed(&self, msg: &[u8]) -> Result<[u8; 64], PkiError> {
+        const OP: &str = "sign with the node key";
+        let rng = ring::rand::SystemRandom::new();
+        let kp = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &self.pkcs8,
+            &rng,
+        )
+        .map_err(|e| PkiError::invalid(OP, format!("node key is not an ECDSA P-256 key ({e})")))?;
+        let sig = kp
+            .sign(&rng, msg)
+            .map_err(|_| PkiError::invalid(OP, "ECDSA signing failed"))?;
+        sig.as_ref().try_into().map_err(|_| {
+            PkiError::invalid(
+                OP,
+                format!("signature is {} bytes, expected 64", sig.as_ref().len()),
+            )
+        })
+    }
+
     fn key_pair(&self, op: &'static str) -> Result<Zeroizing<KeyPair>, PkiError> {
         KeyPair::try_from(&self.pkcs8[..])
             .map(Zeroizing::new)
@@ -180,6 +204,46 @@ impl fmt::Debug for NodeKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NodeKey").finish_non_exhaustive()
     }
+}
+
+/// Checks a signature made by [`NodeKey::sign_fixed`]: ECDSA P-256 with SHA-256, fixed
+/// 64-byte `r || s`, against the public key of the node certificate `cert_der` (DER). The
+/// certificate itself is not validated here (chain, expiry): the caller decides which
+/// certificate stands for which node.
+pub fn verify_node_signature(cert_der: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), PkiError> {
+    const OP: &str = "verify node signature";
+    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
+    if sig.len() != 64 {
+        return Err(PkiError::invalid(
+            OP,
+            format!("signature is {} bytes, expected 64", sig.len()),
+        ));
+    }
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| PkiError::invalid(OP, format!("not a DER certificate: {e}")))?;
+    let spki = cert.public_key();
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY || curve != Some(OID_EC_P256) {
+        return Err(PkiError::invalid(
+            OP,
+            "the certificate's key is not ECDSA P-256",
+        ));
+    }
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_FIXED,
+        &spki.subject_public_key.data,
+    )
+    .verify(msg, sig)
+    .map_err(|_| {
+        PkiError::invalid(
+            OP,
+            "bad signature (not made by the certificate's key over this message)",
+        )
+    })
 }
 
 /// Key algorithms accepted for node keys and CSRs: what rustls+ring can use for client auth and
@@ -270,6 +334,64 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = NodeKey::load(&p).unwrap_err().to_string();
         assert!(err.contains("mode 0644 is readable by others"), "{err}");
+    }
+
+    /// A certificate carrying `k`'s public key (self-signed: only its SPKI matters here).
+    fn cert_of(k: &NodeKey) -> Vec<u8> {
+        let kp = k.key_pair("test").unwrap();
+        CertificateParams::new(vec!["node1".to_string()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn fixed_signatures_round_trip_and_refuse_forgeries() {
+        let k = NodeKey::generate().unwrap();
+        let cert = cert_of(&k);
+        let msg = b"nicwarden-link-v1\0body";
+        let sig = k.sign_fixed(msg).unwrap();
+        verify_node_signature(&cert, msg, &sig).unwrap();
+        // Another key's certificate.
+        let other = cert_of(&NodeKey::generate().unwrap());
+        let err = verify_node_signature(&other, msg, &sig)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad signature"), "{err}");
+        // A tampered message, a tampered signature.
+        let err = verify_node_signature(&cert, b"nicwarden-link-v1\0bodY", &sig)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad signature"), "{err}");
+        let mut bad = sig;
+        bad[10] ^= 1;
+        assert!(verify_node_signature(&cert, msg, &bad).is_err());
+        // Wrong lengths.
+        for len in [0, 63, 65, 72] {
+            let err = verify_node_signature(&cert, msg, &vec![1u8; len])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("signature is {len} bytes")), "{err}");
+        }
+        // Not a certificate.
+        assert!(verify_node_signature(b"junk", msg, &sig).is_err());
+    }
+
+    #[test]
+    fn fixed_signatures_need_a_p256_key() {
+        let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let k = NodeKey::from_pem(&ed.serialize_pem()).unwrap();
+        let err = k.sign_fixed(b"m").unwrap_err().to_string();
+        assert!(err.contains("not an ECDSA P-256 key"), "{err}");
+        // An Ed25519 certificate cannot verify a P-256 signature either.
+        let p256 = NodeKey::generate().unwrap();
+        let sig = p256.sign_fixed(b"m").unwrap();
+        let err = verify_node_signature(&cert_of(&k), b"m", &sig)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not ECDSA P-256"), "{err}");
     }
 
     #[test]

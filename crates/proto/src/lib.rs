@@ -11,6 +11,11 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use nicwarden_lease as core;
 use prost::Message;
 
+pub mod link;
+pub use link::{
+    decode_frame, encode_answer, encode_probe, link_signed_bytes, LinkFrame, LINK_ETHERTYPE,
+    LINK_SIGNING_PREFIX,
+};
 pub mod mesh;
 pub use mesh::{
     mesh_info_from_pb, mesh_info_to_pb, sign_mesh_update, verify_mesh_update, MeshInfo,

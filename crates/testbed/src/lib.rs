@@ -19,6 +19,13 @@
 //! once [`install_signal_cleanup`] is called, on SIGINT/SIGTERM. Only addresses from
 //! 198.18.0.0/15 (benchmarking range, RFC 2544) are used.
 //!
+//! For interconnect verification the switch can announce itself like a real leaf switch
+//! ([`lldp`]: LLDP per port, chassis [`SWITCH_NAME`] `leaf1`, port `p<k>` for node k, each
+//! node hearing only its own port), and the fabric can be broken in reversible ways:
+//! [`Testbed::swap_switch_ports`], [`Testbed::cut_link`] / [`Testbed::restore_link`],
+//! [`Testbed::plug_extra_host`] (an intruder on the switch). [`send_raw_frames`] sends
+//! hand-made Ethernet frames from any namespace (forged probes).
+//!
 //! [`traffic`] is a TCP/UDP sender and sink on blocking std sockets, bounded in time and
 //! bytes, meant to run on threads inside the namespaces ([`Netns::run`],
 //! [`Netns::spawn_thread`]) or from a CLI.
@@ -27,23 +34,29 @@
 
 pub mod capture;
 mod error;
+mod faults;
+pub mod lldp;
 mod names;
 mod netns;
 mod process;
+mod raw;
 mod registry;
 mod sys;
 mod testbed;
 pub mod traffic;
 
 pub use error::TestbedError;
+pub use faults::ExtraHost;
+pub use lldp::{lldp_frame, parse_lldp, LldpAnnouncer};
 pub use names::NAMESPACE_PREFIX;
 pub use netns::Netns;
 pub use nix::sys::signal::Signal;
 pub use process::Process;
+pub use raw::send_raw_frames;
 pub use registry::{cleanup_stale, install_signal_cleanup, live_testbeds, teardown_all};
 pub use testbed::{
     Node, Testbed, TestbedSpec, CONTROLLER_IP, FABRIC_IFACE, MAX_NODES, MGMT_BRIDGE, MGMT_IFACE,
-    MGMT_MTU, PREFIX_LEN, SWITCH_BRIDGE,
+    MGMT_MTU, PREFIX_LEN, SWITCH_BRIDGE, SWITCH_NAME,
 };
 
 /// Whether this process may create network namespaces (CAP_NET_ADMIN and CAP_SYS_ADMIN);

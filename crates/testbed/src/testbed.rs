@@ -1,6 +1,7 @@
 //! The cluster: namespaces, bridges, veths and addresses, and their teardown.
 
 use crate::error::TestbedError;
+use crate::lldp::SwitchPorts;
 use crate::names::TestbedId;
 use crate::netns::Netns;
 use crate::process::Process;
@@ -25,6 +26,8 @@ pub const SWITCH_BRIDGE: &str = "br0";
 pub const MGMT_BRIDGE: &str = "mbr0";
 /// MTU of the management links.
 pub const MGMT_MTU: u32 = 1500;
+/// The name the switch announces (LLDP chassis id) and that topology files use for it.
+pub const SWITCH_NAME: &str = "leaf1";
 
 /// Interface indexes: `fab0` and `mgmt0` in the nodes, `p<k>` and `m<k>` are
 /// `PORT_INDEX_BASE + k`. A veth end never shares its peer's index (see `build`).
@@ -92,8 +95,13 @@ pub struct Node {
     pub fabric_iface: String,
     /// `mgmt0`.
     pub mgmt_iface: String,
-    /// `p<k>`: the peer of `fab0`, a port of `br0` in the switch namespace.
+    /// `p<k>`: the peer of `fab0`, a port of `br0` in the switch namespace (the interface
+    /// name there).
     pub switch_port: String,
+    /// `p<k>`: the port's declared name on switch [`SWITCH_NAME`], as topology files name it
+    /// (`node1:fab0 <-> leaf1:p1`). It does not change; what the switch *announces* on this
+    /// port does after [`Testbed::swap_switch_ports`] (see [`Testbed::switch_port_of`]).
+    pub switch_port_name: String,
     /// `m<k>`: the peer of `mgmt0`, a port of `mbr0` in the mgmt namespace.
     pub mgmt_port: String,
 }
@@ -133,6 +141,47 @@ impl Shared {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn id(&self) -> TestbedId {
+        self.id
+    }
+
+    pub(crate) fn is_torn_down(&self) -> bool {
+        self.state().torn_down
+    }
+
+    /// Stops the processes in namespace `name` (one this testbed created), deletes it and
+    /// forgets it. A no-op once the testbed is torn down or when `name` is not (or no
+    /// longer) one of its namespaces.
+    pub(crate) fn remove_namespace(&self, name: &str) -> Result<(), TestbedError> {
+        let mut state = self.state();
+        if state.torn_down || !state.namespaces.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        let namespaces = vec![name.to_string()];
+        let (procs, others): (Vec<Process>, Vec<Process>) = std::mem::take(&mut state.procs)
+            .into_iter()
+            .partition(|p| p.netns() == name);
+        state.procs = others;
+        let mut failures = Vec::new();
+        stop_processes(&namespaces, &procs, &mut failures);
+        if let Err(e) = sys::netns_del(name) {
+            if sys::netns_exists(name) {
+                failures.push(e.to_string());
+            }
+        }
+        if !sys::netns_exists(name) {
+            state.namespaces.retain(|n| n != name);
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(TestbedError::Teardown {
+                what: format!("namespace {name}"),
+                failures,
+            })
+        }
     }
 
     /// Creates a namespace and records it, unless the testbed was torn down meanwhile.
@@ -269,6 +318,8 @@ pub struct Testbed {
     switch: Netns,
     mgmt: Netns,
     nodes: Vec<Node>,
+    /// What the switch announces on each node's port (see [`crate::lldp`]).
+    ports: Arc<SwitchPorts>,
 }
 
 impl Testbed {
@@ -415,7 +466,15 @@ impl Testbed {
             .wait_link_state(&[&n.fabric_iface], up, LINK_TIMEOUT)
     }
 
-    fn node_or_err(&self, name: &str) -> Result<&Node, TestbedError> {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn switch_ports(&self) -> &Arc<SwitchPorts> {
+        &self.ports
+    }
+
+    pub(crate) fn node_or_err(&self, name: &str) -> Result<&Node, TestbedError> {
         self.node(name).ok_or_else(|| TestbedError::UnknownNode {
             testbed: self.id().to_string(),
             node: name.to_string(),
@@ -467,6 +526,7 @@ fn build(shared: &Arc<Shared>, spec: TestbedSpec) -> Result<Testbed, TestbedErro
             fabric_iface: FABRIC_IFACE.to_string(),
             mgmt_iface: MGMT_IFACE.to_string(),
             switch_port: format!("p{k}"),
+            switch_port_name: format!("p{k}"),
             mgmt_port: format!("m{k}"),
         };
         let ns = &node.netns;
@@ -554,17 +614,19 @@ fn build(shared: &Arc<Shared>, spec: TestbedSpec) -> Result<Testbed, TestbedErro
     switch.wait_carrier(&[SWITCH_BRIDGE], LINK_TIMEOUT)?;
     mgmt.wait_carrier(&[MGMT_BRIDGE], LINK_TIMEOUT)?;
     tracing::debug!(testbed = %shared.name, nodes = nodes.len(), "testbed up");
+    let ports = Arc::new(SwitchPorts::new(SWITCH_NAME, &nodes));
     Ok(Testbed {
         shared: Arc::clone(shared),
         spec,
         switch,
         mgmt,
         nodes,
+        ports,
     })
 }
 
 /// Adds a namespace with loopback up and IPv6 off for every interface created later in it.
-fn new_namespace(shared: &Shared, name: &str) -> Result<Netns, TestbedError> {
+pub(crate) fn new_namespace(shared: &Shared, name: &str) -> Result<Netns, TestbedError> {
     let ns = shared.add_namespace(name)?;
     match ns.write_net_sysctl("ipv6/conf/default/disable_ipv6", "1") {
         Ok(()) => {}

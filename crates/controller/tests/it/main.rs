@@ -9,6 +9,7 @@ use std::time::Duration;
 
 mod mesh;
 mod telemetry;
+mod topology;
 
 pub(crate) struct Running {
     pub(crate) api: String,

@@ -2,12 +2,14 @@
 //! (they outlive the [`BpfOps`] handles, as pins outlive processes), the programs attached to
 //! the device's egress and ingress, and a log of every write; [`FakeBpf::packet`] runs the
 //! egress program's logic on the fake maps, [`FakeBpf::arrive`] the ingress program's (on a
-//! clock the test passes in).
+//! clock the test passes in), per-peer counting included.
 //!
 //! Public so that crates driving an [`EbpfDatapath`] (the agent) can test
 //! against it without a kernel: `FakeBpf::new("fab0").datapath(&FakeKernel::new("fab0"), dir)`.
 
-use super::maps::{Police, ScopeConfig, ScopeStats, MODE_FLOOR, MODE_LEASE, SLOTS};
+use super::maps::{
+    PeerStats, Police, ScopeConfig, ScopeStats, MODE_FLOOR, MODE_LEASE, PEERS, SLOTS,
+};
 use super::ops::{Attachment, BpfOps, Hook};
 use super::EbpfDatapath;
 use crate::fake::FakeKernel;
@@ -45,6 +47,9 @@ struct Pinned {
     police: Vec<Police>,
     istats: Vec<IngressStats>,
     destinations: BTreeMap<Ipv4Net, u32>,
+    peer_addrs: BTreeMap<Ipv4Net, u32>,
+    peer_stats: Vec<PeerStats>,
+    peer_nodes: Vec<String>,
     /// Program ids, per hook.
     programs: BTreeMap<Hook, u32>,
 }
@@ -58,8 +63,23 @@ impl Pinned {
             police: vec![Police::default(); SLOTS as usize],
             istats: vec![IngressStats::default(); SLOTS as usize],
             destinations: BTreeMap::new(),
+            peer_addrs: BTreeMap::new(),
+            peer_stats: vec![PeerStats::default(); PEERS as usize],
+            peer_nodes: vec![String::new(); PEERS as usize],
             programs: BTreeMap::new(),
         }
+    }
+
+    /// The per-peer counters of `addr` (longest prefix match in `nw_peer`), if it is a
+    /// peer's.
+    fn peer_of(&mut self, addr: Ipv4Addr) -> Option<&mut PeerStats> {
+        let index = self
+            .peer_addrs
+            .iter()
+            .filter(|(net, _)| net.contains(&addr))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, index)| *index as usize)?;
+        self.peer_stats.get_mut(index)
     }
 
     /// Longest prefix match in `nw_dst`; a miss is slot 0.
@@ -207,6 +227,30 @@ impl FakeBpf {
         self.with_pinned(pin_dir, |p| Some(p.destinations.clone()))
     }
 
+    /// `nw_peer`.
+    pub fn peer_addrs(&self, pin_dir: &Path) -> Option<BTreeMap<Ipv4Net, u32>> {
+        self.with_pinned(pin_dir, |p| Some(p.peer_addrs.clone()))
+    }
+
+    /// `nw_peer_stats` of a peer index.
+    pub fn peer_stats(&self, pin_dir: &Path, index: u32) -> Option<PeerStats> {
+        self.with_pinned(pin_dir, |p| p.peer_stats.get(index as usize).copied())
+    }
+
+    /// `nw_peer_node` of a peer index ("" = free).
+    pub fn peer_node(&self, pin_dir: &Path, index: u32) -> Option<String> {
+        self.with_pinned(pin_dir, |p| p.peer_nodes.get(index as usize).cloned())
+    }
+
+    /// Overwrites a peer index's node name behind the datapath's back.
+    pub fn tamper_peer_node(&self, pin_dir: &Path, index: u32, node: &str) {
+        if let Some(p) = self.lock().pins.get_mut(pin_dir) {
+            if let Some(n) = p.peer_nodes.get_mut(index as usize) {
+                *n = node.to_string();
+            }
+        }
+    }
+
     /// Removes one pinned destination behind the datapath's back.
     pub fn tamper_remove_destination(&self, pin_dir: &Path, net: Ipv4Net) {
         if let Some(p) = self.lock().pins.get_mut(pin_dir) {
@@ -219,8 +263,8 @@ impl FakeBpf {
     }
 
     /// Runs the attached program on one packet leaving the device: `dst` is the IPv4
-    /// destination (`None`: ARP), `len` its IP length. Without a program
-    /// attached the packet passes with priority 0.
+    /// destination (`None`: ARP or a link probe, which go to the control class), `len` its
+    /// IP length. Without a program attached the packet passes with priority 0.
     pub fn packet(&self, dst: Option<Ipv4Addr>, len: u64) -> Verdict {
         let mut s = self.lock();
         let Some(p) = s.attached_maps(Hook::Egress) else {
@@ -253,6 +297,11 @@ impl FakeBpf {
         }
         stats.bytes += len;
         stats.packets += 1;
+        // Per peer: only what passes.
+        if let Some(peer) = p.peer_of(dst) {
+            peer.tx_bytes += len;
+            peer.tx_packets += 1;
+        }
         Verdict::Pass(cfg.classid)
     }
 
@@ -270,24 +319,37 @@ impl FakeBpf {
             return Verdict::Pass(0);
         };
         let slot = p.slot_of(src);
-        let (Some(cfg), Some(stats), Some(police)) = (
+        let verdict = match (
             p.configs.get(slot).copied(),
             p.istats.get_mut(slot),
             p.police.get_mut(slot),
-        ) else {
-            return Verdict::Drop;
+        ) {
+            (Some(cfg), Some(stats), Some(police)) => {
+                if cfg.mode != MODE_LEASE && cfg.mode != MODE_FLOOR {
+                    stats.blocked_drops += 1;
+                    Verdict::Drop
+                } else if !police.admit(len, now_ns) {
+                    stats.policed_drops += 1;
+                    Verdict::Drop
+                } else {
+                    stats.bytes += len;
+                    stats.packets += 1;
+                    Verdict::Pass(0)
+                }
+            }
+            _ => Verdict::Drop,
         };
-        if cfg.mode != MODE_LEASE && cfg.mode != MODE_FLOOR {
-            stats.blocked_drops += 1;
-            return Verdict::Drop;
+        // Per peer: what was admitted, and what was dropped.
+        if let Some(peer) = p.peer_of(src) {
+            if verdict == Verdict::Drop {
+                peer.rx_dropped_bytes += len;
+                peer.rx_dropped_packets += 1;
+            } else {
+                peer.rx_bytes += len;
+                peer.rx_packets += 1;
+            }
         }
-        if !police.admit(len, now_ns) {
-            stats.policed_drops += 1;
-            return Verdict::Drop;
-        }
-        stats.bytes += len;
-        stats.packets += 1;
-        Verdict::Pass(0)
+        verdict
     }
 }
 
@@ -336,6 +398,17 @@ impl FakeBpfOps {
             return Err(fake_err(method.to_string(), "pinned maps are gone"));
         }
         Ok((s, dir))
+    }
+
+    fn peer_check(index: u32, method: &str) -> Result<usize, DatapathError> {
+        if index < PEERS {
+            Ok(index as usize)
+        } else {
+            Err(fake_err(
+                format!("{method} peer index {index}"),
+                "Argument list too long (os error 7)",
+            ))
+        }
     }
 
     fn slot_check(slot: u32, method: &str) -> Result<usize, DatapathError> {
@@ -547,6 +620,65 @@ impl BpfOps for FakeBpfOps {
         with_maps!(self, "set_ingress_stats", |p, log| {
             p.istats[i] = *stats;
             log.push(format!("istats {slot} = {:?}", stats.to_array()));
+            Ok(())
+        })
+    }
+
+    fn peer_addrs(&mut self) -> Result<BTreeMap<Ipv4Net, u32>, DatapathError> {
+        with_maps!(self, "peer_addrs", |p, _log| Ok(p.peer_addrs.clone()))
+    }
+
+    fn set_peer_addr(&mut self, net: Ipv4Net, index: u32) -> Result<(), DatapathError> {
+        with_maps!(self, "set_peer_addr", |p, log| {
+            if p.peer_addrs.len() >= super::maps::PEER_ADDRS_MAX && !p.peer_addrs.contains_key(&net)
+            {
+                return Err(fake_err(
+                    format!("write {net} -> peer index {index} into map nw_peer"),
+                    "No space left on device (os error 28)",
+                ));
+            }
+            p.peer_addrs.insert(net, index);
+            log.push(format!("peer {net} = {index}"));
+            Ok(())
+        })
+    }
+
+    fn remove_peer_addr(&mut self, net: Ipv4Net) -> Result<(), DatapathError> {
+        with_maps!(self, "remove_peer_addr", |p, log| {
+            if p.peer_addrs.remove(&net).is_none() {
+                return Err(fake_err(
+                    format!("remove {net} from map nw_peer"),
+                    "No such file or directory (os error 2)",
+                ));
+            }
+            log.push(format!("peer {net} removed"));
+            Ok(())
+        })
+    }
+
+    fn peer_nodes(&mut self) -> Result<Vec<String>, DatapathError> {
+        with_maps!(self, "peer_nodes", |p, _log| Ok(p.peer_nodes.clone()))
+    }
+
+    fn set_peer_node(&mut self, index: u32, node: &str) -> Result<(), DatapathError> {
+        let i = Self::peer_check(index, "set_peer_node")?;
+        with_maps!(self, "set_peer_node", |p, log| {
+            p.peer_nodes[i] = node.to_string();
+            log.push(format!("peer node {index} = {node:?}"));
+            Ok(())
+        })
+    }
+
+    fn peer_stats(&mut self, index: u32) -> Result<PeerStats, DatapathError> {
+        let i = Self::peer_check(index, "peer_stats")?;
+        with_maps!(self, "peer_stats", |p, _log| Ok(p.peer_stats[i]))
+    }
+
+    fn set_peer_stats(&mut self, index: u32, stats: &PeerStats) -> Result<(), DatapathError> {
+        let i = Self::peer_check(index, "set_peer_stats")?;
+        with_maps!(self, "set_peer_stats", |p, log| {
+            p.peer_stats[i] = *stats;
+            log.push(format!("peer stats {index} = {:?}", stats.to_array()));
             Ok(())
         })
     }

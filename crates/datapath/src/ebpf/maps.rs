@@ -13,6 +13,9 @@
 //! | `nw_used` | array of [`SLOTS`] (shared, atomically added to) | `u32` slot | `u64` bytes counted against the volume |
 //! | `nw_police` | array of [`SLOTS`] (shared, BTF, `bpf_spin_lock`) | `u32` slot | [`Police`] `{bpf_spin_lock lock; u32 pad; u64 rate; u64 burst; s64 tokens; u64 last_ns; u64 frac}` |
 //! | `nw_istats` | per-CPU array of [`SLOTS`] | `u32` slot | [`IngressStats`] `{u64 bytes, packets, policed_drops, blocked_drops}` |
+//! | `nw_peer` | LPM trie, ≤ [`PEER_ADDRS_MAX`] entries, no prealloc | as `nw_dst` | `u32` peer index |
+//! | `nw_peer_stats` | per-CPU array of [`PEERS`] | `u32` peer index | [`PeerStats`] `{u64 tx_bytes, tx_packets, rx_bytes, rx_packets, rx_dropped_bytes, rx_dropped_packets}` |
+//! | `nw_peer_node` | array of [`PEERS`] (the agent's only) | `u32` peer index | `char node[64]`, NUL-padded; all zeroes: a free index |
 //!
 //! `nw_dst`, `nw_config`, `nw_stats` and `nw_used` are the egress program's (`nw_egress`);
 //! the ingress program (`nw_ingress`) reads `nw_dst` (by *source* address) and `nw_config`
@@ -36,6 +39,25 @@
 //! the HTB class statistics, see [`crate::plan`]). A slot whose lease ends keeps these counts
 //! until its next lease starts (so that ending a lease stays one config write); they are not
 //! reported meanwhile.
+//!
+//! # Peers
+//!
+//! Per-peer counters serve byte conservation between nodes, whatever the scopes: peer scopes
+//! are per lease, and a node with only an egress lease has one slot for all its peers. Each
+//! counted peer ([`crate::DesiredState::peers`]) has a *peer index*: its addresses map to it
+//! in `nw_peer` (an LPM trie like `nw_dst`, so a peer may be given a prefix; the lookup is
+//! bounded by the 32 bits of an address), its counters live at it in `nw_peer_stats`, and its
+//! node name at it in `nw_peer_node`. The egress program adds a packet to `tx` of the peer of
+//! its destination only when it passes it (after the volume and blocked decisions); the
+//! ingress program adds a packet from a peer's address to `rx` when it admits it and to
+//! `rx_dropped` when it drops it (blocked scope, policer). Non-IPv4 frames are not counted.
+//!
+//! The index of a peer is found again by its name in `nw_peer_node` (also by a restarted
+//! agent: the maps are pinned), so its counters continue; a new peer takes the lowest free
+//! index (name all zeroes), its counters zeroed before its name and addresses are written; a
+//! peer no longer desired loses its addresses first, then its counters and its name are
+//! cleared. An address moving to another peer is rewritten in place. Reconcile writes the
+//! peer maps last (they decide nothing).
 //!
 //! # Ingress policing
 //!
@@ -61,7 +83,9 @@
 //! new volume) is one write of its config; one that also changes the rate (a new lease at
 //! another rate, a floor above 0) writes the policer first.
 
-use crate::plan::{Plan, ScopePlan, EGRESS_MINOR, MAX_PEER_SCOPES, MAX_RATE_BPS, PEER_MINOR_BASE};
+use crate::plan::{
+    PeerPlan, Plan, ScopePlan, EGRESS_MINOR, MAX_PEER_SCOPES, MAX_RATE_BPS, PEER_MINOR_BASE,
+};
 use crate::{Change, IngressStats};
 use ipnet::Ipv4Net;
 use nicwarden_lease::Scope;
@@ -71,6 +95,19 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const SLOTS: u32 = 1024;
 /// Most destination prefixes the LPM trie holds (`NW_DST_MAX`).
 pub const DST_MAX: usize = 65536;
+/// Entries of the peer-indexed arrays (`NW_PEERS`).
+pub const PEERS: u32 = 1024;
+/// Most peer addresses `nw_peer` holds (`NW_PEER_ADDRS_MAX`).
+pub const PEER_ADDRS_MAX: usize = 4096;
+/// Size of a `nw_peer_node` value (`NW_PEER_NAME_LEN`).
+pub const PEER_NAME_SIZE: usize = 64;
+
+const _: () = assert!(
+    crate::plan::MAX_PEERS <= PEERS as usize,
+    "every peer needs an index"
+);
+const _: () = assert!(crate::plan::MAX_PEER_ADDRS <= PEER_ADDRS_MAX);
+const _: () = assert!(crate::plan::MAX_PEER_NAME_LEN < PEER_NAME_SIZE);
 
 const _: () = assert!(MAX_PEER_SCOPES < SLOTS as usize, "every scope needs a slot");
 
@@ -88,6 +125,9 @@ pub const MAP_STATS: &str = "nw_stats";
 pub const MAP_USED: &str = "nw_used";
 pub const MAP_POLICE: &str = "nw_police";
 pub const MAP_ISTATS: &str = "nw_istats";
+pub const MAP_PEER: &str = "nw_peer";
+pub const MAP_PEER_STATS: &str = "nw_peer_stats";
+pub const MAP_PEER_NODE: &str = "nw_peer_node";
 /// The egress program.
 pub const PROGRAM: &str = "nw_egress";
 /// The ingress program.
@@ -341,6 +381,83 @@ impl Police {
     }
 }
 
+/// One entry of `nw_peer_stats`, summed over CPUs (the C struct `nw_peer_stats`). IP bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Passed by the egress program towards the peer.
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    /// Arrived from the peer and admitted by the ingress program.
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    /// Arrived from the peer and dropped by the ingress program (blocked, policed).
+    pub rx_dropped_bytes: u64,
+    pub rx_dropped_packets: u64,
+}
+
+impl PeerStats {
+    /// The C struct as six `u64`.
+    pub fn to_array(&self) -> [u64; 6] {
+        [
+            self.tx_bytes,
+            self.tx_packets,
+            self.rx_bytes,
+            self.rx_packets,
+            self.rx_dropped_bytes,
+            self.rx_dropped_packets,
+        ]
+    }
+
+    pub fn from_array(a: [u64; 6]) -> Self {
+        PeerStats {
+            tx_bytes: a[0],
+            tx_packets: a[1],
+            rx_bytes: a[2],
+            rx_packets: a[3],
+            rx_dropped_bytes: a[4],
+            rx_dropped_packets: a[5],
+        }
+    }
+
+    /// Adds another CPU's values.
+    pub fn add(&mut self, other: &PeerStats) {
+        let mut a = self.to_array();
+        for (x, y) in a.iter_mut().zip(other.to_array()) {
+            *x = x.wrapping_add(y);
+        }
+        *self = PeerStats::from_array(a);
+    }
+
+    /// The counters reported for `node`.
+    pub fn counters(&self, node: &str) -> crate::PeerCounters {
+        crate::PeerCounters {
+            node: node.to_string(),
+            tx_bytes: self.tx_bytes,
+            tx_packets: self.tx_packets,
+            rx_bytes: self.rx_bytes,
+            rx_packets: self.rx_packets,
+            rx_dropped_bytes: self.rx_dropped_bytes,
+            rx_dropped_packets: self.rx_dropped_packets,
+        }
+    }
+}
+
+/// A `nw_peer_node` value: the name's bytes, NUL-padded (names are validated by the plan:
+/// at most 63 bytes, no NUL; a longer one is cut).
+pub fn peer_name_to_bytes(node: &str) -> [u8; PEER_NAME_SIZE] {
+    let mut b = [0u8; PEER_NAME_SIZE];
+    let n = node.len().min(PEER_NAME_SIZE - 1);
+    b[..n].copy_from_slice(&node.as_bytes()[..n]);
+    b
+}
+
+/// The name in a `nw_peer_node` value ("" for a free index; bytes that are not UTF-8 are
+/// replaced, so such an entry matches no desired peer and is cleared).
+pub fn peer_name_from_bytes(b: &[u8; PEER_NAME_SIZE]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(PEER_NAME_SIZE);
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
 impl IngressStats {
     /// The C struct `nw_istats` as four `u64`.
     pub fn to_array(&self) -> [u64; 4] {
@@ -442,6 +559,10 @@ pub struct MapsKernel {
     pub police: BTreeMap<u32, Police>,
     /// `nw_istats` (summed) of the slots in [`slots_to_read`].
     pub ingress: BTreeMap<u32, IngressStats>,
+    /// `nw_peer`.
+    pub peer_addrs: BTreeMap<Ipv4Net, u32>,
+    /// `nw_peer_node`, every index ("" = free).
+    pub peer_nodes: Vec<String>,
 }
 
 impl MapsKernel {
@@ -508,6 +629,23 @@ pub enum MapWrite {
     RemoveDestination {
         net: Ipv4Net,
     },
+    /// Written as the given sums on one CPU and zero on the others.
+    PeerStats {
+        index: u32,
+        stats: PeerStats,
+    },
+    /// `nw_peer_node` of an index ("" clears it).
+    PeerNode {
+        index: u32,
+        node: String,
+    },
+    PeerAddr {
+        net: Ipv4Net,
+        index: u32,
+    },
+    RemovePeerAddr {
+        net: Ipv4Net,
+    },
 }
 
 /// The writes that bring the maps to a plan, in order, and their descriptions.
@@ -515,6 +653,8 @@ pub enum MapWrite {
 pub struct MapDiff {
     pub writes: Vec<MapWrite>,
     pub changes: Vec<Change>,
+    /// The peer index of each counted peer once the writes are done.
+    pub peer_index: BTreeMap<String, u32>,
 }
 
 fn change(s: String) -> Change {
@@ -703,11 +843,151 @@ pub fn diff(plan: &Plan, kernel: &MapsKernel) -> MapDiff {
         )));
     }
 
+    let peers = diff_peers(&plan.peers, kernel);
+    changes.extend(peers.changes);
+
     let mut writes = counters;
     writes.extend(configs);
     writes.extend(dst_writes);
     writes.extend(clears);
-    MapDiff { writes, changes }
+    writes.extend(peers.writes);
+    MapDiff {
+        writes,
+        changes,
+        peer_index: peers.peer_index,
+    }
+}
+
+/// The index each peer already has in `nw_peer_node` (the first entry with its name).
+pub fn installed_peer_index(peers: &[PeerPlan], nodes: &[String]) -> BTreeMap<String, u32> {
+    let mut first: BTreeMap<&str, u32> = BTreeMap::new();
+    for (i, name) in nodes.iter().enumerate() {
+        if let Ok(i) = u32::try_from(i) {
+            if !name.is_empty() && i < PEERS {
+                first.entry(name.as_str()).or_insert(i);
+            }
+        }
+    }
+    peers
+        .iter()
+        .filter_map(|p| first.get(p.node.as_str()).map(|i| (p.node.clone(), *i)))
+        .collect()
+}
+
+/// The writes that bring the peer maps to `peers` (see "Peers" in the module documentation
+/// for the rules and the order).
+fn diff_peers(peers: &[PeerPlan], kernel: &MapsKernel) -> MapDiff {
+    let mut peer_index = installed_peer_index(peers, &kernel.peer_nodes);
+    let kept: BTreeSet<u32> = peer_index.values().copied().collect();
+    let mut removals = Vec::new();
+    let mut frees = Vec::new();
+    let mut news = Vec::new();
+    let mut addr_writes = Vec::new();
+    let (mut free_changes, mut new_changes) = (Vec::new(), Vec::new());
+    let (mut removal_changes, mut addr_changes) = (Vec::new(), Vec::new());
+
+    // Indices named but not kept: peers no longer desired (or a duplicate name).
+    let mut freed = BTreeSet::new();
+    for (i, name) in kernel.peer_nodes.iter().enumerate() {
+        let Ok(index) = u32::try_from(i) else {
+            continue;
+        };
+        if name.is_empty() || kept.contains(&index) {
+            continue;
+        }
+        freed.insert(index);
+        frees.push(MapWrite::PeerStats {
+            index,
+            stats: PeerStats::default(),
+        });
+        frees.push(MapWrite::PeerNode {
+            index,
+            node: String::new(),
+        });
+        free_changes.push(change(format!(
+            "peer {name} (index {index}) removed, its counters cleared"
+        )));
+    }
+
+    // New peers: the lowest indices nobody holds, then the ones just freed.
+    let held: BTreeSet<u32> = kernel
+        .peer_nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !n.is_empty())
+        .filter_map(|(i, _)| u32::try_from(i).ok())
+        .collect();
+    let mut free = (0..PEERS)
+        .filter(|i| !held.contains(i))
+        .chain(freed.iter().copied());
+    for p in peers {
+        if peer_index.contains_key(&p.node) {
+            continue;
+        }
+        // The plan holds at most MAX_PEERS <= PEERS peers, so an index is always left.
+        let Some(index) = free.next() else { break };
+        news.push(MapWrite::PeerStats {
+            index,
+            stats: PeerStats::default(),
+        });
+        news.push(MapWrite::PeerNode {
+            index,
+            node: p.node.clone(),
+        });
+        new_changes.push(change(format!("peer {} counted at index {index}", p.node)));
+        peer_index.insert(p.node.clone(), index);
+    }
+
+    // Addresses: removed first (a removed peer stops counting before its counters are
+    // cleared), added or moved last (a new peer counts once its counters are zero).
+    let want: BTreeMap<Ipv4Net, (u32, &str)> = peers
+        .iter()
+        .filter_map(|p| peer_index.get(&p.node).map(|i| (p, *i)))
+        .flat_map(|(p, i)| p.addrs.iter().map(move |n| (*n, (i, p.node.as_str()))))
+        .collect();
+    for (net, have) in &kernel.peer_addrs {
+        if !want.contains_key(net) {
+            removals.push(MapWrite::RemovePeerAddr { net: *net });
+            removal_changes.push(change(format!("peer address {net} (index {have}) removed")));
+        }
+    }
+    for (net, (index, node)) in &want {
+        match kernel.peer_addrs.get(net) {
+            Some(have) if have == index => {}
+            Some(have) => {
+                addr_writes.push(MapWrite::PeerAddr {
+                    net: *net,
+                    index: *index,
+                });
+                addr_changes.push(change(format!(
+                    "peer address {net} -> peer {node} (index {index}; was index {have})"
+                )));
+            }
+            None => {
+                addr_writes.push(MapWrite::PeerAddr {
+                    net: *net,
+                    index: *index,
+                });
+                addr_changes.push(change(format!(
+                    "peer address {net} -> peer {node} (index {index}) added"
+                )));
+            }
+        }
+    }
+
+    let mut writes = removals;
+    writes.extend(frees);
+    writes.extend(news);
+    writes.extend(addr_writes);
+    let mut changes = removal_changes;
+    changes.extend(free_changes);
+    changes.extend(new_changes);
+    changes.extend(addr_changes);
+    MapDiff {
+        writes,
+        changes,
+        peer_index,
+    }
 }
 
 #[cfg(test)]

@@ -4,9 +4,10 @@
 //! * **Program** (`bpf/nicwarden.bpf.c`, compiled by `build.rs`, embedded): a direct-action
 //!   classifier on the fabric interface's clsact egress hook, preference
 //!   [`ops::FILTER_PREF`], handle [`ops::FILTER_HANDLE`]. IPv4 destinations are looked up in an
-//!   LPM trie (peer prefixes → scope slot; a miss is the egress scope), ARP goes to the
-//!   control class, everything else (IPv6, other protocols) to the egress scope, as with the
-//!   tc backend's filters: only ARP passes outside the scopes. Per slot a config (blocked / lease / floor,
+//!   LPM trie (peer prefixes → scope slot; a miss is the egress scope), ARP and link probes
+//!   (EtherType 0x88B5) go to the control class, everything else (IPv6, other protocols) to
+//!   the egress scope, as with the tc backend's filters: only ARP and link probes pass outside
+//!   the scopes. Per slot a config (blocked / lease / floor,
 //!   HTB class id, lease id, volume), exact volume accounting and per-CPU counters: see
 //!   [`maps`].
 //! * **Shaping** stays with tc: the same HTB layout as the tc backend ([`crate::plan`]) but
@@ -40,6 +41,17 @@
 //! configs (a scope opens with its bucket set); the ingress program is attached after the
 //! egress one.
 //!
+//! * **Per-peer counters** (both programs): the peer address of each IPv4 packet (its
+//!   destination at egress, its source at ingress) is looked up in a second LPM trie,
+//!   `nw_peer` (peer address → peer index), and the packet is counted at that index of the
+//!   per-CPU array `nw_peer_stats`: `tx` when the egress program passes it (after the volume
+//!   and blocked decisions), `rx` when the ingress program admits it, `rx_dropped` when it
+//!   drops it. The agent keeps each index's node name in `nw_peer_node`, so a restarted agent
+//!   finds every peer's counters again. [`Datapath::peer_counters`] reads them; the peer maps
+//!   are reconciled last (they decide nothing), idempotently: see "Peers" in [`maps`]. Note
+//!   that HTB (after the program) may still drop a packet counted as `tx` when a class's
+//!   queue overflows; those drops are in the scope's [`crate::ClassStats::drops`].
+//!
 //! Namespaces and threads: the real [`BpfOps`] speaks netlink (and runs `tc`) in the network
 //! namespace of the *calling thread*; call every method of an `EbpfDatapath` from a thread
 //! inside the namespace of the fabric interface (for a process started in it, any thread).
@@ -53,14 +65,17 @@ pub mod ops;
 mod tests;
 
 pub use fake::{FakeBpf, Verdict};
-pub use maps::{Police, ScopeConfig, ScopeStats};
+pub use maps::{PeerStats, Police, ScopeConfig, ScopeStats};
 pub use ops::{Attachment, BpfOps, Hook, RealBpf};
 
 use crate::ops::{RealTc, TcOps};
 use crate::plan::{Plan, Steering};
 use crate::shaper::Shaper;
-use crate::{Change, Datapath, DatapathError, DesiredState, LeaseCounters, ScopeCounters};
+use crate::{
+    Change, Datapath, DatapathError, DesiredState, LeaseCounters, PeerCounters, ScopeCounters,
+};
 use maps::{MapWrite, MapsKernel, DST_MAX, MODE_LEASE};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The eBPF backend on one fabric interface. See the [module documentation](self).
@@ -75,6 +90,9 @@ pub struct EbpfDatapath {
     applied: Option<Plan>,
     /// The last valid desired state: what `counters` reports on.
     current: Option<Plan>,
+    /// The peer index of each counted peer, as the last reconcile of the maps left them;
+    /// `None` after a failure or in a fresh process (then `nw_peer_node` is read).
+    peer_index: Option<BTreeMap<String, u32>>,
 }
 
 impl EbpfDatapath {
@@ -104,6 +122,7 @@ impl EbpfDatapath {
             bpf,
             applied: None,
             current: None,
+            peer_index: None,
         }
     }
 
@@ -185,10 +204,13 @@ impl EbpfDatapath {
         }
         kernel.configs = configs;
         kernel.destinations = self.bpf.destinations()?;
+        kernel.peer_addrs = self.bpf.peer_addrs()?;
+        kernel.peer_nodes = self.bpf.peer_nodes()?;
         Ok(kernel)
     }
 
     fn reconcile_maps(&mut self, plan: &Plan) -> Result<Vec<Change>, DatapathError> {
+        self.peer_index = None;
         let mut changes = self.open()?;
         let kernel = self.read_maps(plan)?;
         let diff = maps::diff(plan, &kernel);
@@ -203,9 +225,14 @@ impl EbpfDatapath {
                 }
                 MapWrite::Destination { net, slot } => self.bpf.set_destination(*net, *slot)?,
                 MapWrite::RemoveDestination { net } => self.bpf.remove_destination(*net)?,
+                MapWrite::PeerStats { index, stats } => self.bpf.set_peer_stats(*index, stats)?,
+                MapWrite::PeerNode { index, node } => self.bpf.set_peer_node(*index, node)?,
+                MapWrite::PeerAddr { net, index } => self.bpf.set_peer_addr(*net, *index)?,
+                MapWrite::RemovePeerAddr { net } => self.bpf.remove_peer_addr(*net)?,
             }
         }
         changes.extend(diff.changes);
+        self.peer_index = Some(diff.peer_index);
         Ok(changes)
     }
 
@@ -250,6 +277,10 @@ impl Datapath for EbpfDatapath {
 
     fn counters(&mut self) -> Result<Vec<ScopeCounters>, DatapathError> {
         self.run(Self::do_counters)
+    }
+
+    fn peer_counters(&mut self) -> Result<Vec<PeerCounters>, DatapathError> {
+        self.run(Self::do_peer_counters)
     }
 
     fn remove(&mut self) -> Result<(), DatapathError> {
@@ -332,9 +363,33 @@ impl EbpfDatapath {
         Ok(out)
     }
 
+    fn do_peer_counters(&mut self) -> Result<Vec<PeerCounters>, DatapathError> {
+        let Some(plan) = self.current.clone() else {
+            return Ok(Vec::new());
+        };
+        for c in self.open()? {
+            tracing::warn!(dev = %self.tc.dev(), change = %c, "eBPF pins repaired while reading peer counters");
+        }
+        let index = match &self.peer_index {
+            Some(index) => index.clone(),
+            None => maps::installed_peer_index(&plan.peers, &self.bpf.peer_nodes()?),
+        };
+        let mut out = Vec::with_capacity(plan.peers.len());
+        for p in &plan.peers {
+            let stats = match index.get(&p.node) {
+                Some(i) => self.bpf.peer_stats(*i)?,
+                // Not installed (its reconcile failed): nothing counted.
+                None => maps::PeerStats::default(),
+            };
+            out.push(stats.counters(&p.node));
+        }
+        Ok(out)
+    }
+
     fn do_remove(&mut self) -> Result<(), DatapathError> {
         self.applied = None;
         self.current = None;
+        self.peer_index = None;
         let dev = self.tc.dev().to_string();
         // The programs first: egress traffic then falls to HTB's drop class until the root
         // goes; ingress is no longer policed.

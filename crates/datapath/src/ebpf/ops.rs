@@ -8,8 +8,9 @@
 //! pins live on the bpf filesystem of the caller's mount namespace.
 
 use super::maps::{
-    Police, ScopeConfig, ScopeStats, DST_MAX, MAP_CONFIG, MAP_DST, MAP_ISTATS, MAP_POLICE,
-    MAP_STATS, MAP_USED, PROGRAM, PROGRAM_INGRESS, SLOTS,
+    peer_name_from_bytes, peer_name_to_bytes, PeerStats, Police, ScopeConfig, ScopeStats, DST_MAX,
+    MAP_CONFIG, MAP_DST, MAP_ISTATS, MAP_PEER, MAP_PEER_NODE, MAP_PEER_STATS, MAP_POLICE,
+    MAP_STATS, MAP_USED, PEERS, PEER_ADDRS_MAX, PEER_NAME_SIZE, PROGRAM, PROGRAM_INGRESS, SLOTS,
 };
 use crate::ops::run;
 use crate::{DatapathError, IngressStats};
@@ -133,6 +134,18 @@ pub trait BpfOps: Send {
     fn ingress_stats(&mut self, slot: u32) -> Result<IngressStats, DatapathError>;
     /// Sets a slot's ingress stats: `stats` on one CPU, zero on the others.
     fn set_ingress_stats(&mut self, slot: u32, stats: &IngressStats) -> Result<(), DatapathError>;
+    /// `nw_peer`: peer address → peer index.
+    fn peer_addrs(&mut self) -> Result<BTreeMap<Ipv4Net, u32>, DatapathError>;
+    fn set_peer_addr(&mut self, net: Ipv4Net, index: u32) -> Result<(), DatapathError>;
+    fn remove_peer_addr(&mut self, net: Ipv4Net) -> Result<(), DatapathError>;
+    /// `nw_peer_node`, every index ("" = free).
+    fn peer_nodes(&mut self) -> Result<Vec<String>, DatapathError>;
+    /// Writes an index's node name ("" frees it).
+    fn set_peer_node(&mut self, index: u32, node: &str) -> Result<(), DatapathError>;
+    /// `nw_peer_stats` of a peer index, summed over CPUs.
+    fn peer_stats(&mut self, index: u32) -> Result<PeerStats, DatapathError>;
+    /// Sets a peer index's counters: `stats` on one CPU, zero on the others.
+    fn set_peer_stats(&mut self, index: u32, stats: &PeerStats) -> Result<(), DatapathError>;
     /// Closes the maps and programs and removes everything pinned under `pin_dir`, and the
     /// directory; false if there was nothing.
     fn unpin(&mut self, pin_dir: &Path) -> Result<bool, DatapathError>;
@@ -168,6 +181,9 @@ struct Opened {
     used: Map,
     police: Map,
     istats: Map,
+    peer: Map,
+    peer_stats: Map,
+    peer_node: Map,
     egress: Prog,
     ingress: Prog,
 }
@@ -192,7 +208,7 @@ impl RealBpf {
 }
 
 /// The expected shape of each pinned map: (name, type, key size, value size, entries).
-const MAP_SHAPES: [(&str, MapType, u32, u32, u32); 6] = [
+const MAP_SHAPES: [(&str, MapType, u32, u32, u32); 9] = [
     (MAP_DST, MapType::LpmTrie, 8, 4, DST_MAX as u32),
     (
         MAP_CONFIG,
@@ -205,6 +221,15 @@ const MAP_SHAPES: [(&str, MapType, u32, u32, u32); 6] = [
     (MAP_USED, MapType::Array, 4, 8, SLOTS),
     (MAP_POLICE, MapType::Array, 4, Police::SIZE as u32, SLOTS),
     (MAP_ISTATS, MapType::PerCpuArray, 4, 32, SLOTS),
+    (MAP_PEER, MapType::LpmTrie, 8, 4, PEER_ADDRS_MAX as u32),
+    (MAP_PEER_STATS, MapType::PerCpuArray, 4, 48, PEERS),
+    (
+        MAP_PEER_NODE,
+        MapType::Array,
+        4,
+        PEER_NAME_SIZE as u32,
+        PEERS,
+    ),
 ];
 
 fn check_shape(path: &Path, shape: &(&str, MapType, u32, u32, u32)) -> Result<u32, DatapathError> {
@@ -291,6 +316,9 @@ impl Opened {
         let used = take_map(&mut ebpf, MAP_USED)?;
         let police = take_map(&mut ebpf, MAP_POLICE)?;
         let istats = take_map(&mut ebpf, MAP_ISTATS)?;
+        let peer = take_map(&mut ebpf, MAP_PEER)?;
+        let peer_stats = take_map(&mut ebpf, MAP_PEER_STATS)?;
+        let peer_node = take_map(&mut ebpf, MAP_PEER_NODE)?;
         let egress = Prog::load(&mut ebpf, pin_dir, Hook::Egress, &map_ids, created)?;
         let ingress = Prog::load(&mut ebpf, pin_dir, Hook::Ingress, &map_ids, created)?;
         // `ebpf` (and its unpinned copies of the programs) is dropped here; the pins keep the
@@ -323,6 +351,9 @@ impl Opened {
             used,
             police,
             istats,
+            peer,
+            peer_stats,
+            peer_node,
             egress,
             ingress,
         })
@@ -345,6 +376,9 @@ impl Opened {
             (MAP_USED, &self.used),
             (MAP_POLICE, &self.police),
             (MAP_ISTATS, &self.istats),
+            (MAP_PEER, &self.peer),
+            (MAP_PEER_STATS, &self.peer_stats),
+            (MAP_PEER_NODE, &self.peer_node),
         ] {
             let path = self.pin_dir.join(name);
             if !path.exists() {
@@ -577,20 +611,7 @@ impl BpfOps for RealBpf {
 
     fn destinations(&mut self) -> Result<BTreeMap<Ipv4Net, u32>, DatapathError> {
         let o = self.opened("read map nw_dst")?;
-        let op = || format!("read map {MAP_DST}");
-        let trie: LpmTrie<&MapData, u32, u32> = map_op(op, LpmTrie::try_from(&o.dst))?;
-        let mut out = BTreeMap::new();
-        for entry in trie.iter() {
-            let (key, slot) = map_op(op, entry)?;
-            let addr = Ipv4Addr::from(key.data().to_ne_bytes());
-            let len = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
-            let net = Ipv4Net::new(addr, len).map_err(|e| DatapathError::Bpf {
-                op: op(),
-                detail: format!("key {addr}/{}: {e}", key.prefix_len()),
-            })?;
-            out.insert(net, slot);
-        }
-        Ok(out)
+        read_trie(&o.dst, MAP_DST)
     }
 
     fn set_destination(&mut self, net: Ipv4Net, slot: u32) -> Result<(), DatapathError> {
@@ -678,6 +699,66 @@ impl BpfOps for RealBpf {
         map_op(op, array.set(slot, values, 0))
     }
 
+    fn peer_addrs(&mut self) -> Result<BTreeMap<Ipv4Net, u32>, DatapathError> {
+        let o = self.opened("read map nw_peer")?;
+        read_trie(&o.peer, MAP_PEER)
+    }
+
+    fn set_peer_addr(&mut self, net: Ipv4Net, index: u32) -> Result<(), DatapathError> {
+        let o = self.opened("write map nw_peer")?;
+        let op = || format!("write {net} -> peer index {index} into map {MAP_PEER}");
+        let mut trie: LpmTrie<&mut MapData, u32, u32> = map_op(op, LpmTrie::try_from(&mut o.peer))?;
+        map_op(op, trie.insert(&lpm_key(&net), index, 0))
+    }
+
+    fn remove_peer_addr(&mut self, net: Ipv4Net) -> Result<(), DatapathError> {
+        let o = self.opened("write map nw_peer")?;
+        let op = || format!("remove {net} from map {MAP_PEER}");
+        let mut trie: LpmTrie<&mut MapData, u32, u32> = map_op(op, LpmTrie::try_from(&mut o.peer))?;
+        map_op(op, trie.remove(&lpm_key(&net)))
+    }
+
+    fn peer_nodes(&mut self) -> Result<Vec<String>, DatapathError> {
+        let o = self.opened("read map nw_peer_node")?;
+        let op = || format!("read map {MAP_PEER_NODE}");
+        let array: Array<&MapData, [u8; PEER_NAME_SIZE]> =
+            map_op(op, Array::try_from(&o.peer_node))?;
+        array
+            .iter()
+            .map(|v| map_op(op, v).map(|b| peer_name_from_bytes(&b)))
+            .collect()
+    }
+
+    fn set_peer_node(&mut self, index: u32, node: &str) -> Result<(), DatapathError> {
+        let o = self.opened("write map nw_peer_node")?;
+        let op = || format!("write index {index} of map {MAP_PEER_NODE}");
+        let mut array: Array<&mut MapData, [u8; PEER_NAME_SIZE]> =
+            map_op(op, Array::try_from(&mut o.peer_node))?;
+        map_op(op, array.set(index, peer_name_to_bytes(node), 0))
+    }
+
+    fn peer_stats(&mut self, index: u32) -> Result<PeerStats, DatapathError> {
+        let o = self.opened("read map nw_peer_stats")?;
+        let op = || format!("read index {index} of map {MAP_PEER_STATS}");
+        let array: PerCpuArray<&MapData, [u64; 6]> =
+            map_op(op, PerCpuArray::try_from(&o.peer_stats))?;
+        let per_cpu = map_op(op, array.get(&index, 0))?;
+        let mut sum = PeerStats::default();
+        for v in per_cpu.iter() {
+            sum.add(&PeerStats::from_array(*v));
+        }
+        Ok(sum)
+    }
+
+    fn set_peer_stats(&mut self, index: u32, stats: &PeerStats) -> Result<(), DatapathError> {
+        let o = self.opened("write map nw_peer_stats")?;
+        let op = || format!("write index {index} of map {MAP_PEER_STATS}");
+        let mut array: PerCpuArray<&mut MapData, [u64; 6]> =
+            map_op(op, PerCpuArray::try_from(&mut o.peer_stats))?;
+        let values = one_cpu(op, stats.to_array())?;
+        map_op(op, array.set(index, values, 0))
+    }
+
     fn unpin(&mut self, pin_dir: &Path) -> Result<bool, DatapathError> {
         // Close our handles first; the kernel frees each object with its last reference.
         self.opened = None;
@@ -691,16 +772,34 @@ impl BpfOps for RealBpf {
     }
 }
 
+/// An LPM trie of `{u32 prefixlen; u32 addr}` → `u32`, read whole.
+fn read_trie(map: &Map, name: &str) -> Result<BTreeMap<Ipv4Net, u32>, DatapathError> {
+    let op = || format!("read map {name}");
+    let trie: LpmTrie<&MapData, u32, u32> = map_op(op, LpmTrie::try_from(map))?;
+    let mut out = BTreeMap::new();
+    for entry in trie.iter() {
+        let (key, value) = map_op(op, entry)?;
+        let addr = Ipv4Addr::from(key.data().to_ne_bytes());
+        let len = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
+        let net = Ipv4Net::new(addr, len).map_err(|e| DatapathError::Bpf {
+            op: op(),
+            detail: format!("key {addr}/{}: {e}", key.prefix_len()),
+        })?;
+        out.insert(net, value);
+    }
+    Ok(out)
+}
+
 /// Per-CPU values: `first` on the first CPU, zero on the others.
-fn one_cpu(
+fn one_cpu<const N: usize>(
     op: impl Fn() -> String,
-    first: [u64; 4],
-) -> Result<PerCpuValues<[u64; 4]>, DatapathError> {
+    first: [u64; N],
+) -> Result<PerCpuValues<[u64; N]>, DatapathError> {
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| DatapathError::Bpf {
         op: op(),
         detail: format!("count CPUs ({what}): {e}"),
     })?;
-    let mut values = vec![[0u64; 4]; cpus];
+    let mut values = vec![[0u64; N]; cpus];
     if let Some(v) = values.first_mut() {
         *v = first;
     }

@@ -1,13 +1,14 @@
 //! The eBPF backend's reconcile logic against the in-memory bpf subsystem ([`FakeBpf`]) and
 //! the in-memory tc ([`FakeKernel`]).
 
-use super::maps::{Police, ScopeConfig, ScopeStats, MODE_LEASE};
+use super::maps::{PeerStats, Police, ScopeConfig, ScopeStats, MODE_LEASE};
 use super::{EbpfDatapath, FakeBpf, Hook, Verdict};
-use crate::fake::fixtures::{egress, floor, lease, peer};
+use crate::fake::fixtures::{counted, egress, floor, lease, peer};
 use crate::fake::FakeKernel;
 use crate::test_support::apply;
 use crate::{
-    ClassStats, Datapath, DesiredState, IngressStats, LeaseCounters, ScopeCounters, ScopeSpec,
+    ClassStats, Datapath, DesiredState, IngressStats, LeaseCounters, PeerCount, PeerCounters,
+    ScopeCounters, ScopeSpec,
 };
 use nicwarden_lease::{LeaseId, Scope};
 use std::net::Ipv4Addr;
@@ -23,7 +24,10 @@ fn pin_dir() -> PathBuf {
 }
 
 fn state(scopes: Vec<ScopeSpec>) -> DesiredState {
-    DesiredState { scopes }
+    DesiredState {
+        scopes,
+        peers: Vec::new(),
+    }
 }
 
 /// Egress lease 7 with a volume (500 B already used), peer b on lease 9 without one, peer c
@@ -243,6 +247,7 @@ fn takes_over_the_tc_backends_htb() {
         tc,
         [
             "tc: filter pref 1 (arp u32, 1 filters) removed",
+            "tc: filter pref 2 ([34997] u32, 1 filters) removed",
             "tc: filter pref 100 (ip u32, 1 filters) removed",
             "tc: filter pref 101 (ip u32, 1 filters) removed",
             "tc: filter pref 1000 (all u32, 1 filters) removed",
@@ -814,5 +819,337 @@ fn in_netns_names_the_namespace_it_cannot_enter() {
     assert!(
         err.starts_with("enter network namespace nicwarden-no-such-ns: No such file or directory"),
         "{err}"
+    );
+}
+
+/// A desired state with counted peers.
+fn with_peers(scopes: Vec<ScopeSpec>, peers: Vec<PeerCount>) -> DesiredState {
+    DesiredState { scopes, peers }
+}
+
+#[track_caller]
+fn peer_counters(dp: &mut EbpfDatapath) -> Vec<PeerCounters> {
+    match dp.peer_counters() {
+        Ok(c) => c,
+        Err(e) => panic!("peer_counters failed: {e}"),
+    }
+}
+
+/// (node, tx bytes/packets, rx bytes/packets, rx dropped bytes/packets), rendered.
+fn peer_rows(c: &[PeerCounters]) -> Vec<String> {
+    c.iter()
+        .map(|p| {
+            format!(
+                "{}: tx {}/{} rx {}/{} dropped {}/{}",
+                p.node,
+                p.tx_bytes,
+                p.tx_packets,
+                p.rx_bytes,
+                p.rx_packets,
+                p.rx_dropped_bytes,
+                p.rx_dropped_packets
+            )
+        })
+        .collect()
+}
+
+/// The changes about peers.
+fn peer_changes(changes: &[String]) -> Vec<&str> {
+    changes
+        .iter()
+        .filter(|c| c.starts_with("ebpf: peer"))
+        .map(String::as_str)
+        .collect()
+}
+
+/// Per peer, whatever the scopes: tx counts only what the egress program passes (not what
+/// the volume or a blocked scope drops), rx what the ingress program admits, rx_dropped what
+/// it drops (blocked scope, policer); frames that are not IPv4 count nowhere.
+#[test]
+fn peers_count_what_passes_and_what_is_dropped() {
+    let (n, mut dp) = fresh();
+    apply(
+        &mut dp,
+        &with_peers(
+            vec![
+                // 1000 B of volume; policed at 12.5 MB/s, burst 64 KiB.
+                egress(lease(7, 100_000_000, Some(1_000), 0)),
+                // 10 000 B/s, burst 64 KiB.
+                peer("b", &["198.18.0.2/32"], lease(9, 80_000, None, 0)),
+                peer("c", &["198.18.0.3/32"], floor(0)),
+            ],
+            vec![
+                counted("o", &["198.18.0.4/32"]),
+                counted("b", &["198.18.0.2/32"]),
+                counted("c", &["198.18.0.3/32"]),
+            ],
+        ),
+    );
+    assert_eq!(n.send(Some(B), 3, 100), 3);
+    // In the egress scope: 10 fit in the volume, 5 are dropped and not counted.
+    assert_eq!(n.send(Some(OTHER), 15, 100), 10);
+    assert_eq!(n.send(Some(C), 4, 100), 0, "blocked");
+    assert_eq!(n.send(None, 5, 60), 5, "ARP");
+    assert_eq!(n.send(Some(Ipv4Addr::new(10, 9, 9, 9)), 1, 50), 0);
+    // The bucket of b holds 65 of 1000 B.
+    assert_eq!(n.receive(Some(B), 70, 1000, T0), 65);
+    assert_eq!(n.receive(Some(C), 4, 200, T0), 0, "blocked");
+    assert_eq!(n.receive(Some(OTHER), 2, 100, T0), 2);
+    assert_eq!(n.receive(None, 3, 100, T0), 3, "not IPv4");
+    assert_eq!(
+        peer_rows(&peer_counters(&mut dp)),
+        [
+            "b: tx 300/3 rx 65000/65 dropped 5000/5",
+            "c: tx 0/0 rx 0/0 dropped 800/4",
+            "o: tx 1000/10 rx 200/2 dropped 0/0",
+        ]
+    );
+    // The scope counters are counted as before, apart from the peers.
+    let c = counters(&mut dp);
+    assert_eq!(scope(&c, &Scope::Peer("c".into())).ingress.blocked_drops, 4);
+    assert_eq!(scope(&c, &Scope::Egress).class.drops, 0);
+
+    // A peer that is a prefix counts every address in it; a lease that ends changes no peer.
+    apply(
+        &mut dp,
+        &with_peers(
+            vec![egress(floor(8_000_000))],
+            vec![counted("net", &["10.9.0.0/16"])],
+        ),
+    );
+    assert_eq!(n.send(Some(Ipv4Addr::new(10, 9, 9, 9)), 2, 50), 2);
+    assert_eq!(n.send(Some(Ipv4Addr::new(10, 8, 9, 9)), 2, 50), 2);
+    assert_eq!(
+        peer_rows(&peer_counters(&mut dp)),
+        ["net: tx 100/2 rx 0/0 dropped 0/0"]
+    );
+    // Blocked everything: all that arrives from the peer is dropped and counted so.
+    apply(
+        &mut dp,
+        &with_peers(
+            vec![egress(floor(0))],
+            vec![counted("net", &["10.9.0.0/16"])],
+        ),
+    );
+    assert_eq!(n.receive(Some(Ipv4Addr::new(10, 9, 0, 1)), 3, 500, T0), 0);
+    assert_eq!(n.send(Some(Ipv4Addr::new(10, 9, 9, 9)), 2, 50), 0);
+    assert_eq!(
+        peer_rows(&peer_counters(&mut dp)),
+        ["net: tx 100/2 rx 0/0 dropped 1500/3"]
+    );
+}
+
+/// The peer maps follow the desired peers: a peer keeps its index and its counters (also in
+/// a restarted agent), a removed peer's addresses, counters and name go, a new peer starts
+/// from zero at a free index, an address moves in place.
+#[test]
+fn peer_maps_are_diffed_and_counters_kept() {
+    let (n, mut dp) = fresh();
+    let scopes = || vec![egress(lease(7, 100_000_000, None, 0))];
+    let first = with_peers(
+        scopes(),
+        vec![
+            counted("b", &["198.18.0.3/32", "198.18.1.0/24"]),
+            counted("a", &["198.18.0.2/32"]),
+        ],
+    );
+    assert_eq!(
+        peer_counters(&mut dp),
+        [],
+        "nothing before the first reconcile"
+    );
+    let changes = apply(&mut dp, &first);
+    assert_eq!(
+        peer_changes(&changes),
+        [
+            "ebpf: peer a counted at index 0",
+            "ebpf: peer b counted at index 1",
+            "ebpf: peer address 198.18.0.2/32 -> peer a (index 0) added",
+            "ebpf: peer address 198.18.0.3/32 -> peer b (index 1) added",
+            "ebpf: peer address 198.18.1.0/24 -> peer b (index 1) added",
+        ]
+    );
+    assert_eq!(n.send(Some(B), 2, 100), 2);
+    assert_eq!(n.send(Some(C), 1, 100), 1);
+    assert_eq!(n.send(Some(Ipv4Addr::new(198, 18, 1, 7)), 1, 50), 1);
+    let counted_first = [
+        "a: tx 200/2 rx 0/0 dropped 0/0",
+        "b: tx 150/2 rx 0/0 dropped 0/0",
+    ];
+    assert_eq!(peer_rows(&peer_counters(&mut dp)), counted_first);
+    assert_eq!(apply(&mut dp, &first), Vec::<String>::new());
+
+    // A restarted agent finds the peers by name: nothing to do, nothing reset.
+    let mut restarted = n.datapath();
+    assert_eq!(peer_counters(&mut restarted), []);
+    n.bpf.take_log();
+    assert_eq!(apply(&mut restarted, &first), Vec::<String>::new());
+    assert_eq!(n.bpf.take_log(), Vec::<String>::new(), "no map write");
+    assert_eq!(peer_rows(&peer_counters(&mut restarted)), counted_first);
+
+    // a goes (its address moves to the new peer c), b loses its /24, d comes.
+    let second = with_peers(
+        scopes(),
+        vec![
+            counted("b", &["198.18.0.3/32"]),
+            counted("c", &["198.18.0.2/32"]),
+            counted("d", &["198.18.0.4/32"]),
+        ],
+    );
+    let changes = apply(&mut restarted, &second);
+    assert_eq!(
+        peer_changes(&changes),
+        [
+            "ebpf: peer address 198.18.1.0/24 (index 1) removed",
+            "ebpf: peer a (index 0) removed, its counters cleared",
+            "ebpf: peer c counted at index 2",
+            "ebpf: peer d counted at index 3",
+            "ebpf: peer address 198.18.0.2/32 -> peer c (index 2; was index 0)",
+            "ebpf: peer address 198.18.0.4/32 -> peer d (index 3) added",
+        ]
+    );
+    assert_eq!(n.bpf.peer_node(&n.dir, 0).as_deref(), Some(""));
+    assert_eq!(n.bpf.peer_stats(&n.dir, 0), Some(PeerStats::default()));
+    assert_eq!(n.send(Some(B), 1, 100), 1);
+    assert_eq!(
+        n.send(Some(Ipv4Addr::new(198, 18, 1, 7)), 1, 50),
+        1,
+        "no peer's"
+    );
+    assert_eq!(
+        peer_rows(&peer_counters(&mut restarted)),
+        [
+            "b: tx 150/2 rx 0/0 dropped 0/0",
+            "c: tx 100/1 rx 0/0 dropped 0/0",
+            "d: tx 0/0 rx 0/0 dropped 0/0",
+        ]
+    );
+    assert_eq!(
+        n.bpf
+            .peer_addrs(&n.dir)
+            .map(|m| m.into_iter().collect::<Vec<_>>()),
+        Some(vec![
+            ("198.18.0.2/32".parse().expect("net"), 2),
+            ("198.18.0.3/32".parse().expect("net"), 1),
+            ("198.18.0.4/32".parse().expect("net"), 3),
+        ])
+    );
+
+    // a comes back: a fresh start at the lowest free index.
+    let third = with_peers(
+        scopes(),
+        [second.peers.clone(), vec![counted("a", &["198.18.2.1/32"])]].concat(),
+    );
+    let changes = apply(&mut restarted, &third);
+    assert_eq!(
+        peer_changes(&changes),
+        [
+            "ebpf: peer a counted at index 0",
+            "ebpf: peer address 198.18.2.1/32 -> peer a (index 0) added",
+        ]
+    );
+    assert_eq!(
+        peer_rows(&peer_counters(&mut restarted))[0],
+        "a: tx 0/0 rx 0/0 dropped 0/0"
+    );
+
+    // No peers: everything cleared.
+    let changes = apply(&mut restarted, &with_peers(scopes(), vec![]));
+    assert_eq!(peer_changes(&changes).len(), 8, "{changes:#?}");
+    assert_eq!(n.bpf.peer_addrs(&n.dir), Some(Default::default()));
+    for i in 0..4 {
+        assert_eq!(n.bpf.peer_node(&n.dir, i).as_deref(), Some(""));
+        assert_eq!(n.bpf.peer_stats(&n.dir, i), Some(PeerStats::default()));
+    }
+    assert_eq!(peer_counters(&mut restarted), []);
+}
+
+/// A failed peer write is repaired by the next reconcile; meanwhile the counters of the
+/// installed peers are still read (by name), the others read zero. A name erased behind the
+/// datapath's back makes that peer start again.
+#[test]
+fn peer_failures_and_tampering_are_repaired() {
+    let (n, mut dp) = fresh();
+    let desired = with_peers(
+        vec![egress(lease(7, 100_000_000, None, 0))],
+        vec![counted("a", &["198.18.0.2/32"])],
+    );
+    apply(&mut dp, &desired);
+    assert_eq!(n.send(Some(B), 2, 100), 2);
+    let more = with_peers(
+        desired.scopes.clone(),
+        vec![
+            counted("a", &["198.18.0.2/32"]),
+            counted("b", &["198.18.0.3/32"]),
+        ],
+    );
+    n.bpf.fail_next("set_peer_addr");
+    let err = dp.reconcile(&more).expect_err("injected failure");
+    assert_eq!(err.to_string(), "fake set_peer_addr: injected failure");
+    assert_eq!(n.send(Some(C), 1, 100), 1);
+    assert_eq!(
+        peer_rows(&peer_counters(&mut dp)),
+        [
+            "a: tx 200/2 rx 0/0 dropped 0/0",
+            "b: tx 0/0 rx 0/0 dropped 0/0",
+        ]
+    );
+    let changes = apply(&mut dp, &more);
+    assert_eq!(
+        peer_changes(&changes),
+        ["ebpf: peer address 198.18.0.3/32 -> peer b (index 1) added"]
+    );
+    assert_eq!(n.send(Some(C), 1, 100), 1);
+    assert_eq!(
+        peer_rows(&peer_counters(&mut dp)),
+        [
+            "a: tx 200/2 rx 0/0 dropped 0/0",
+            "b: tx 100/1 rx 0/0 dropped 0/0",
+        ]
+    );
+
+    // Someone erases b's name: b is counted again from zero, at the index it had.
+    n.bpf.tamper_peer_node(&n.dir, 1, "");
+    let changes = apply(&mut dp, &more);
+    assert_eq!(peer_changes(&changes), ["ebpf: peer b counted at index 1"]);
+    assert_eq!(
+        peer_rows(&peer_counters(&mut dp))[1],
+        "b: tx 0/0 rx 0/0 dropped 0/0"
+    );
+    // A foreign name: cleared.
+    n.bpf.tamper_peer_node(&n.dir, 9, "intruder");
+    let changes = apply(&mut dp, &more);
+    assert_eq!(
+        peer_changes(&changes),
+        ["ebpf: peer intruder (index 9) removed, its counters cleared"]
+    );
+    assert_eq!(apply(&mut dp, &more), Vec::<String>::new());
+}
+
+#[test]
+fn peer_stats_and_names_round_trip() {
+    let s = PeerStats {
+        tx_bytes: 1,
+        tx_packets: 2,
+        rx_bytes: 3,
+        rx_packets: 4,
+        rx_dropped_bytes: 5,
+        rx_dropped_packets: 6,
+    };
+    assert_eq!(PeerStats::from_array(s.to_array()), s);
+    let mut sum = s;
+    sum.add(&s);
+    assert_eq!(sum.to_array(), [2, 4, 6, 8, 10, 12]);
+    let name = "node-17.rack-3";
+    let b = super::maps::peer_name_to_bytes(name);
+    assert_eq!(b.len(), 64);
+    assert_eq!(&b[..name.len()], name.as_bytes());
+    assert!(b[name.len()..].iter().all(|c| *c == 0));
+    assert_eq!(super::maps::peer_name_from_bytes(&b), name);
+    assert_eq!(super::maps::peer_name_from_bytes(&[0; 64]), "");
+    let long = "x".repeat(80);
+    assert_eq!(
+        super::maps::peer_name_from_bytes(&super::maps::peer_name_to_bytes(&long)),
+        "x".repeat(63)
     );
 }

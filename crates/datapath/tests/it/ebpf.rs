@@ -104,6 +104,7 @@ fn lease_of(counters: &[ScopeCounters], s: &Scope) -> LeaseCounters {
 /// blocked.
 fn three_scopes() -> DesiredState {
     DesiredState {
+        peers: Vec::new(),
         scopes: vec![
             egress(lease(7, 100_000_000, None, 0)),
             peer("b", &["198.18.0.2/32"], lease(9, 50_000_000, None, 0)),
@@ -179,6 +180,7 @@ fn ebpf_volume_passes_exactly_the_volume() {
     n.reconcile(
         &mut dp,
         &DesiredState {
+            peers: Vec::new(),
             scopes: vec![egress(lease(21, 100_000_000, Some(volume), 0))],
         },
     );
@@ -216,6 +218,7 @@ fn ebpf_blocked_scope_drops_and_arp_passes() {
     n.reconcile(
         &mut dp,
         &DesiredState {
+            peers: Vec::new(),
             scopes: vec![egress(floor(0))],
         },
     );
@@ -289,7 +292,7 @@ fn ebpf_agent_restart_reuses_pins() {
     let mut first = n.datapath();
     n.reconcile(&mut first, &desired);
     let pins = n.pinned().unwrap();
-    assert_eq!(pins.len(), 8, "6 maps and 2 programs: {pins:?}");
+    assert_eq!(pins.len(), 11, "9 maps and 2 programs: {pins:?}");
     n.tb.send_and_count(PEER_B, 10, 100);
     assert_eq!(n.tb.send_to_node(PEER_B, 4, 100).packets, 4);
     let before = n.counters(&mut first);
@@ -378,6 +381,7 @@ fn ebpf_lease_change_timing() {
     n.tb.static_neighbours();
     let mut dp = n.datapath();
     let with = |b: ScopeEnforce| DesiredState {
+        peers: Vec::new(),
         scopes: vec![
             egress(lease(7, 100_000_000, None, 0)),
             peer("b", &["198.18.0.2/32"], b),
@@ -506,8 +510,8 @@ fn ebpf_repairs_attachment_and_pins() {
     let changes = n.reconcile(&mut dp, &desired);
     assert_eq!(
         changes.len(),
-        8,
-        "6 maps and 2 programs re-pinned: {changes:#?}"
+        11,
+        "9 maps and 2 programs re-pinned: {changes:#?}"
     );
     assert_eq!(n.pinned().unwrap(), pins);
     let e = lease_of(&n.counters(&mut dp), &Scope::Egress);
@@ -575,6 +579,7 @@ fn ebpf_ingress_polices_an_unenforced_peer_to_the_scope_rate() {
     n.reconcile(
         &mut dp,
         &DesiredState {
+            peers: Vec::new(),
             scopes: vec![
                 egress(lease(7, 1_000_000_000, None, 0)),
                 peer("b", &["198.18.0.2/32"], lease(9, rate_bps, None, 0)),
@@ -680,6 +685,7 @@ fn ebpf_ingress_blocked_scope_receives_nothing() {
 
     // The scope opens: it receives; it closes again: nothing.
     let open = DesiredState {
+        peers: Vec::new(),
         scopes: vec![
             egress(lease(7, 100_000_000, None, 0)),
             peer("b", &["198.18.0.2/32"], lease(9, 50_000_000, None, 0)),
@@ -735,7 +741,7 @@ fn ebpf_upgrade_from_egress_only_pins() {
             "ebpf: program nw_ingress attached to fab0 ingress (clsact, pref 1, handle 0x1)",
         ]
     );
-    assert_eq!(n.pinned().unwrap().len(), 8);
+    assert_eq!(n.pinned().unwrap().len(), 11);
     assert_eq!(n.tb.send_to_node(PEER_C, 3, 100).packets, 0, "blocked");
     assert_eq!(n.tb.send_to_node(PEER_B, 3, 100).packets, 3);
     let b = lease_of(&n.counters(&mut new), &Scope::Peer("b".into()));

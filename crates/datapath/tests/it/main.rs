@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 mod ebpf;
+mod peers;
 mod testbed;
 
 use nicwarden_datapath::fake::fixtures::{egress, floor, lease, peer};
@@ -18,6 +19,7 @@ use testbed::{testbed, CrashAfter, Testbed, DEV, OTHER, PEER_B, PEER_C};
 /// Egress on lease 7, peer b (198.18.0.2) on lease 9 with a volume, peer c (198.18.0.3) blocked.
 fn three_scopes(egress_rate: u64) -> DesiredState {
     DesiredState {
+        peers: Vec::new(),
         scopes: vec![
             egress(lease(7, egress_rate, None, 0)),
             peer(
@@ -47,7 +49,7 @@ fn installs_the_layout_and_reapplying_changes_nothing() {
     let mut dp = tb.datapath();
     let desired = three_scopes(100_000_000);
     let changes = timed("first reconcile", || dp.reconcile(&desired).unwrap());
-    assert_eq!(changes.len(), 13, "{changes:#?}");
+    assert_eq!(changes.len(), 14, "{changes:#?}");
 
     let qdiscs = tb.tc(&["-j", "qdisc", "show", "dev", DEV]);
     let q: serde_json::Value = serde_json::from_str(&qdiscs).unwrap();
@@ -94,6 +96,11 @@ fn installs_the_layout_and_reapplying_changes_nothing() {
     let filters = tb.tc(&["filter", "show", "dev", DEV]);
     assert!(
         filters.contains("match c6120002/ffffffff at 16"),
+        "{filters}"
+    );
+    // Link probes (EtherType 0x88B5) go to the control class; tc shows the number.
+    assert!(
+        filters.contains("protocol [34997] pref 2 u32") && filters.contains("*flowid 1:2"),
         "{filters}"
     );
     let table = tb.nft(&["list", "table", "inet", "nicwarden"]).unwrap();
@@ -182,6 +189,7 @@ fn arp_passes_when_everything_is_blocked() {
     let Some(tb) = testbed() else { return };
     let mut dp = tb.datapath();
     dp.reconcile(&DesiredState {
+        peers: Vec::new(),
         scopes: vec![egress(floor(0))],
     })
     .unwrap();
@@ -216,6 +224,7 @@ fn volume_quota_passes_the_volume_then_drops() {
     let mut dp = tb.datapath();
     let volume = 20_000;
     let desired = |c: ScopeEnforce| DesiredState {
+        peers: Vec::new(),
         scopes: vec![
             egress(lease(21, 100_000_000, Some(volume), 0)),
             peer("c", &["198.18.0.3/32"], c),
@@ -259,6 +268,7 @@ fn volume_quota_passes_the_volume_then_drops() {
     // A fresh kernel (table gone) resumes from the controller's record.
     tb.nft(&["delete", "table", "inet", "nicwarden"]).unwrap();
     let resumed = DesiredState {
+        peers: Vec::new(),
         scopes: vec![
             egress(lease(21, 100_000_000, Some(volume), 19_000)),
             peer("c", &["198.18.0.3/32"], lease(22, 1_000_000, None, 0)),
@@ -276,6 +286,7 @@ fn shapes_to_the_lease_rate() {
     let mut dp = tb.datapath();
     let rate = 8_000_000; // 1 MB/s
     dp.reconcile(&DesiredState {
+        peers: Vec::new(),
         scopes: vec![egress(lease(30, rate, None, 0))],
     })
     .unwrap();
@@ -308,7 +319,7 @@ fn repairs_tampering_and_partial_updates() {
     let Some(tb) = testbed() else { return };
     let desired = three_scopes(100_000_000);
 
-    // A crash after 6 of 15 commands of the first install.
+    // A crash after 6 of 16 commands of the first install.
     let mut crashing = LinuxDatapath::with_ops(
         DEV,
         Box::new(CrashAfter {
@@ -318,7 +329,7 @@ fn repairs_tampering_and_partial_updates() {
         Box::new(RealNft::in_netns(&tb.node)),
     );
     let err = crashing.reconcile(&desired).unwrap_err().to_string();
-    assert!(err.contains("simulated crash after 6 of 15"), "{err}");
+    assert!(err.contains("simulated crash after 6 of 16"), "{err}");
 
     let mut dp = tb.datapath();
     let changes = dp.reconcile(&desired).unwrap();
@@ -438,36 +449,42 @@ fn extreme_parameters_are_accepted_and_stable() {
     check(
         &tb,
         DesiredState {
+            peers: Vec::new(),
             scopes: vec![egress(with_burst(1, 8, 0, Some(0)))],
         },
     );
     check(
         &tb,
         DesiredState {
+            peers: Vec::new(),
             scopes: vec![egress(with_burst(2, 999_999, 1, None))],
         },
     );
     check(
         &tb,
         DesiredState {
+            peers: Vec::new(),
             scopes: vec![egress(with_burst(3, 123_456_789, 10_000_000, None))],
         },
     );
     check(
         &tb,
         DesiredState {
+            peers: Vec::new(),
             scopes: vec![egress(with_burst(4, 4_000_000_000_000, 0, None))],
         },
     );
     check(
         &tb,
         DesiredState {
+            peers: Vec::new(),
             scopes: vec![egress(floor(1_000))],
         },
     );
     check(
         &tb,
         DesiredState {
+            peers: Vec::new(),
             scopes: vec![egress(floor(8))],
         },
     );

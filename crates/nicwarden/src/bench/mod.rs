@@ -248,6 +248,7 @@ pub fn lease_state(lease: u64, rate_bps: u64, volume: Option<u64>) -> DesiredSta
                 start_used_bytes: 0,
             },
         }],
+        peers: Vec::new(),
     }
 }
 
@@ -264,6 +265,7 @@ pub fn blocked_state() -> DesiredState {
             destinations: vec![],
             enforce: ScopeEnforce::Floor { rate_bps: 0 },
         }],
+        peers: Vec::new(),
     }
 }
 

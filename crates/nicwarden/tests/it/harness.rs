@@ -312,3 +312,38 @@ pub fn state_of(status: &Value, scope: &str) -> String {
         .unwrap_or("")
         .to_string()
 }
+
+/// Builds a privileged testbed of `nodes`, starts a controller and one agent per node as
+/// `spec` (from `LabSpec::new(BIN)`) says, and runs `body` in the management namespace;
+/// everything is removed afterwards, also when `body` panics. Says it is skipped without
+/// root. Holds [`MACHINE`] shared, like the other tests on real packets.
+pub fn with_privileged_lab<F, Fut>(
+    nodes: usize,
+    spec: impl FnOnce(nicwarden_lab::LabSpec) -> nicwarden_lab::LabSpec + Send,
+    body: F,
+) where
+    F: FnOnce(nicwarden_lab::Lab) -> Fut + Send,
+    Fut: std::future::Future<Output = ()>,
+{
+    if !nicwarden_testbed::has_privileges() {
+        eprintln!("skipped: needs root (network namespaces, TUN, raw sockets, bpf)");
+        return;
+    }
+    let _quiet = MACHINE.blocking_read();
+    let tb = std::sync::Arc::new(
+        nicwarden_testbed::Testbed::create(nicwarden_testbed::TestbedSpec {
+            nodes,
+            ..nicwarden_testbed::TestbedSpec::default()
+        })
+        .expect("create the testbed"),
+    );
+    let tb2 = tb.clone();
+    nicwarden_lab::in_mgmt(&tb, move || async move {
+        let mut lab =
+            nicwarden_lab::Lab::new(tb2, spec(nicwarden_lab::LabSpec::new(BIN))).expect("lab");
+        lab.start_controller().await.expect("start the controller");
+        lab.enroll_all().await.expect("enroll the agents");
+        body(lab).await
+    })
+    .expect("run in the management namespace");
+}

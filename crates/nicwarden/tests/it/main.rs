@@ -10,6 +10,7 @@ mod enforce;
 mod harness;
 mod live_cli;
 mod mesh;
+mod topology;
 
 use std::path::Path;
 use std::process::{Command, Output};

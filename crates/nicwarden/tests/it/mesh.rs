@@ -3,11 +3,10 @@
 //! a capture on the fabric veth.
 
 use crate::enforce::{node, Flow};
-use crate::harness::BIN;
-use nicwarden_lab::{in_mgmt, Lab, LabSpec, MESH_PORT};
+use nicwarden_lab::{Lab, MESH_PORT};
 use nicwarden_testbed::capture::{Capture, CaptureLimit};
 use nicwarden_testbed::traffic::{Proto, SendSpec, Stop};
-use nicwarden_testbed::{Node, Testbed, TestbedSpec};
+use nicwarden_testbed::Node;
 use serde_json::json;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -32,30 +31,16 @@ where
     F: FnOnce(Lab) -> Fut + Send,
     Fut: Future<Output = ()>,
 {
-    if !nicwarden_testbed::has_privileges() {
-        eprintln!("skipped: needs root (network namespaces, TUN, bpf)");
-        return;
-    }
-    let _quiet = crate::harness::MACHINE.blocking_read();
-    let tb = Arc::new(
-        Testbed::create(TestbedSpec {
-            nodes,
-            ..TestbedSpec::default()
-        })
-        .expect("create the testbed"),
-    );
-    let tb2 = tb.clone();
-    in_mgmt(&tb, move || async move {
-        let mut spec = LabSpec::new(BIN);
-        spec.backend = "ebpf".into();
-        spec.mesh = true;
-        spec.mesh_encrypted_only = encrypted_only;
-        let mut lab = Lab::new(tb2, spec).expect("lab");
-        lab.start_controller().await.expect("start the controller");
-        lab.enroll_all().await.expect("enroll the agents");
-        body(lab).await
-    })
-    .expect("run in the management namespace");
+    crate::harness::with_privileged_lab(
+        nodes,
+        move |mut spec| {
+            spec.backend = "ebpf".into();
+            spec.mesh = true;
+            spec.mesh_encrypted_only = encrypted_only;
+            spec
+        },
+        body,
+    )
 }
 
 async fn grant(lab: &Lab, node: &str, rate_bps: u64) -> u64 {
