@@ -535,3 +535,75 @@ test('7. a 1,000-node fleet: renders, filters fast, sorts', { timeout: 6 * WAIT,
     await poll(() => page.locator('#topology-graph .topo-node').count(), (c) => c === n, `${n} graph nodes`);
   });
 });
+
+test('8. topology verification: an applied topology draws its links, unverified, and the findings panel says so', { timeout: 6 * WAIT }, async () => {
+  // Two simulated nodes of the fleet, one leaf switch; a node–switch link each and a
+  // node–node link. Simulated agents do not probe: every declared link stays "unverified"
+  // and no finding is raised.
+  const [A, B] = [NODE, REVOKE_NODE];
+  const toml = [
+    'version_note = "browser test"',
+    `[nodes."${A}"]`, 'ports = ["fab0", "fab1"]',
+    `[nodes."${B}"]`, 'ports = ["fab0", "fab1"]',
+    '[switches.leaf-bt]', 'ports = ["p1", "p2"]',
+    '[[links]]', `a = "${A}:fab0"`, 'b = "leaf-bt:p1"',
+    '[[links]]', 'a = "leaf-bt:p2"', `b = "${B}:fab0"`, // written switch first: shown node first
+    '[[links]]', `a = "${A}:fab1"`, `b = "${B}:fab1"`, 'rtt_max_us = 500',
+  ].join('\n');
+  const expectedLinks = [`${A}:fab0 <-> leaf-bt:p1`, `${B}:fab0 <-> leaf-bt:p2`, [`${A}:fab1`, `${B}:fab1`].sort().join(' <-> ')].sort();
+  const before = (await api('GET', '/v1/topology/status')).body;
+  await withPage('08-topology-verify', async (page) => {
+    await signIn(page);
+    await go(page, '#/topology');
+    const panel = page.locator('#topo-findings');
+    await panel.waitFor();
+    if (before.version == null) {
+      // Nothing applied yet: the panel says how to declare one.
+      await poll(() => page.locator('#topo-findings-empty').innerText(), (t) => /no topology applied/i.test(t) && t.includes('nicwarden topology apply FILE'), 'the "no topology applied" state');
+      assert.equal(await page.locator('#topology-graph .declared').count(), 0, 'no declared links without a topology');
+      await page.screenshot({ path: path.join(ARTIFACTS, '08-topology-none.png'), fullPage: true });
+    }
+
+    // Apply through the API: the open view follows (topology.applied event), no reload.
+    await page.evaluate(() => { window.__nwNoReload = 'still here'; });
+    const applied = await api('PUT', '/v1/topology', { toml });
+    assert.equal(applied.status, 200, JSON.stringify(applied.body));
+    const version = applied.body.version;
+    assert.ok(version >= 1, `a version: ${version}`);
+    assert.deepEqual(applied.body.links.map((l) => `${l.a} <-> ${l.b}`).sort(), expectedLinks, 'canonical orientation');
+
+    await poll(() => page.locator('#topo-version').getAttribute('data-version'), (v) => v === String(version), `the view to show version ${version}`);
+    assert.match(await page.locator('#topo-version').innerText(), new RegExp(`Topology version ${version} applied`));
+    const empty = page.locator('#topo-findings-empty');
+    await poll(() => empty.innerText(), (t) => t.includes(`No findings · topology version ${version}`), 'the "no findings" state with the version');
+    assert.equal(await page.locator('#topo-findings-table').isVisible(), false);
+
+    // The declared links are drawn, each "unverified", with a title that says so in words.
+    const graph = page.locator('#topology-graph');
+    const declared = graph.locator('.declared');
+    await poll(() => declared.count(), (c) => c === expectedLinks.length, `${expectedLinks.length} declared links`);
+    const links = await declared.evaluateAll((ls) => ls.map((l) => ({ link: l.dataset.link, status: l.dataset.status, title: l.querySelector('title')?.textContent ?? '' })));
+    assert.deepEqual(links.map((l) => l.link).sort(), expectedLinks);
+    for (const l of links) {
+      assert.equal(l.status, 'unverified', `${l.link}`);
+      assert.match(l.title, /unverified: no probe data yet/, `${l.link} has a text title`);
+    }
+    assert.equal(await graph.locator('.dswitch[data-switch="leaf-bt"]').count(), 1, 'the declared switch is drawn');
+    // Every link still carries a status; with no probe data none is verified.
+    const statuses = await graph.locator('.link').evaluateAll((ls) => [...new Set(ls.map((l) => l.dataset.status))]);
+    assert.deepEqual(statuses, ['unverified']);
+    // The side panel and the text list say it too (not colour alone).
+    assert.match(await page.locator('#topo-verify-legend').innerText(), /3 unverified/);
+    const listed = await page.locator('#topo-links-list li').evaluateAll((ls) => ls.map((l) => `${l.dataset.link}=${l.dataset.status}`).sort());
+    assert.deepEqual(listed, expectedLinks.map((l) => `${l}=unverified`));
+    await page.screenshot({ path: path.join(ARTIFACTS, '08-topology-applied.png'), fullPage: true });
+
+    // The node view's "Link probes" line: its declared ports, none probed yet.
+    await go(page, `#/node/${encodeURIComponent(A)}`);
+    await page.locator(`#node-title[data-node="${A}"]`).waitFor();
+    const probes = page.locator('#node-ports');
+    await probes.waitFor({ state: 'visible' });
+    assert.match(await probes.innerText(), /fab0: no probe round yet; fab1: no probe round yet/);
+    assert.equal(await page.evaluate(() => window.__nwNoReload), 'still here', 'the page was not reloaded');
+  });
+});

@@ -54,6 +54,9 @@ pub struct ProbeConfig {
     /// At most this many neighbours' probes are answered per interval (the excess is
     /// counted as dropped).
     pub max_answers_per_round: u32,
+    /// Byte conservation: the per-peer counters are read at every multiple of this many ms
+    /// of the wall clock (the same instants on every node) and reported (0: never).
+    pub byte_window_ms: u64,
 }
 
 impl Default for ProbeConfig {
@@ -62,6 +65,7 @@ impl Default for ProbeConfig {
             enabled: true,
             interval_ms: 1000,
             max_answers_per_round: 64,
+            byte_window_ms: 5000,
         }
     }
 }

@@ -88,6 +88,14 @@ pub struct TamperStatus {
     pub reported: bool,
 }
 
+/// Time until the wall clock next crosses a multiple of `window_ms` (a few ms after it, so
+/// the boundary has passed when the timer fires).
+fn next_window(window_ms: u64) -> Duration {
+    let w = window_ms.max(1);
+    let now = unix_ms();
+    Duration::from_millis(w - now % w + 2)
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -293,6 +301,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         mesh,
         guard,
         guard_status: None,
+        peer_bytes_unavailable: false,
         hello,
         prober,
         probe_error,
@@ -351,6 +360,8 @@ struct Loop {
         nicwarden_datapath::GuardSpec,
     )>,
     guard_status: Option<mesh::GuardStatus>,
+    /// The datapath said it has no per-peer counters (logged once).
+    peer_bytes_unavailable: bool,
     hello: SharedHello,
     /// Link probes on the fabric port (its own thread; stops when dropped).
     prober: Option<probe::Prober>,
@@ -555,6 +566,7 @@ impl Loop {
                     }
                 }
                 _ = report.tick() => self.on_report(),
+                _ = tokio::time::sleep(next_window(self.cfg.probe.byte_window_ms)), if self.cfg.probe.byte_window_ms > 0 && self.datapath.is_some() => self.on_byte_window(),
             }
         }
     }
@@ -659,6 +671,42 @@ impl Loop {
                 self.held.remove(&lease.0);
             }
             _ => {}
+        }
+    }
+
+    /// Byte conservation: reads the per-peer counters at a window boundary and reports them.
+    fn on_byte_window(&mut self) {
+        let window = self.cfg.probe.byte_window_ms;
+        // The boundary just crossed (the timer fires at it, give or take scheduling).
+        let end = unix_ms() / window * window;
+        let Some(dp) = self.datapath.as_mut() else {
+            return;
+        };
+        match tokio::task::block_in_place(|| dp.peer_counters()) {
+            Ok(peers) => {
+                if !self.connected || peers.is_empty() {
+                    return;
+                }
+                self.send(pb::agent_message::Msg::PeerBytes(pb::PeerBytesReport {
+                    window_end_unix_ms: end,
+                    window_ms: window,
+                    peers: peers
+                        .into_iter()
+                        .map(|p| pb::PeerBytes {
+                            node: p.node,
+                            tx_bytes: p.tx_bytes,
+                            rx_bytes: p.rx_bytes,
+                            rx_dropped_bytes: p.rx_dropped_bytes,
+                        })
+                        .collect(),
+                }));
+            }
+            Err(e) => {
+                if !self.peer_bytes_unavailable {
+                    tracing::warn!(error = %e, "per-peer byte counters unavailable: no byte conservation for this node");
+                    self.peer_bytes_unavailable = true;
+                }
+            }
         }
     }
 

@@ -14,7 +14,8 @@ const NODE_EVENT_ROWS = 200;
 const STATES = ['active', 'partial', 'pending', 'exhausted', 'revoked', 'expired', 'tampered', 'none'];
 const KINDS = ['lease.', 'lease.granted', 'lease.renewed', 'lease.changed', 'lease.revoked', 'lease.expired',
   'lease.exhausted', 'agent.', 'agent.connected', 'agent.disconnected', 'node.', 'node.added', 'node.removed',
-  'node.enrolled', 'node.tampered', 'mesh.', 'mesh.key_rotated', 'quota.set', 'topology.'];
+  'node.enrolled', 'node.tampered', 'mesh.', 'mesh.key_rotated', 'quota.set', 'topology.', 'topology.applied',
+  'topology.finding', 'topology.finding_updated', 'topology.finding_cleared'];
 const SEVERITIES = ['info', 'warning', 'critical'];
 
 // ---------------------------------------------------------------------------------------
@@ -255,6 +256,22 @@ const S = {
 };
 const serverNow = () => Date.now() + S.offset;
 
+/** Interconnect verification: GET /v1/topology/status (findings, each port's last probing
+ *  round) and the applied topology (GET /v1/topology, fetched again only when the status
+ *  names another version). Loaded by the views that show it (`usesTopology`): when they
+ *  open, on `topology.*` events (debounced) and every T_REFRESH_MS while they are open. */
+const T = {
+  status: null,
+  topology: null, // null: none applied (or not loaded yet: see `status`)
+  error: null,
+  loading: false,
+  fetchedAt: 0, // local ms of the last fetch's start
+  seq: 0, // bumped per fetch: an older answer is dropped
+  version: 0, // bumped when `status`/`topology` change
+};
+const T_REFRESH_MS = 5000;
+const T_DEBOUNCE_MS = 400;
+
 class ApiError extends Error {
   constructor(status, message) {
     super(message);
@@ -369,6 +386,7 @@ function addEvents(evs) {
     pending.events.push(ev);
     fresh++;
     if (/^node\.(added|removed)$/.test(ev.kind)) scheduleFleetReload();
+    if (ev.kind.startsWith('topology.')) scheduleTopology();
   }
   if (S.events.length > EVENT_KEEP) S.events.splice(0, S.events.length - EVENT_KEEP);
   if (fresh) scheduleFlush();
@@ -601,6 +619,12 @@ function signOut(message) {
   S.buffered = null;
   S.lastTickLocal = 0;
   S.fleetVersion++;
+  T.status = null;
+  T.topology = null;
+  T.error = null;
+  T.fetchedAt = 0;
+  T.seq++;
+  T.version++;
   pending = { changed: new Set(), structural: false, events: [] };
   sessionStorage.removeItem(TOKEN_KEY);
   current.view?.hide?.();
@@ -1475,6 +1499,7 @@ class Chart {
 
 const nodeView = {
   el: null,
+  usesTopology: true, // the "Link probes" line
   name: null,
   charts: new Map(),
   leases: [],
@@ -1527,6 +1552,7 @@ const nodeView = {
   },
 
   show({ name }) {
+    if (!T.loading) loadTopology();
     if (name === this.name && this.el.firstChild) {
       this.refreshAll();
       return;
@@ -1556,6 +1582,10 @@ const nodeView = {
       group: h('dd'), connected: h('dd'), report: h('dd'), leased: h('dd'), measured: h('dd'), volume: h('dd'), expires: h('dd'),
     };
     const hd = this.head;
+    this.portsText = h('span', { id: 'node-ports-text' });
+    this.portsFind = h('a', { href: '#/topology', id: 'node-ports-findings' });
+    this.portsFindWrap = h('span', { hidden: true }, ' · ', this.portsFind);
+    this.ports = h('p', { class: 'hint node-ports', id: 'node-ports', hidden: true }, h('strong', { text: 'Link probes: ' }), this.portsText, this.portsFindWrap);
     this.msg = h('p', { class: 'form-ok', id: 'node-msg', role: 'status' });
     this.err = h('p', { class: 'form-error', id: 'node-error', role: 'alert', hidden: true });
     this.chartsEl = h('div', { class: 'charts', id: 'node-charts' });
@@ -1585,6 +1615,7 @@ const nodeView = {
         h('div', {}, h('dt', { text: 'Measured' }), hd.measured),
         h('div', {}, h('dt', { text: 'Volume' }), hd.volume),
         h('div', {}, h('dt', { text: 'Expires in' }), hd.expires)),
+      this.ports,
       this.msg, this.err,
       h('div', { class: 'chart-head' }, this.chartsTitle, rangeGroup, this.rangeNote), this.chartsEl, this.noCharts,
       h('h2', { text: 'Leases' }),
@@ -1685,6 +1716,47 @@ const nodeView = {
       const dl = Number(tr.dataset.deadline);
       if (dl) setText(tr.cells[9], fmtDur(dl - now));
     }
+    this.renderPorts(now);
+  },
+  onTopology() {
+    if (this.name) this.renderPorts(serverNow());
+  },
+  /** One line: each fabric port of this node, its last probing round and what it heard. */
+  renderPorts(now) {
+    const el = this.ports;
+    const st = T.status;
+    const name = this.name;
+    if (!el || !name) return;
+    if (!st) {
+      el.hidden = true;
+      return;
+    }
+    const declared = T.topology?.nodes?.[name] || [];
+    const byPort = new Map();
+    for (const p of st.ports || []) if (p.node === name) byPort.set(p.port, p);
+    const ports = [...new Set([...declared, ...byPort.keys()])];
+    if (!ports.length && st.version == null) {
+      el.hidden = true;
+      return;
+    }
+    const text = !ports.length
+      ? `${name} is not in the applied topology (version ${st.version}) and reported no probe round.`
+      : ports.map((port) => {
+        const p = byPort.get(port);
+        const extra = declared.length && !declared.includes(port) ? ' (not declared)' : '';
+        if (!p) return `${port}: no probe round yet`;
+        return `${port}${extra}: last round ${fmtDur(now - p.last_round_unix_ms)} ago, heard ${p.heard.length ? p.heard.join(', ') : 'nothing'}`;
+      }).join('; ');
+    setText(this.portsText, text);
+    // Open findings about this node: it is a culprit, or the subject names it.
+    const mine = (st.findings || []).filter((f) => (f.culprits || []).includes(name) || (() => {
+      const { eps, dirs } = subjectParts(f.subject);
+      return eps.some((e) => deviceOf(e) === name) || dirs.some((d) => d.includes(name));
+    })());
+    this.portsFindWrap.hidden = !mine.length;
+    setText(this.portsFind, mine.length ? `${mine.length} open finding${mine.length > 1 ? 's' : ''} (${[...new Set(mine.map((f) => f.kind))].join(', ')})` : '');
+    setAttr(el, 'data-findings', mine.length);
+    el.hidden = false;
   },
   onEvent(evs) {
     const mine = evs.filter((e) => e.node === this.name);
@@ -1968,21 +2040,153 @@ const eventsView = {
 };
 
 // ---------------------------------------------------------------------------------------
+// Interconnect verification data, shared by the topology and node views.
+
+async function loadTopology() {
+  const gen = S.gen;
+  const seq = ++T.seq;
+  T.loading = true;
+  T.fetchedAt = Date.now();
+  try {
+    const st = await api('GET', '/v1/topology/status');
+    let topo = T.topology;
+    if (st.version == null) topo = null;
+    else if (topo?.version !== st.version) {
+      try {
+        topo = await api('GET', '/v1/topology');
+      } catch (e) {
+        if (e.status !== 404) throw e;
+        topo = null; // removed between the two calls
+      }
+    }
+    if (gen !== S.gen || seq !== T.seq) return;
+    T.status = st;
+    T.topology = topo;
+    T.error = null;
+  } catch (e) {
+    if (gen !== S.gen || seq !== T.seq || e.status === 401) return;
+    T.error = `Loading the link verification status failed: ${e.message}`;
+  } finally {
+    if (seq === T.seq) T.loading = false;
+  }
+  T.version++;
+  try {
+    current.view?.onTopology?.();
+  } catch (e) {
+    console.error(e);
+  }
+}
+
+/** A `topology.*` event arrived: reload once the burst is over (a re-cabling raises and
+ *  clears many findings within a round). */
+function scheduleTopology() {
+  if (!current.view?.usesTopology) return;
+  throttle('topology', T_DEBOUNCE_MS, () => S.token && loadTopology());
+}
+
+/** What a finding's subject names: endpoints (`device:port`) of a link `a <-> b`, a port
+ *  `a`, two links `l1, l2`; and node directions `n1 -> n2` (byte findings). */
+function subjectParts(subject) {
+  const eps = [];
+  const dirs = [];
+  for (const raw of String(subject ?? '').split(', ')) {
+    const part = raw.trim();
+    if (part.includes(' <-> ')) eps.push(...part.split(' <-> ').map((x) => x.trim()));
+    else if (part.includes(' -> ')) dirs.push(part.split(' -> ').map((x) => x.trim()));
+    else if (part) eps.push(part);
+  }
+  return { eps, dirs };
+}
+const deviceOf = (ep) => (ep.includes(':') ? ep.slice(0, ep.indexOf(':')) : ep);
+const bySeverity = (x, y) => (SEV_RANK[y.severity] ?? 0) - (SEV_RANK[x.severity] ?? 0) || (x.first_seen ?? 0) - (y.first_seen ?? 0) || collator.compare(x.id, y.id);
+
+/** A node port whose last round is at most this old is probing (the verifier's own bound
+ *  is `missing_after_rounds` probe intervals: 3 s by default). */
+const PROBE_FRESH_MS = 15000;
+
+/** Each declared link with its verification status:
+ *  - `finding`: an open finding's subject names the link or one of its endpoints (or, for
+ *    a node–node link, names the direction between its two nodes); `severity` is the worst;
+ *  - `verified`: every node end probing (switches do not probe) and no finding names it;
+ *  - `unverified`: no (fresh) probe data yet. */
+function verifyLinks(topo, st) {
+  if (!topo) return [];
+  const now = st?.now_unix_ms ?? serverNow();
+  const isNode = (d) => Object.prototype.hasOwnProperty.call(topo.nodes || {}, d);
+  const ports = new Map((st?.ports || []).map((p) => [`${p.node}:${p.port}`, p]));
+  const byEp = new Map();
+  const byPair = new Map();
+  const add = (m, k, f) => (m.has(k) ? m.get(k).push(f) : m.set(k, [f]));
+  for (const f of st?.findings || []) {
+    const { eps, dirs } = subjectParts(f.subject);
+    for (const e of eps) add(byEp, e, f);
+    for (const d of dirs) add(byPair, d.slice().sort().join('\n'), f);
+  }
+  return (topo.links || []).map((l) => {
+    const aDev = deviceOf(l.a);
+    const bDev = deviceOf(l.b);
+    const fs = new Set([...(byEp.get(l.a) || []), ...(byEp.get(l.b) || [])]);
+    if (isNode(aDev) && isNode(bDev)) for (const f of byPair.get([aDev, bDev].sort().join('\n')) || []) fs.add(f);
+    const findings = [...fs].sort(bySeverity);
+    const ends = [l.a, l.b].filter((ep) => isNode(deviceOf(ep))).map((ep) => {
+      const round = ports.get(ep) || null;
+      return { ep, round, probing: !!round && now - round.last_round_unix_ms <= PROBE_FRESH_MS };
+    });
+    let status = 'unverified';
+    if (findings.length) status = 'finding';
+    else if (ends.length && ends.every((e) => e.probing)) status = 'verified';
+    return {
+      key: `${l.a} <-> ${l.b}`, a: l.a, b: l.b, aDev, bDev, aNode: isNode(aDev), bNode: isNode(bDev),
+      rtt: l.rtt_max_us, status, severity: findings[0]?.severity ?? null, findings, ends, now,
+    };
+  });
+}
+
+/** The status of a declared link in words (titles, lists, the info panel). */
+function verifyText(v) {
+  if (v.status === 'finding') {
+    const kinds = [...new Set(v.findings.map((f) => f.kind))].join(', ');
+    return `${v.severity} finding: ${kinds}`;
+  }
+  if (v.status === 'verified') return v.ends.length > 1 ? 'verified: both ends probing, no finding' : 'verified: its node end probing, no finding';
+  const silent = v.ends.filter((e) => !e.probing);
+  if (silent.length && silent.every((e) => !e.round)) return 'unverified: no probe data yet';
+  return `unverified: ${silent.map((e) => (e.round ? `${e.ep} last probed ${fmtDur(v.now - e.round.last_round_unix_ms)} ago` : `${e.ep} never probed`)).join(', ')}`;
+}
+
+// ---------------------------------------------------------------------------------------
 // Topology view: the fabric switch in the middle, nodes on concentric rings, node-switch
-// links and peer-scope edges coloured by utilisation. Each link carries a verification
-// `status` (only "unverified" until interconnect verification exists).
+// links and peer-scope edges coloured by utilisation. With a topology applied it also
+// draws the declared switches and links, each with its verification `data-status`
+// (verified / finding / unverified), lists the open findings and refreshes them on
+// `topology.*` events and every T_REFRESH_MS. Utilisation links carry a status too: an
+// uplink the worst of its node's declared links, a peer edge that of a declared link
+// between its two nodes ("unverified" without one).
 
 const TW = 1000;
 const TC = TW / 2;
+const VERIFY_LEGEND = [
+  ['verified', 'verified', 'verified: node ends probing, no finding'],
+  ['finding', 'warning', 'finding (warning)'],
+  ['finding', 'critical', 'finding (critical)'],
+  ['unverified', null, 'unverified: no fresh probe data'],
+];
 
 const topoView = {
   el: null,
+  usesTopology: true,
   builtVersion: -1,
+  declKey: '',
   pos: new Map(),
   nodeEls: new Map(),
   upEls: new Map(),
   peerEls: new Map(),
+  declEls: new Map(), // declared link key (`a <-> b`) -> its SVG element
+  verified: [], // verifyLinks() of the data shown
+  nodeStatus: new Map(), // node -> worst status of its declared links
   peerSig: '',
+  findKey: null,
+  listKey: null,
   links: new Map(), // id -> {id, kind, from, to, status, level, ratio}
 
   mount() {
@@ -1995,12 +2199,28 @@ const topoView = {
     this.svg.setAttribute('aria-label', 'Fabric topology: nodes around the fabric switch');
     this.info = h('div', { class: 'topo-info card', id: 'topo-info', 'aria-live': 'polite' }, h('p', { class: 'muted', text: 'Hover over or focus a node for details; click it to open it.' }));
     this.counts = h('ul', { class: 'legend vertical', id: 'topo-counts' });
+    this.verifyText = h('p', { class: 'hint', id: 'topo-verify', text: 'Link verification: loading…' });
+    this.verifyLegend = h('ul', { class: 'legend vertical', id: 'topo-verify-legend' });
     const find = h('input', { id: 'topo-find', type: 'search', list: 'nw-nodes', placeholder: 'node name', autocomplete: 'off' });
     const findForm = h('form', { class: 'field', role: 'search' }, h('label', { for: 'topo-find', text: 'Open a node' }), find);
     findForm.addEventListener('submit', (e) => {
       e.preventDefault();
       if (S.nodes.has(find.value.trim())) location.hash = nodeHref(find.value.trim());
     });
+    // Findings: a table, an empty state, the applied version and the revoke policy.
+    this.findVersion = h('p', { class: 'muted', id: 'topo-version' });
+    this.findCount = h('span', { class: 'muted', id: 'topo-findings-count', role: 'status' });
+    this.findErr = h('p', { class: 'form-error', id: 'topo-error', role: 'alert', hidden: true });
+    this.findEmpty = h('p', { class: 'empty', id: 'topo-findings-empty', text: 'Loading…' });
+    this.findBody = h('tbody', { id: 'topo-findings-body' });
+    this.findTable = h('div', { class: 'table-wrap', hidden: true }, h('table', { class: 'findings', id: 'topo-findings-table' },
+      h('caption', { class: 'sr-only', text: 'Open interconnect findings, most severe first' }),
+      h('thead', {}, h('tr', {}, ['Severity', 'Kind', 'Subject', 'Culprits', 'Open', 'Detail'].map((c) => h('th', { scope: 'col', text: c })))),
+      this.findBody));
+    this.policy = h('p', { class: 'hint', id: 'topo-policy' });
+    this.linkList = h('ul', { class: 'decl-list', id: 'topo-links-list' });
+    this.linkSummary = h('summary', { text: 'Declared links' });
+    this.linkDetails = h('details', { class: 'card', id: 'topo-links', hidden: true }, this.linkSummary, this.linkList);
     this.el.append(
       h('div', { class: 'view-head' }, h('h1', { id: 'topology-title', text: 'Topology' })),
       h('div', { class: 'topo-layout' },
@@ -2011,8 +2231,11 @@ const topoView = {
           h('ul', { class: 'legend vertical' }, ['ok', 'high', 'sat', 'none'].map((l) => h('li', {}, h('span', { class: `swatch util-${l}`, 'aria-hidden': 'true' }), UTIL_TEXT[l]))),
           h('p', { class: 'hint', text: 'Utilisation is measured / leased rate. Node–switch links carry the node total; curved edges are peer scopes (peer:NODE). Dashed: no lease or stale; thick: at the lease.' }),
           h('h2', { text: 'Links now' }), this.counts,
-          h('p', { class: 'hint', id: 'topo-verify', text: 'Link verification: not available yet, every link is “unverified”.' }),
-          this.info)));
+          h('h2', { text: 'Link verification' }), this.verifyText, this.verifyLegend,
+          this.info)),
+      h('section', { class: 'topo-findings', id: 'topo-findings', 'aria-labelledby': 'topo-findings-title' },
+        h('div', { class: 'chart-head' }, h('h2', { id: 'topo-findings-title', text: 'Findings' }), this.findCount),
+        this.findVersion, this.findErr, this.findEmpty, this.findTable, this.policy, this.linkDetails));
     const hoverInfo = (e) => {
       const a = e.target.closest?.('[data-node]');
       if (a && a.closest('.topo-node')) this.describe(a.dataset.node);
@@ -2022,18 +2245,38 @@ const topoView = {
   },
   reset() {
     this.builtVersion = -1;
+    this.declKey = '';
+    this.findKey = null;
+    this.listKey = null;
+    this.verified = [];
+    this.nodeStatus = new Map();
     this.svg?.replaceChildren();
+    this.findBody?.replaceChildren();
+    this.linkList?.replaceChildren();
   },
   show() {
     this.build();
-    this.updateAll();
+    this.onTopology();
+    if (!T.loading) loadTopology();
   },
   onReload() { this.show(); },
-  onFleet() { this.show(); },
+  onFleet() {
+    this.build();
+    this.onTopology();
+  },
   onTick(changed) {
     if (this.peerSignature() !== this.peerSig) this.buildPeers();
     for (const name of changed) this.updateNode(name);
     this.renderCounts();
+    this.second();
+  },
+  onSecond() { this.second(); },
+  /** New verification data (or none yet): declared links, statuses, findings. */
+  onTopology() {
+    this.buildDeclared();
+    this.applyVerification();
+    this.renderFindings();
+    this.updateAll();
   },
 
   layout() {
@@ -2054,15 +2297,16 @@ const topoView = {
       const R = outer - (i % k) * gap;
       pos.set(name, { x: TC + R * Math.cos(a), y: TC + R * Math.sin(a), a });
     });
-    return { pos, r, labels: N <= 40 };
+    return { pos, r, labels: N <= 40, inner: outer - (Math.min(k, Math.max(1, N)) - 1) * gap };
   },
 
   build() {
     if (this.builtVersion === S.fleetVersion) return;
     this.builtVersion = S.fleetVersion;
-    const { pos, r, labels } = this.layout();
+    const { pos, r, labels, inner } = this.layout();
     this.pos = pos;
     this.r = r;
+    this.inner = inner;
     const N = pos.size;
     const lw = N <= 40 ? 2.5 : N <= 200 ? 1.2 : 0.6;
     this.svg.style.setProperty('--lw', lw);
@@ -2081,19 +2325,242 @@ const topoView = {
       }
       nodes.push(`<a class="topo-node" href="${esc(nodeHref(name))}" data-node="${e}" data-state="none" aria-label="${e}"><title>${e}</title><circle cx="${p.x.toFixed(1)}" cy="${p.y.toFixed(1)}" r="${r}"/>${label}</a>`);
     }
-    this.svg.innerHTML = `<g class="uplinks">${up.join('')}</g><g class="peers"></g>`
+    this.svg.innerHTML = `<g class="uplinks">${up.join('')}</g><g class="peers"></g><g class="declared-links"></g>`
       + `<g class="switch" aria-label="fabric switch"><rect x="${TC - 44}" y="${TC - 22}" width="88" height="44" rx="8"/><text x="${TC}" y="${TC}" text-anchor="middle" dominant-baseline="middle">fabric</text></g>`
-      + `<g class="nodes">${nodes.join('')}</g><text class="hover-label" id="topo-hover" x="0" y="0" hidden></text>`;
+      + `<g class="declared-switches"></g><g class="nodes">${nodes.join('')}</g><text class="hover-label" id="topo-hover" x="0" y="0" hidden></text>`;
     this.nodeEls = new Map();
     for (const a of this.svg.querySelectorAll('.topo-node')) this.nodeEls.set(a.dataset.node, a);
     this.upEls = new Map();
     for (const l of this.svg.querySelectorAll('.uplink')) this.upEls.set(l.dataset.node, l);
     this.peersG = this.svg.querySelector('.peers');
+    this.declG = this.svg.querySelector('.declared-links');
+    this.swG = this.svg.querySelector('.declared-switches');
     this.hover = this.svg.querySelector('#topo-hover');
     this.labels = labels;
     this.links = new Map();
     this.peerSig = '';
+    this.declKey = '';
+    this.declEls = new Map();
     this.buildPeers();
+  },
+
+  /** Places each declared switch towards the nodes cabled to it (so a leaf sits by its
+   *  rack), on a ring inside the innermost node ring, spread so that boxes do not overlap. */
+  placeSwitches(topo) {
+    const names = Object.keys(topo.switches || {}).sort(collator.compare);
+    const m = names.length;
+    const Rs = Math.max(110, Math.min(this.inner * 0.55, 250));
+    const sums = new Map(names.map((s) => [s, { x: 0, y: 0, n: 0 }]));
+    for (const l of topo.links || []) {
+      for (const [sw, other] of [[deviceOf(l.a), deviceOf(l.b)], [deviceOf(l.b), deviceOf(l.a)]]) {
+        const acc = sums.get(sw);
+        const p = this.pos.get(other);
+        if (!acc || !p) continue;
+        acc.x += Math.cos(p.a);
+        acc.y += Math.sin(p.a);
+        acc.n++;
+      }
+    }
+    const placed = names.map((s, i) => {
+      const acc = sums.get(s);
+      const even = (2 * Math.PI * i) / Math.max(1, m) - Math.PI / 2;
+      const a = acc.n && Math.hypot(acc.x, acc.y) > 0.2 * acc.n ? Math.atan2(acc.y, acc.x) : even;
+      return { name: s, a };
+    }).sort((p, q) => p.a - q.a);
+    const minSep = Math.min((2 * Math.PI) / Math.max(1, m), 100 / Rs);
+    for (let i = 1; i < placed.length; i++) if (placed[i].a - placed[i - 1].a < minSep) placed[i].a = placed[i - 1].a + minSep;
+    const out = new Map();
+    for (const p of placed) out.set(p.name, { x: TC + Rs * Math.cos(p.a), y: TC + Rs * Math.sin(p.a) });
+    return out;
+  },
+
+  /** Draws the applied topology's switches and links (again when it or the layout changes). */
+  buildDeclared() {
+    const topo = T.topology;
+    const key = `${this.builtVersion}|${topo ? `${topo.version}|${topo.fingerprint}` : '-'}`;
+    if (key === this.declKey || !this.declG) return;
+    this.declKey = key;
+    this.declEls = new Map();
+    this.undrawn = 0;
+    if (!topo) {
+      this.declG.replaceChildren();
+      this.swG.replaceChildren();
+      return;
+    }
+    const sw = this.placeSwitches(topo);
+    const links = [];
+    for (const l of topo.links || []) {
+      const k = `${l.a} <-> ${l.b}`;
+      const pa = this.pos.get(deviceOf(l.a)) || sw.get(deviceOf(l.a));
+      const pb = this.pos.get(deviceOf(l.b)) || sw.get(deviceOf(l.b));
+      if (!pa || !pb) {
+        this.undrawn++;
+        continue;
+      }
+      const attrs = `class="link declared" data-link="${esc(k)}" data-a="${esc(l.a)}" data-b="${esc(l.b)}" data-status="unverified"`;
+      if (this.pos.has(deviceOf(l.a)) && this.pos.has(deviceOf(l.b))) {
+        // Node–node: a curve bent towards the centre (less than peer edges, to tell them apart).
+        const mx = (pa.x + pb.x) / 2;
+        const my = (pa.y + pb.y) / 2;
+        const cx = mx + (TC - mx) * 0.35;
+        const cy = my + (TC - my) * 0.35;
+        links.push(`<path ${attrs} d="M${pa.x.toFixed(1)},${pa.y.toFixed(1)} Q${cx.toFixed(1)},${cy.toFixed(1)} ${pb.x.toFixed(1)},${pb.y.toFixed(1)}"><title>${esc(k)}</title></path>`);
+      } else {
+        links.push(`<line ${attrs} x1="${pa.x.toFixed(1)}" y1="${pa.y.toFixed(1)}" x2="${pb.x.toFixed(1)}" y2="${pb.y.toFixed(1)}"><title>${esc(k)}</title></line>`);
+      }
+    }
+    this.declG.innerHTML = links.join('');
+    for (const el of this.declG.children) this.declEls.set(el.dataset.link, el);
+    const boxes = [];
+    for (const [name, p] of sw) {
+      const w = Math.max(44, name.length * 8.5 + 16);
+      const ports = topo.switches[name] || [];
+      boxes.push(`<g class="dswitch" data-switch="${esc(name)}"><title>switch ${esc(name)}: ${ports.length} ports (${esc(ports.join(', '))})</title>`
+        + `<rect x="${(p.x - w / 2).toFixed(1)}" y="${(p.y - 13).toFixed(1)}" width="${w.toFixed(1)}" height="26" rx="5"/>`
+        + `<text x="${p.x.toFixed(1)}" y="${p.y.toFixed(1)}" text-anchor="middle" dominant-baseline="middle">${esc(name)}</text></g>`);
+    }
+    this.swG.innerHTML = boxes.join('');
+  },
+
+  /** Sets every link's `data-status` from the latest verification data. */
+  applyVerification() {
+    this.verified = verifyLinks(T.topology, T.status);
+    // Several links: any finding wins; "verified" only if all are.
+    const merge = (m, k, status) => {
+      const cur = m.get(k);
+      if (!cur || status === 'finding' || (cur === 'verified' && status === 'unverified')) m.set(k, cur === 'finding' ? cur : status);
+    };
+    const nodeStatus = new Map();
+    const pairStatus = new Map();
+    for (const v of this.verified) {
+      const el = this.declEls.get(v.key);
+      if (el) {
+        setAttr(el, 'data-status', v.status);
+        setAttr(el, 'data-severity', v.severity);
+        const t = el.firstChild;
+        const title = `${v.key} (RTT bound ${nf.format(v.rtt)} µs): ${verifyText(v)}`;
+        if (t && t.textContent !== title) t.textContent = title;
+      }
+      if (v.aNode) merge(nodeStatus, v.aDev, v.status);
+      if (v.bNode) merge(nodeStatus, v.bDev, v.status);
+      if (v.aNode && v.bNode) merge(pairStatus, [v.aDev, v.bDev].sort().join('\n'), v.status);
+    }
+    this.nodeStatus = nodeStatus;
+    for (const [name, el] of this.upEls) setAttr(el, 'data-status', nodeStatus.get(name) ?? 'unverified');
+    for (const el of this.peerEls.values()) setAttr(el, 'data-status', pairStatus.get([el.dataset.from, el.dataset.to].sort().join('\n')) ?? 'unverified');
+    this.renderVerifySummary();
+    this.renderLinkList();
+  },
+  renderVerifySummary() {
+    const st = T.status;
+    const topo = T.topology;
+    const c = { verified: 0, warning: 0, critical: 0, info: 0, unverified: 0 };
+    for (const v of this.verified) c[v.status === 'finding' ? v.severity ?? 'warning' : v.status]++;
+    let text;
+    if (!st) text = T.error ? 'Link verification: status unavailable; every link is “unverified”.' : 'Link verification: loading…';
+    else if (!topo) text = 'No topology applied: every link is “unverified”. Declare one with `nicwarden topology apply FILE`.';
+    else {
+      text = `Topology version ${topo.version}: ${nf.format(this.verified.length)} declared links, drawn in the graph between nodes and switches. Utilisation links take the status of their nodes' declared links.`;
+      if (this.undrawn) text += ` ${nf.format(this.undrawn)} not drawn (their node is not in the fleet).`;
+    }
+    setText(this.verifyText, text);
+    const key = JSON.stringify([c, !!topo]);
+    if (key === this.legendKey) return;
+    this.legendKey = key;
+    this.verifyLegend.replaceChildren(...VERIFY_LEGEND.map(([status, sev, label]) => h('li', { 'data-status': status, 'data-severity': sev },
+      h('span', { class: `swatch decl-${sev ?? status}`, 'aria-hidden': 'true' }),
+      topo ? `${nf.format(sev ? c[sev] : c[status])} ${label}` : label)));
+  },
+  /** The declared links as text (the graph's statuses, not only as colours and dashes). */
+  renderLinkList() {
+    const topo = T.topology;
+    this.linkDetails.hidden = !topo;
+    if (!topo) return;
+    const key = JSON.stringify(this.verified.map((v) => [v.key, v.status, v.severity, verifyText(v)]));
+    if (key === this.listKey) return;
+    this.listKey = key;
+    setText(this.linkSummary, `Declared links (${nf.format(this.verified.length)}), with their verification status`);
+    this.linkList.replaceChildren(...this.verified.map((v) => h('li', { 'data-link': v.key, 'data-status': v.status, 'data-severity': v.severity },
+      h('span', { class: `swatch decl-${v.status === 'finding' ? v.severity ?? 'warning' : v.status}`, 'aria-hidden': 'true' }),
+      h('span', { class: 'mono', text: v.key }), ` — ${verifyText(v)}`)));
+  },
+  renderFindings() {
+    const st = T.status;
+    const topo = T.topology;
+    setText(this.findErr, T.error || '');
+    this.findErr.hidden = !T.error;
+    if (!st) {
+      setText(this.findEmpty, T.error ? 'Link verification status unavailable.' : 'Loading…');
+      this.findEmpty.hidden = false;
+      this.findTable.hidden = true;
+      setText(this.findCount, '');
+      setText(this.findVersion, '');
+      setText(this.policy, '');
+      return;
+    }
+    setAttr(this.findVersion, 'data-version', st.version);
+    if (st.version == null) {
+      this.findVersion.hidden = true;
+    } else {
+      this.findVersion.hidden = false;
+      const parts = [`Topology version ${st.version} applied`];
+      if (topo?.version === st.version) {
+        parts[0] += ` ${fmtTime(topo.applied_at_unix_ms)}`;
+        parts.push(`${nf.format(Object.keys(topo.nodes || {}).length)} nodes, ${nf.format(Object.keys(topo.switches || {}).length)} switches, ${nf.format((topo.links || []).length)} links`);
+        if (topo.note) parts.push(`“${topo.note}”`);
+      }
+      if (st.fingerprint) parts.push(`fingerprint ${st.fingerprint}`);
+      setText(this.findVersion, parts.join(' · '));
+    }
+    const findings = (st.findings || []).slice().sort(bySeverity);
+    const noTopo = st.version == null;
+    if (!findings.length) {
+      const key = `empty|${st.version}`;
+      if (this.findKey !== key) {
+        this.findKey = key;
+        this.findEmpty.replaceChildren(...(noTopo
+          ? ['No findings. No topology applied: ', h('code', { text: 'nicwarden topology apply FILE' })]
+          : [`No findings · topology version ${st.version}`]));
+        this.findBody.replaceChildren();
+      }
+      this.findEmpty.hidden = false;
+      this.findTable.hidden = true;
+      setText(this.findCount, 'none open');
+    } else {
+      const revoke = new Set(st.revoke_policy || []);
+      const key = JSON.stringify([findings.map((f) => [f.id, f.severity, f.culprits, f.detail, f.first_seen]), [...revoke]]);
+      if (this.findKey !== key) {
+        this.findKey = key;
+        this.findBody.replaceChildren(...findings.map((f) => this.findingRow(f, revoke.has(f.kind))));
+      }
+      this.findEmpty.hidden = true;
+      this.findTable.hidden = false;
+      const crit = findings.filter((f) => f.severity === 'critical').length;
+      setText(this.findCount, `${nf.format(findings.length)} open${crit ? `, ${nf.format(crit)} critical` : ''}${noTopo ? ' · no topology applied' : ''}`);
+    }
+    const pol = st.revoke_policy || [];
+    setText(this.policy, pol.length
+      ? `Revoke policy: the culprits of ${pol.join(', ')} findings lose their leases automatically.`
+      : 'Revoke policy: none; findings are reported, no lease is revoked automatically.');
+    this.second();
+  },
+  findingRow(f, revokes) {
+    const culprits = f.culprits || [];
+    const cul = culprits.length ? culprits.flatMap((c, i) => [i ? ', ' : null, S.nodes.has(c) ? h('a', { href: nodeHref(c), text: c }) : c]) : ['—'];
+    return h('tr', { 'data-finding-id': f.id, 'data-kind': f.kind, 'data-severity': f.severity },
+      h('td', {}, h('span', { class: 'sev', 'data-severity': f.severity, text: f.severity })),
+      h('td', { class: 'kind', text: f.kind.replace(/_/g, ' '), title: f.kind }),
+      h('td', { class: 'subject mono', text: f.subject }),
+      h('td', { class: 'culprits' }, ...cul),
+      h('td', { class: 'age', 'data-first-seen': f.first_seen, title: `first seen ${fmtTime(f.first_seen)}, last seen ${fmtTime(f.last_seen)}` }),
+      h('td', { class: 'msg' }, f.detail, revokes && culprits.length ? h('span', { class: 'tag revokes', text: 'revokes the culprits’ leases' }) : null));
+  },
+  second() {
+    const now = serverNow();
+    for (const tr of this.findBody?.rows || []) {
+      const td = tr.cells[4];
+      setText(td, `for ${fmtDur(now - Number(td.dataset.firstSeen))}`);
+    }
   },
 
   peerEdges() {
@@ -2130,6 +2597,7 @@ const topoView = {
     this.peerEls = new Map();
     for (const el of this.peersG.children) this.peerEls.set(`${el.dataset.from}>${el.dataset.to}`, el);
     for (const k of [...this.links.keys()]) if (k.startsWith('peer:')) this.links.delete(k);
+    if (this.verified.length) this.applyVerification();
     for (const name of S.names) this.updateNode(name);
   },
   setLink(el, id, kind, from, to, level, ratio, text) {
@@ -2139,7 +2607,8 @@ const topoView = {
     setAttr(el, 'data-util', ratio == null ? null : ratio.toFixed(3));
     setAttr(el, 'data-level', level);
     const t = el.firstChild;
-    const title = `${text}: ${ratio == null ? UTIL_TEXT.none : `${fmtPct(ratio)} of the lease`}; verification: ${el.dataset.status}`;
+    const what = kind === 'up' ? 'declared links' : 'declared link';
+    const title = `${text}: ${ratio == null ? UTIL_TEXT.none : `${fmtPct(ratio)} of the lease`}; verification (${what}): ${el.dataset.status}`;
     if (t && t.textContent !== title) t.textContent = title;
   },
   updateNode(name) {
@@ -2149,7 +2618,8 @@ const topoView = {
     setAttr(a, 'data-state', n.state);
     setAttr(a, 'data-stale', n.stale ? 'true' : 'false');
     const t = a.firstChild;
-    const title = `${name} (${n.group}): ${n.state}${n.stale ? ', stale' : ''}; ${fmtRate(n.rate_bps)} of ${fmtRate(n.leased_bps)}`;
+    const vs = this.nodeStatus.get(name);
+    const title = `${name} (${n.group}): ${n.state}${n.stale ? ', stale' : ''}; ${fmtRate(n.rate_bps)} of ${fmtRate(n.leased_bps)}${vs ? `; declared links: ${vs}` : ''}`;
     if (t.textContent !== title) t.textContent = title;
     const up = this.upEls.get(name);
     if (up) {
@@ -2181,7 +2651,10 @@ const topoView = {
     const p = this.pos.get(name);
     if (!n || !p) return;
     for (const el of this.highlighted || []) el.classList.remove('hl');
-    this.highlighted = [this.upEls.get(name), ...[...this.peerEls.values()].filter((el) => el.dataset.from === name || el.dataset.to === name)].filter(Boolean);
+    const declared = this.verified.filter((v) => v.aDev === name || v.bDev === name);
+    this.highlighted = [this.upEls.get(name),
+      ...[...this.peerEls.values()].filter((el) => el.dataset.from === name || el.dataset.to === name),
+      ...declared.map((v) => this.declEls.get(v.key))].filter(Boolean);
     for (const el of this.highlighted) el.classList.add('hl');
     if (!this.labels) {
       this.hover.textContent = name;
@@ -2190,11 +2663,15 @@ const topoView = {
       this.hover.removeAttribute('hidden');
     }
     const peers = (n.scopes || []).filter((s) => s.scope.startsWith('peer:'));
-    this.info.replaceChildren(
+    let verify;
+    if (!T.topology) verify = h('p', { class: 'muted', text: 'Link verification: unverified (no topology applied)' });
+    else if (!declared.length) verify = h('p', { class: 'muted', text: `Link verification: unverified (${name} is not in topology version ${T.topology.version})` });
+    else verify = [h('p', { class: 'muted', text: 'Declared links:' }), h('ul', { class: 'decl-list' }, declared.map((v) => h('li', { 'data-status': v.status }, h('span', { class: 'mono', text: v.key }), ` — ${verifyText(v)}`)))];
+    this.info.replaceChildren(...[
       h('h3', {}, h('a', { href: nodeHref(name), text: name }), ' ', badge(n.state), n.stale ? h('span', { class: 'badge stale-badge', text: 'stale' }) : null),
       h('p', { text: `group ${n.group}; measured ${fmtRate(n.rate_bps)} of ${fmtRate(n.leased_bps)} leased (${n.leased_bps ? fmtPct(n.rate_bps / n.leased_bps) : 'no lease'})` }),
       peers.length ? h('ul', {}, peers.map((s) => h('li', { text: `${s.scope}: ${fmtRate(s.rate_bps)} of ${fmtRate(s.leased_bps)} (${s.state})` }))) : null,
-      h('p', { class: 'muted', text: 'Link verification: unverified' }));
+      verify].flat().filter(Boolean));
   },
 };
 
@@ -2505,6 +2982,8 @@ function everySecond() {
   updateHealth();
   try {
     if (datalistVersion !== S.fleetVersion) refreshDatalists();
+    // Views showing verification data refresh it at least every T_REFRESH_MS.
+    if (current.view?.usesTopology && !T.loading && Date.now() - T.fetchedAt >= T_REFRESH_MS) loadTopology();
     // Views refresh their clocks with each tick; the timer covers a quiet or broken stream.
     if (Date.now() - S.lastTickLocal > 1500) current.view?.onSecond?.();
   } catch (e) {

@@ -165,19 +165,34 @@ fn persist_err(op: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::new(ApiErrorKind::Internal, format!("{op}: persist: {e}"))
 }
 
+/// What [`Controller::open`] needs besides the store, the identity and telemetry.
+pub struct Settings {
+    /// The quota tree's root when the store has none yet.
+    pub fabric_capacity_bps: u64,
+    pub fabric_algorithm: Algorithm,
+    pub ledger: LedgerConfig,
+    pub node_cert_days: u32,
+    /// Ask each node for a new WireGuard key this often (0: only on operator request).
+    pub mesh_rotation_ms: u64,
+    pub topology: crate::topology::TopologyConfig,
+}
+
 impl Controller {
     /// Loads (or creates) the ledger from the store.
     pub fn open(
         store: Arc<SqliteStore>,
         identity: Arc<ControllerIdentity>,
-        fabric_capacity_bps: u64,
-        fabric_algorithm: Algorithm,
-        ledger_config: LedgerConfig,
-        node_cert_days: u32,
-        mesh_rotation_ms: u64,
-        topology_cfg: crate::topology::TopologyConfig,
+        settings: Settings,
         live: Live,
     ) -> Result<Self, anyhow::Error> {
+        let Settings {
+            fabric_capacity_bps,
+            fabric_algorithm,
+            ledger: ledger_config,
+            node_cert_days,
+            mesh_rotation_ms,
+            topology: topology_cfg,
+        } = settings;
         use nicwarden_store::StoreExt;
         let tree: Option<QuotaTree> = store.get_json(KEY_TREE)?;
         let ledger = match tree {

@@ -233,6 +233,9 @@ impl AgentService for AgentSvc {
                         }
                     }
                     Some(pb::agent_message::Msg::ProbeReport(r)) => ctl.probe_report(&node, &r),
+                    Some(pb::agent_message::Msg::PeerBytes(r)) => {
+                        crate::topology::peer_bytes(&ctl, &node, &r)
+                    }
                     Some(pb::agent_message::Msg::Tamper(t)) => {
                         ctl.tamper(&node, &t.reason, t.detected_unix_ms);
                         break;

@@ -108,14 +108,16 @@ pub async fn serve(
     let ctl = Arc::new(crate::core::Controller::open(
         store,
         identity.clone(),
-        cfg.fabric_capacity_bps,
-        algorithm,
-        nicwarden_lease::ledger::LedgerConfig {
-            expiry_grace_ms: cfg.expiry_grace_ms,
+        crate::core::Settings {
+            fabric_capacity_bps: cfg.fabric_capacity_bps,
+            fabric_algorithm: algorithm,
+            ledger: nicwarden_lease::ledger::LedgerConfig {
+                expiry_grace_ms: cfg.expiry_grace_ms,
+            },
+            node_cert_days: cfg.node_cert_days,
+            mesh_rotation_ms: cfg.mesh_key_rotation_secs.saturating_mul(1000),
+            topology: cfg.topology_config()?,
         },
-        cfg.node_cert_days,
-        cfg.mesh_key_rotation_secs.saturating_mul(1000),
-        cfg.topology_config()?,
         crate::live::Live::new(
             nicwarden_telemetry::TelemetryConfig {
                 history_secs: cfg.telemetry_history_secs,

@@ -199,17 +199,17 @@ mod tests {
         assert!(check_identity("b", &info(2, "198.18.128.2/32"), &records).is_ok());
         // Re-reporting one's own identity is fine.
         assert!(check_identity("a", &info(1, "198.18.128.1/32"), &records).is_ok());
-        let e = check_identity("b", &info(1, "198.18.128.2/32"), &records).unwrap_err();
+        let e = check_identity("b", &info(1, "198.18.128.2/32"), &records).expect_err("refused");
         assert!(e.contains("already node a's"), "{e}");
-        let e = check_identity("b", &info(2, "198.18.128.1/32"), &records).unwrap_err();
+        let e = check_identity("b", &info(2, "198.18.128.1/32"), &records).expect_err("refused");
         assert!(e.contains("overlaps node a's"), "{e}");
-        let e = check_identity("b", &info(2, "198.18.128.0/24"), &records).unwrap_err();
+        let e = check_identity("b", &info(2, "198.18.128.0/24"), &records).expect_err("refused");
         assert!(e.contains("single host"), "{e}");
         records
             .get_mut("a")
             .map(|r| r.burn_current())
             .expect("record");
-        let e = check_identity("a", &info(1, "198.18.128.1/32"), &records).unwrap_err();
+        let e = check_identity("a", &info(1, "198.18.128.1/32"), &records).expect_err("refused");
         assert!(e.contains("retired"), "{e}");
     }
 

@@ -17,8 +17,8 @@ use nicwarden_proto::pb;
 use nicwarden_store::{Op, SqliteStore, Store, StoreExt, Txn};
 use nicwarden_telemetry::Severity as EventSeverity;
 use nicwarden_topology::{
-    Answer, Change, Endpoint, Finding, FindingKind, Heard, Policy, PortRound, Severity, Topology,
-    Verifier, VerifierConfig,
+    Answer, ByteSample, Change, Endpoint, Finding, FindingKind, Heard, Policy, PortRound, Severity,
+    Topology, Verifier, VerifierConfig,
 };
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -57,7 +57,35 @@ pub struct PortView {
     pub heard: Vec<String>,
 }
 
+/// The last comparison of one direction between two nodes, for the status view.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BytePair {
+    pub from: String,
+    pub to: String,
+    pub window_start_unix_ms: u64,
+    pub window_end_unix_ms: u64,
+    pub sent: u64,
+    pub received: u64,
+    pub dropped: u64,
+}
+
+/// A node's cumulative counters per peer: (sent to, received from, dropped from).
+type Cumulative = HashMap<String, (u64, u64, u64)>;
+
+/// One side of a window: what a node counted for a peer between two of its samples.
+#[derive(Default)]
+struct Windows {
+    /// Each reporter's previous sample: window end, and cumulative (tx, rx, dropped) per peer.
+    last: HashMap<String, (u64, Cumulative)>,
+    /// (start, end, from, to) -> bytes `from` sent to `to`.
+    sent: BTreeMap<(u64, u64, String, String), u64>,
+    /// (start, end, from, to) -> (bytes `to` received from `from`, bytes it dropped).
+    received: BTreeMap<(u64, u64, String, String), (u64, u64)>,
+}
+
 pub struct TopoState {
+    windows: Windows,
+    pairs: BTreeMap<(String, String), BytePair>,
     pub current: Option<TopologyRecord>,
     pub verifier: Verifier,
     pub policy: Policy,
@@ -71,6 +99,8 @@ impl TopoState {
         let mut verifier = Verifier::new(cfg.verifier);
         verifier.set_topology(current.as_ref().map(|r| r.topology.clone()), Time(now_ms()));
         Ok(TopoState {
+            windows: Windows::default(),
+            pairs: BTreeMap::new(),
             current,
             verifier,
             policy: cfg.policy,
@@ -124,6 +154,8 @@ pub struct TopologyStatus {
     pub now_unix_ms: u64,
     pub findings: Vec<Finding>,
     pub ports: Vec<PortView>,
+    /// Byte conservation: the last window compared per direction.
+    pub byte_pairs: Vec<BytePair>,
     /// Finding kinds whose culprits lose their leases automatically.
     pub revoke_policy: Vec<String>,
 }
@@ -335,6 +367,7 @@ pub fn status(ctl: &Controller) -> TopologyStatus {
         now_unix_ms: now_ms(),
         findings: st.verifier.findings().cloned().collect(),
         ports: st.ports.values().cloned().collect(),
+        byte_pairs: st.pairs.values().cloned().collect(),
         revoke_policy: st
             .policy
             .revoke
@@ -439,6 +472,96 @@ pub fn probe_report(ctl: &Controller, node: &str, report: &pb::ProbeReport) {
             at: Time(now),
             heard,
         }));
+    }
+    handle_changes(ctl, changes);
+}
+
+/// A node's per-peer counters at a window boundary. Differences between two consecutive
+/// samples of a node give what it sent to and received from each peer in that window; once
+/// both ends of a direction have reported the same window, the verifier compares them.
+pub fn peer_bytes(ctl: &Controller, node: &str, r: &pb::PeerBytesReport) {
+    if r.window_ms == 0 || !r.window_end_unix_ms.is_multiple_of(r.window_ms) {
+        tracing::info!(%node, "peer byte report off the window grid; ignored");
+        return;
+    }
+    let end = r.window_end_unix_ms;
+    let now: Cumulative = r
+        .peers
+        .iter()
+        .take(1024)
+        .filter(|p| nicwarden_topology::valid_name(&p.node) && p.node != node)
+        .map(|p| (p.node.clone(), (p.tx_bytes, p.rx_bytes, p.rx_dropped_bytes)))
+        .collect();
+    let mut samples = Vec::new();
+    {
+        let mut st = lock(ctl);
+        let w = &mut st.windows;
+        let prev = w.last.insert(node.to_string(), (end, now.clone()));
+        if let Some((start, before)) = prev.filter(|(s, _)| *s < end) {
+            for (peer, (tx, rx, dr)) in &now {
+                let Some((tx0, rx0, dr0)) = before.get(peer) else {
+                    continue;
+                };
+                // A counter that went back (reinstalled datapath) starts a new baseline.
+                if tx < tx0 || rx < rx0 || dr < dr0 {
+                    continue;
+                }
+                w.sent
+                    .insert((start, end, node.to_string(), peer.clone()), tx - tx0);
+                w.received.insert(
+                    (start, end, peer.clone(), node.to_string()),
+                    (rx - rx0, dr - dr0),
+                );
+            }
+        }
+        // Directions whose two ends both reported this window.
+        let ready: Vec<(u64, u64, String, String)> = w
+            .sent
+            .keys()
+            .filter(|k| w.received.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in ready {
+            let (Some(sent), Some((received, dropped))) =
+                (w.sent.remove(&k), w.received.remove(&k))
+            else {
+                continue;
+            };
+            samples.push(ByteSample {
+                from: k.2.clone(),
+                to: k.3.clone(),
+                window_start: Time(k.0),
+                window_end: Time(k.1),
+                sent,
+                received,
+                dropped_at_receiver: dropped,
+            });
+        }
+        // Windows one end never reported are forgotten after a while (bounded memory).
+        let horizon = end.saturating_sub(r.window_ms.saturating_mul(10));
+        w.sent.retain(|k, _| k.1 >= horizon);
+        w.received.retain(|k, _| k.1 >= horizon);
+        for s in &samples {
+            st.pairs.insert(
+                (s.from.clone(), s.to.clone()),
+                BytePair {
+                    from: s.from.clone(),
+                    to: s.to.clone(),
+                    window_start_unix_ms: s.window_start.0,
+                    window_end_unix_ms: s.window_end.0,
+                    sent: s.sent,
+                    received: s.received,
+                    dropped: s.dropped_at_receiver,
+                },
+            );
+        }
+    }
+    let mut changes = Vec::new();
+    {
+        let mut st = lock(ctl);
+        for s in samples {
+            changes.extend(st.verifier.bytes(s, Time(now_ms())));
+        }
     }
     handle_changes(ctl, changes);
 }

@@ -193,6 +193,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process; boxing the larger argument sets would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the controller: lease authority, enrollment, agent service and operator API
     #[command(after_help = CONTROLLER_HELP)]
@@ -922,6 +924,10 @@ pub struct AgentRunArgs {
     /// Do not send or answer link probes on the fabric interface ([probe] enabled = false)
     #[arg(long, env = "NICWARDEN_NO_PROBE")]
     pub no_probe: bool,
+    /// Byte conservation: read the per-peer counters at every multiple of this many ms of the
+    /// wall clock and report them (0: never) [config default: 5000]
+    #[arg(long, env = "NICWARDEN_BYTE_WINDOW", value_name = "MS")]
+    pub byte_window: Option<u64>,
     /// Remove everything the datapath backend installed on the fabric interface, then exit.
     /// The agent never does this by itself: when it stops, the kernel keeps enforcing.
     #[arg(long)]

@@ -145,6 +145,9 @@ pub fn agent_config(args: &AgentRunArgs) -> anyhow::Result<AgentConfig> {
     if args.no_probe {
         cfg.probe.enabled = false;
     }
+    if let Some(w) = args.byte_window {
+        cfg.probe.byte_window_ms = w;
+    }
     cfg.validate()?;
     Ok(cfg)
 }

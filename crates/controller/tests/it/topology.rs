@@ -269,6 +269,14 @@ async fn probe_answers_are_judged_by_signature_and_nonce() {
         v.to_string().contains("replayed nonce (claims node2:fab0)")
     })
     .await;
+    // An answer naming a node the controller does not know.
+    let n = [52u8; 16];
+    report(&p1, n, vec![answer(&p2, "node9", "node1", &n)]).await;
+    status_until(&c, "unknown identity reported", |v| {
+        v.to_string().contains("(claims node9:fab0)")
+            && kinds(v).contains(&"unknown_neighbor".to_string())
+    })
+    .await;
     // node2's side keeps hearing node1 properly; node1's keeps failing: the link is missing
     // from node1's side after 3 rounds.
     for i in 60..64u8 {

@@ -183,8 +183,8 @@ async fn dashboard_in_headless_chromium_with_1000_live_nodes() {
     );
     // Every test ran (none skipped) and passed.
     assert!(
-        out.contains("# pass 7"),
-        "expected 7 passing browser tests:\n{out}"
+        out.contains("# pass 8"),
+        "expected 8 passing browser tests:\n{out}"
     );
     assert!(out.contains("# skipped 0"), "{out}");
     let shots = std::fs::read_dir(&artifacts)

@@ -25,7 +25,12 @@ where
         move |mut spec| {
             spec.backend = "ebpf".into();
             spec.lldp_interval = Some(Duration::from_millis(PROBE_MS));
-            spec.agent_args = vec!["--probe-interval".into(), PROBE_MS.to_string()];
+            spec.agent_args = vec![
+                "--probe-interval".into(),
+                PROBE_MS.to_string(),
+                "--byte-window".into(),
+                "1000".into(),
+            ];
             spec.controller_args = vec!["--topology-probe-interval".into(), PROBE_MS.to_string()];
             if !revoke.is_empty() {
                 spec.controller_args.push("--topology-revoke".into());
@@ -289,5 +294,102 @@ fn forged_probe_answers_are_reported_not_trusted() {
         // finding names node2 as unexpected or missing.
         assert!(!kinds(&v).contains(&"missing_link".to_string()), "{v:#}");
         drop(host);
+    });
+}
+
+#[test]
+fn bytes_injected_in_a_nodes_name_break_conservation() {
+    with_topology_lab(2, &[], |lab| async move {
+        for n in ["node1", "node2"] {
+            lab.grant(json!({"node": n, "rate_bps": 1_000_000_000u64}))
+                .await
+                .expect("grant");
+        }
+        apply(&lab, &topology_file(&lab, &["node1", "node2"])).await;
+        healthy(&lab, 2).await;
+        let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
+        let sent_by = |from: &nicwarden_testbed::Node, to: std::net::Ipv4Addr, port: u16| {
+            let mut spec = nicwarden_testbed::traffic::SendSpec::new(
+                nicwarden_testbed::traffic::Proto::Udp,
+                std::net::SocketAddr::from((to, port)),
+            );
+            spec.duration = Duration::from_secs(3);
+            spec.rate_bps = Some(20_000_000);
+            spec.max_bytes = Some(5_000_000);
+            from.netns
+                .run(move || nicwarden_testbed::traffic::send(&spec))
+                .expect("enter the sender's namespace")
+                .expect("send")
+        };
+        // Honest traffic node1 -> node2: whole windows compared, conserved.
+        sent_by(&n1, n2.fabric_ip, 7101);
+        let v = status_until(&lab, "a window compared", Duration::from_secs(10), |v| {
+            v["byte_pairs"].as_array().is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p["from"] == "node1" && p["sent"].as_u64().unwrap_or(0) > 100_000)
+            })
+        })
+        .await;
+        assert!(!kinds(&v).contains(&"byte_mismatch".to_string()), "{v:#}");
+        // An intruder sends node2 traffic in node1's name (node1's address as source):
+        // node2 counts it from node1, node1 never sent it.
+        let host = lab
+            .testbed()
+            .plug_extra_host("spoofer", "198.18.0.201".parse().expect("ip"))
+            .expect("plug the spoofer in");
+        let iface = host.iface().to_string();
+        let spoofed = n1.fabric_ip;
+        host.netns()
+            .run(move || {
+                std::process::Command::new("ip")
+                    .args(["addr", "add", &format!("{spoofed}/32"), "dev", &iface])
+                    .status()
+            })
+            .expect("enter the spoofer's namespace")
+            .expect("ip addr add");
+        let dst = std::net::SocketAddr::from((n2.fabric_ip, 7102));
+        host.netns()
+            .run(move || -> std::io::Result<()> {
+                let s = std::net::UdpSocket::bind((spoofed, 0))?;
+                let payload = [0u8; 1200];
+                for _ in 0..2000 {
+                    s.send_to(&payload, dst)?;
+                }
+                Ok(())
+            })
+            .expect("enter the spoofer's namespace")
+            .expect("send in node1's name");
+        let v = status_until(&lab, "byte mismatch", Duration::from_secs(10), |v| {
+            v["findings"].as_array().is_some_and(|fs| {
+                fs.iter()
+                    .any(|f| f["kind"] == "byte_mismatch" && f["subject"] == "node1 -> node2")
+            })
+        })
+        .await;
+        let f = v["findings"]
+            .as_array()
+            .and_then(|fs| fs.iter().find(|f| f["kind"] == "byte_mismatch"))
+            .cloned()
+            .expect("finding");
+        assert_eq!(f["severity"], "critical", "{f:#}");
+        drop(host);
+    });
+}
+
+#[test]
+fn a_round_trip_above_the_links_bound_is_found() {
+    with_topology_lab(2, &[], |lab| async move {
+        // A bound no real link meets (1 us): as if a relay or an extra hop sat on the link.
+        let toml = topology_file(&lab, &["node1", "node2"])
+            .replace("[[links]]\n", "[[links]]\nrtt_max_us = 1\n");
+        apply(&lab, &toml).await;
+        let v = status_until(&lab, "rtt exceeded", Duration::from_secs(10), |v| {
+            kinds(v).contains(&"rtt_exceeded".to_string())
+        })
+        .await;
+        assert!(v.to_string().contains(" us"), "{v:#}");
+        // Declaring a realistic bound clears it.
+        apply(&lab, &topology_file(&lab, &["node1", "node2"])).await;
+        healthy(&lab, 2).await;
     });
 }
