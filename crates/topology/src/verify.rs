@@ -79,9 +79,11 @@
 //!   hear each other, an end that also heard its expected neighbours is in place and is not
 //!   named, unless that would name nobody.
 //! - Miswired: the node ends of both links.
-//! - Unauthenticated, UnknownNeighbor: the nodes the answers *claimed* to be, if declared
-//!   nodes. The claim is unverified by definition: a revoke policy on these kinds lets
-//!   anyone able to answer probes on a port cut the claimed node off. Enable it knowingly.
+//! - Unauthenticated, UnknownNeighbor: the claim in an untrusted answer is worth nothing
+//!   (blaming the claimed node would let anyone on the wire get any node cut off), so the
+//!   culprit is who can have sent it: on a declared point-to-point link, the node at its
+//!   other end (only it, or a tap on the cable, can put frames there); on a switch port,
+//!   nobody (any device on the segment could have).
 //! - RttExceeded: both node ends.
 //! - ByteMismatch: both ends: the verifier cannot tell which one lies.
 
@@ -668,6 +670,13 @@ impl Verifier {
                 // (label, claimed) -> count
                 let mut seen: BTreeMap<(&str, String), usize> = BTreeMap::new();
                 let mut culprits = BTreeSet::new();
+                if let Some(ix) = &self.index {
+                    if let Some(other) = ix.topo.peer_of(port) {
+                        if ix.topo.is_node(&other.device) {
+                            culprits.insert(other.device.clone());
+                        }
+                    }
+                }
                 for h in st.rounds.iter().flat_map(|r| r.untrusted.iter()) {
                     let unknown = matches!(h, Heard::UnknownIdentity { .. });
                     if unknown != (kind == FindingKind::UnknownNeighbor) {
@@ -676,11 +685,6 @@ impl Verifier {
                     let claimed = h.claimed();
                     let text = claimed.map_or("nothing".into(), |c| c.to_string());
                     *seen.entry((h.label(), text)).or_default() += 1;
-                    if let (Some(c), Some(ix)) = (claimed, &self.index) {
-                        if ix.topo.is_node(&c.device) {
-                            culprits.insert(c.device.clone());
-                        }
-                    }
                 }
                 if seen.is_empty() {
                     continue;
@@ -1391,13 +1395,15 @@ b = "leaf2:p2"
     #[test]
     fn untrusted_answer_cases() {
         let base = || healthy_but(&["node4:fab0"]);
+        // node4:fab0 is a point-to-point cable to node5:fab0: whatever an untrusted answer
+        // claims, only node5 (or a tap on that cable) can have sent it.
         check(
             &with(base(), &["node4:fab0 = node5:fab0 ?unsigned:node5:fab0"]),
             &["unauthenticated node4:fab0 [node5] !"],
         );
         check(
             &with(base(), &["node4:fab0 = node5:fab0 ?badsig"]),
-            &["unauthenticated node4:fab0 [] !"],
+            &["unauthenticated node4:fab0 [node5] !"],
         );
         // A replayed answer proves nothing: the link is missing too.
         check(
@@ -1409,7 +1415,7 @@ b = "leaf2:p2"
         );
         check(
             &with(base(), &["node4:fab0 = node5:fab0 ?unknown:ghost:eth0"]),
-            &["unknown_neighbor node4:fab0 [] !"],
+            &["unknown_neighbor node4:fab0 [node5] !"],
         );
         check(
             &with(
@@ -1417,9 +1423,18 @@ b = "leaf2:p2"
                 &["node4:fab0 = node5:fab0 ?unknown:node5:fab0 ?unsigned:leaf1:p1"],
             ),
             &[
-                "unauthenticated node4:fab0 [] !",
+                "unauthenticated node4:fab0 [node5] !",
                 "unknown_neighbor node4:fab0 [node5] !",
             ],
+        );
+        // On a switch port anyone on the segment could have sent it: nobody is blamed, not
+        // even the node the forgery claims to be.
+        check(
+            &with(
+                healthy_but(&["node1:fab0"]),
+                &["node1:fab0 = leaf1:p1 node2:fab0 node3:fab0 ?badsig:node2:fab0"],
+            ),
+            &["unauthenticated node1:fab0 [] !"],
         );
         // Judged without a declared topology too (with no culprits: no declared nodes).
         let mut v = Verifier::new(VerifierConfig::default());
