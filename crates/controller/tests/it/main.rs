@@ -81,6 +81,79 @@ impl Running {
     }
 }
 
+/// An agent's session as a test holds it: messages to the controller go into `tx`.
+pub(crate) struct Session {
+    pub(crate) tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    pub(crate) inbound: tonic::Streaming<pb::ControllerMessage>,
+    pub(crate) _client: pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+}
+
+/// Adds `node` (an existing node gets a fresh join token instead, when `add` is false) and
+/// enrolls it into `<data dir>/agent-<dir>`; its identity and session TLS.
+pub(crate) async fn enroll_as(
+    c: &Running,
+    node: &str,
+    dir: &str,
+    add: bool,
+) -> (nicwarden_agent::identity::Identity, rustls::ClientConfig) {
+    let (method, path) = if add {
+        ("POST", "/v1/nodes".to_string())
+    } else {
+        ("POST", format!("/v1/nodes/{node}/token"))
+    };
+    let body = add.then(|| json!({ "name": node }));
+    let (st, v) = c.call(method, &path, body).await;
+    assert!(st == 201 || st == 200, "{method} {path}: {st} {v}");
+    let token = v["join_token"].as_str().expect("join token").to_string();
+    let ident = tokio::time::timeout(
+        Duration::from_secs(10),
+        nicwarden_agent::identity::enroll(
+            &c.dir.join(format!("agent-{dir}")),
+            node,
+            &c.agent,
+            &token,
+        ),
+    )
+    .await
+    .expect("enrollment answers in time")
+    .expect("enroll");
+    let tls = nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key)
+        .expect("client config");
+    (ident, tls)
+}
+
+/// Opens a session and sends `hello`; the controller's refusal is the error.
+pub(crate) async fn open_session(
+    c: &Running,
+    tls: rustls::ClientConfig,
+    hello: pb::Hello,
+) -> Result<Session, tonic::Status> {
+    let wait = Duration::from_secs(10);
+    let ch = tokio::time::timeout(wait, nicwarden_agent::transport::connect(&c.agent, tls))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(hello)),
+    })
+    .await
+    .expect("queue hello");
+    let inbound = tokio::time::timeout(
+        wait,
+        client.session(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("session answers in time")?
+    .into_inner();
+    Ok(Session {
+        tx,
+        inbound,
+        _client: client,
+    })
+}
+
 pub(crate) fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }

@@ -1,7 +1,7 @@
 //! The controller's side of the mesh over the real protocol: identities in Hello, signed
 //! peer-set updates, tamper reports, and what survives a restart.
 
-use crate::{tmp, Running};
+use crate::{enroll_as, open_session, tmp, Running, Session};
 use nicwarden_mesh::{MeshUpdate, WgKey};
 use nicwarden_proto::pb;
 use serde_json::json;
@@ -13,10 +13,8 @@ const WAIT: Duration = Duration::from_secs(10);
 /// An enrolled node with an open session that reports a mesh identity.
 struct MeshAgent {
     lease_key: [u8; 32],
-    tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
-    inbound: tonic::Streaming<pb::ControllerMessage>,
     tls: rustls::ClientConfig,
-    _client: pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+    s: Session,
 }
 
 fn info(key: u8, host: u8) -> pb::MeshInfo {
@@ -27,80 +25,47 @@ fn info(key: u8, host: u8) -> pb::MeshInfo {
     }
 }
 
-async fn open(
-    c: &Running,
-    node: &str,
-    tls: rustls::ClientConfig,
-    mesh: Option<pb::MeshInfo>,
-    tamper_reason: &str,
-) -> Result<
-    (
-        tokio::sync::mpsc::Sender<pb::AgentMessage>,
-        tonic::Streaming<pb::ControllerMessage>,
-        pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
-    ),
-    tonic::Status,
-> {
-    let ch = timeout(WAIT, nicwarden_agent::transport::connect(&c.agent, tls))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            node: node.into(),
-            agent_version: "mesh-test".into(),
-            mesh,
-            tamper_reason: tamper_reason.into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .expect("queue hello");
-    let inbound = timeout(
-        WAIT,
-        client.session(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    )
-    .await
-    .expect("session answers in time")?
-    .into_inner();
-    Ok((tx, inbound, client))
+fn hello(node: &str, mesh: Option<pb::MeshInfo>, tamper_reason: &str) -> pb::Hello {
+    pb::Hello {
+        node: node.into(),
+        agent_version: "mesh-test".into(),
+        mesh,
+        tamper_reason: tamper_reason.into(),
+        ..Default::default()
+    }
+}
+
+/// The first error the controller sends on a session.
+async fn next_error(s: &mut Session) -> String {
+    loop {
+        let m = timeout(WAIT, s.inbound.message())
+            .await
+            .expect("in time")
+            .expect("ok")
+            .expect("open");
+        if let Some(pb::controller_message::Msg::Error(e)) = m.msg {
+            return e.message;
+        }
+    }
 }
 
 impl MeshAgent {
     async fn connect(c: &Running, node: &str, mesh: pb::MeshInfo) -> MeshAgent {
-        let (st, v) = c
-            .call("POST", "/v1/nodes", Some(json!({ "name": node })))
-            .await;
-        assert_eq!(st, 201, "add {node}: {v}");
-        let token = v["join_token"].as_str().expect("join token").to_string();
-        let dir = c.dir.join(format!("agent-{node}"));
-        let ident = timeout(
-            WAIT,
-            nicwarden_agent::identity::enroll(&dir, node, &c.agent, &token),
-        )
-        .await
-        .expect("enrollment answers in time")
-        .expect("enroll");
-        let tls = nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key)
-            .expect("client config");
-        let (tx, inbound, client) = open(c, node, tls.clone(), Some(mesh), "")
+        let (ident, tls) = enroll_as(c, node, node, true).await;
+        let s = open_session(c, tls.clone(), hello(node, Some(mesh), ""))
             .await
             .expect("session accepted");
         MeshAgent {
             lease_key: ident.lease_key,
-            tx,
-            inbound,
             tls,
-            _client: client,
+            s,
         }
     }
 
     /// The next message that is not a directive: a verified mesh update, or an error text.
     async fn next_mesh(&mut self) -> Result<MeshUpdate, String> {
         loop {
-            let m = timeout(WAIT, self.inbound.message())
+            let m = timeout(WAIT, self.s.inbound.message())
                 .await
                 .expect("a message within 10 s")
                 .expect("session stream ok")
@@ -155,36 +120,17 @@ async fn peers_get_signed_entries_and_lose_a_tampered_node_for_good() {
     let first_seq = u.seq;
 
     // A third node claiming node1's overlay address keeps its session but gets no mesh.
-    let (st, v) = c
-        .call("POST", "/v1/nodes", Some(json!({ "name": "node3" })))
-        .await;
-    assert_eq!(st, 201, "{v}");
-    let token = v["join_token"].as_str().expect("token").to_string();
-    let ident =
-        nicwarden_agent::identity::enroll(&c.dir.join("agent-node3"), "node3", &c.agent, &token)
-            .await
-            .expect("enroll node3");
-    let tls3 = nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key)
-        .expect("tls");
-    let (tx3, mut in3, c3) = open(&c, "node3", tls3, Some(info(3, 1)), "")
+    let (_, tls3) = enroll_as(&c, "node3", "node3", true).await;
+    let mut s3 = open_session(&c, tls3, hello("node3", Some(info(3, 1)), ""))
         .await
         .expect("session accepted");
-    let err = loop {
-        let m = timeout(WAIT, in3.message())
-            .await
-            .expect("in time")
-            .expect("ok")
-            .expect("open");
-        if let Some(pb::controller_message::Msg::Error(e)) = m.msg {
-            break e.message;
-        }
-    };
+    let err = next_error(&mut s3).await;
     assert!(err.contains("overlaps node node1's"), "{err}");
     // An agent closes its side when the controller's ends; a test must do so itself.
-    drop((tx3, in3, c3));
+    drop(s3);
 
     // node2 reports tampering: node1 is sent the removal of node2's key at once.
-    a2.tx
+    a2.s.tx
         .send(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Tamper(pb::TamperReport {
                 reason: "lid opened".into(),
@@ -213,9 +159,10 @@ async fn peers_get_signed_entries_and_lose_a_tampered_node_for_good() {
     assert_eq!(v["mesh"]["public_key"], serde_json::Value::Null, "{v}");
 
     // Its certificate is refused from now on, across a controller restart too.
-    let refused = open(&c, "node2", a2.tls.clone(), Some(info(2, 2)), "")
+    let refused = open_session(&c, a2.tls.clone(), hello("node2", Some(info(2, 2)), ""))
         .await
-        .expect_err("a tampered node's session is refused");
+        .err()
+        .expect("a tampered node's session is refused");
     assert!(
         refused.message().contains("tampered"),
         "{}",
@@ -225,9 +172,10 @@ async fn peers_get_signed_entries_and_lose_a_tampered_node_for_good() {
     drop((a1, a2));
     c.stop().await;
     let c = Running::start(d.path()).await;
-    let refused = open(&c, "node2", tls2, Some(info(2, 2)), "")
+    let refused = open_session(&c, tls2, hello("node2", Some(info(2, 2)), ""))
         .await
-        .expect_err("still refused after a restart");
+        .err()
+        .expect("still refused after a restart");
     assert!(
         refused.message().contains("tampered"),
         "{}",
@@ -241,7 +189,7 @@ async fn peers_get_signed_entries_and_lose_a_tampered_node_for_good() {
             .expect("identity");
         nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key).expect("tls")
     };
-    let (tx1, mut in1, c1) = open(&c, "node1", tls1, Some(info(1, 1)), "")
+    let mut s1 = open_session(&c, tls1, hello("node1", Some(info(1, 1)), ""))
         .await
         .expect("node1 reconnects");
     let key = {
@@ -252,7 +200,7 @@ async fn peers_get_signed_entries_and_lose_a_tampered_node_for_good() {
             .lease_key
     };
     let seq = loop {
-        let m = timeout(WAIT, in1.message())
+        let m = timeout(WAIT, s1.inbound.message())
             .await
             .expect("in time")
             .expect("ok")
@@ -270,30 +218,13 @@ async fn peers_get_signed_entries_and_lose_a_tampered_node_for_good() {
     );
 
     // A re-enrolled node may not bring its old (retired) key back.
-    let (st, v) = c.call("POST", "/v1/nodes/node2/token", None).await;
-    assert_eq!(st, 200, "{v}");
-    let token = v["join_token"].as_str().expect("token").to_string();
-    let ident =
-        nicwarden_agent::identity::enroll(&c.dir.join("agent-node2b"), "node2", &c.agent, &token)
-            .await
-            .expect("re-enroll node2");
-    let tls = nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key)
-        .expect("tls");
-    let (tx, mut inb, cl) = open(&c, "node2", tls, Some(info(2, 2)), "")
+    let (_, tls) = enroll_as(&c, "node2", "node2b", false).await;
+    let mut s2 = open_session(&c, tls, hello("node2", Some(info(2, 2)), ""))
         .await
         .expect("the re-enrolled node's session is accepted");
-    let err = loop {
-        let m = timeout(WAIT, inb.message())
-            .await
-            .expect("in time")
-            .expect("ok")
-            .expect("open");
-        if let Some(pb::controller_message::Msg::Error(e)) = m.msg {
-            break e.message;
-        }
-    };
+    let err = next_error(&mut s2).await;
     assert!(err.contains("retired"), "{err}");
-    drop((tx, inb, cl, tx1, in1, c1));
+    drop((s2, s1));
     c.stop().await;
 }
 
@@ -304,9 +235,14 @@ async fn a_node_tampered_while_offline_is_recorded_at_its_next_hello() {
     let a1 = MeshAgent::connect(&c, "node1", info(1, 1)).await;
     let tls = a1.tls.clone();
     drop(a1);
-    let refused = open(&c, "node1", tls, None, "enclosure opened while offline")
-        .await
-        .expect_err("the tamper is recorded and the session refused");
+    let refused = open_session(
+        &c,
+        tls,
+        hello("node1", None, "enclosure opened while offline"),
+    )
+    .await
+    .err()
+    .expect("the tamper is recorded and the session refused");
     assert!(
         refused.message().contains("tampered"),
         "{}",

@@ -153,30 +153,18 @@ impl TestAgent {
         .expect("enroll");
         let tls = nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key)
             .expect("client config");
-        let ch = timeout(WAIT, nicwarden_agent::transport::connect(&c.agent, tls))
+        let hello = pb::Hello {
+            node: node.into(),
+            agent_version: "telemetry-test".into(),
+            ..Default::default()
+        };
+        let crate::Session {
+            tx,
+            inbound,
+            _client: client,
+        } = crate::open_session(c, tls, hello)
             .await
-            .expect("connect in time")
-            .expect("connect");
-        let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-                node: node.into(),
-                last_seq: 0,
-                agent_version: "telemetry-test".into(),
-                ..Default::default()
-            })),
-        })
-        .await
-        .expect("queue hello");
-        let inbound = timeout(
-            WAIT,
-            client.session(tokio_stream::wrappers::ReceiverStream::new(rx)),
-        )
-        .await
-        .expect("session answers in time")
-        .expect("session accepted")
-        .into_inner();
+            .expect("session accepted");
         TestAgent {
             lease_key: ident.lease_key,
             tx,

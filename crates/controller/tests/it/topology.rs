@@ -1,12 +1,11 @@
 //! Interconnect verification in the controller: applying topology files (validation,
 //! versions) and judging probe reports (signatures, nonces) into findings.
 
-use crate::{tmp, Running};
+use crate::{enroll_as, open_session, tmp, Running, Session};
 use nicwarden_proto::pb;
 use prost::Message;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -33,56 +32,18 @@ async fn apply(c: &Running, toml: &str, dry_run: bool) -> (u16, Value) {
 
 struct Prober {
     key: nicwarden_pki::NodeKey,
-    tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
-    _inbound: tonic::Streaming<pb::ControllerMessage>,
-    _client: pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+    s: Session,
 }
 
 async fn prober(c: &Running, node: &str) -> Prober {
-    let (st, v) = c
-        .call("POST", "/v1/nodes", Some(json!({ "name": node })))
-        .await;
-    assert_eq!(st, 201, "{v}");
-    let token = v["join_token"].as_str().expect("token").to_string();
-    let ident = nicwarden_agent::identity::enroll(
-        &c.dir.join(format!("agent-{node}")),
-        node,
-        &c.agent,
-        &token,
-    )
-    .await
-    .expect("enroll");
-    let tls = nicwarden_pki::agent_client_config(&ident.ca_pem, &ident.cert_pem, &ident.key)
-        .expect("tls");
-    let ch = timeout(WAIT, nicwarden_agent::transport::connect(&c.agent, tls))
-        .await
-        .expect("in time")
-        .expect("connect");
-    let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            node: node.into(),
-            agent_version: "topology-test".into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .expect("hello");
-    let inbound = timeout(
-        WAIT,
-        client.session(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    )
-    .await
-    .expect("in time")
-    .expect("session")
-    .into_inner();
-    Prober {
-        key: ident.key,
-        tx,
-        _inbound: inbound,
-        _client: client,
-    }
+    let (ident, tls) = enroll_as(c, node, node, true).await;
+    let hello = pb::Hello {
+        node: node.into(),
+        agent_version: "topology-test".into(),
+        ..Default::default()
+    };
+    let s = open_session(c, tls, hello).await.expect("session");
+    Prober { key: ident.key, s }
 }
 
 /// `from`'s signed answer to `to`'s probe with `nonce`.
@@ -108,17 +69,18 @@ fn answer(from: &Prober, from_node: &str, to_node: &str, nonce: &[u8]) -> pb::He
 }
 
 async fn report(p: &Prober, nonce: [u8; 16], heard: Vec<pb::HeardFrame>) {
-    p.tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::ProbeReport(pb::ProbeReport {
-            rounds: vec![pb::ProbeRound {
-                port: "fab0".into(),
-                nonce: nonce.to_vec(),
-                heard,
-            }],
-        })),
-    })
-    .await
-    .expect("send report");
+    p.s.tx
+        .send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::ProbeReport(pb::ProbeReport {
+                rounds: vec![pb::ProbeRound {
+                    port: "fab0".into(),
+                    nonce: nonce.to_vec(),
+                    heard,
+                }],
+            })),
+        })
+        .await
+        .expect("send report");
 }
 
 async fn status_until(c: &Running, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
