@@ -21,13 +21,13 @@
 use anyhow::{bail, Context as _};
 use nicwarden_datapath::{Datapath, DesiredState};
 use nicwarden_testbed::traffic;
-use std::io::ErrorKind;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use super::variant::{backends, Lease};
 use super::{
-    blocked_state, default_burst, lease_state, max, median, print, Bench, DATAGRAM, LEASE_BPS,
+    blocked_state, default_burst, lease_state, max, median, print, receive, Arrival, Bench,
+    DATAGRAM, LEASE_BPS,
 };
 use crate::cli::BenchLatencyArgs;
 use crate::table::Table;
@@ -48,10 +48,6 @@ const CUT_BPS: u64 = 10_000_000;
 /// Frame bytes per datagram beyond its payload: UDP 8 + IPv4 20 + Ethernet 14 (what HTB
 /// counts).
 const FRAME_HEADERS: u64 = 42;
-/// At most this many arrivals are recorded per run (about 1,000 s at the paced rate).
-const MAX_ARRIVALS: usize = 100_000;
-/// Receive buffer of the receiver, so a scheduling hiccup does not drop datagrams.
-const RCVBUF: usize = 16 << 20;
 
 /// The two lease changes measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,13 +93,6 @@ impl Case {
             }
         }
     }
-}
-
-/// One datagram's arrival at the receiver.
-#[derive(Clone, Copy, Debug)]
-struct Arrival {
-    at: Instant,
-    len: usize,
 }
 
 /// One run: the flow, the change, what arrived.
@@ -157,33 +146,6 @@ fn settled(
         .take_while(|s| *s + window <= end)
         .find(|s| upto(*s + window) - upto(*s) <= limit)
         .map(|s| s - t0)
-}
-
-/// Receives on `socket` until `deadline` or [`MAX_ARRIVALS`], recording each arrival.
-fn receive(socket: &UdpSocket, deadline: Instant) -> std::io::Result<Vec<Arrival>> {
-    use nix::sys::socket::{setsockopt, sockopt};
-    // Best effort: forcing past rmem_max needs CAP_NET_ADMIN, which the benchmark has.
-    if setsockopt(socket, sockopt::RcvBufForce, &RCVBUF).is_err() {
-        let _ = setsockopt(socket, sockopt::RcvBuf, &RCVBUF);
-    }
-    socket.set_read_timeout(Some(Duration::from_millis(20)))?;
-    let mut buf = vec![0u8; traffic::UDP_MAX_PAYLOAD + 1];
-    let mut out = Vec::with_capacity(8192);
-    while out.len() < MAX_ARRIVALS && Instant::now() < deadline {
-        match socket.recv(&mut buf) {
-            Ok(len) => out.push(Arrival {
-                at: Instant::now(),
-                len,
-            }),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(out)
 }
 
 /// Runs the paced flow, applies `change` through `dp` after [`LEAD`], and records arrivals.

@@ -29,8 +29,10 @@ use nicwarden_lease::{LeaseId, Scope};
 use nicwarden_testbed::traffic::{self, Proto, Report, SendSpec, SinkSpec};
 use nicwarden_testbed::{Node, Testbed, TestbedSpec};
 use std::cell::Cell;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
 
 use crate::cli::{BenchCmd, BenchSub};
 use crate::table::Table;
@@ -353,4 +355,43 @@ mod tests {
         assert_eq!(default_burst(10_000_000), 16 * 1024);
         assert_eq!(default_burst(1_000_000_000), 1_250_000);
     }
+}
+
+/// One datagram's arrival at a bench-local receiver.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Arrival {
+    pub(crate) at: Instant,
+    pub(crate) len: usize,
+}
+
+/// At most this many arrivals are recorded by one [`receive`].
+const MAX_ARRIVALS: usize = 100_000;
+/// Receive buffer of the bench-local receiver, so a scheduling hiccup drops nothing.
+const RCVBUF: usize = 16 << 20;
+
+/// Receives on `socket` until `deadline` or [`MAX_ARRIVALS`], recording each arrival.
+pub(crate) fn receive(socket: &UdpSocket, deadline: Instant) -> std::io::Result<Vec<Arrival>> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    // Best effort: forcing past rmem_max needs CAP_NET_ADMIN, which the benchmark has.
+    if setsockopt(socket, sockopt::RcvBufForce, &RCVBUF).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &RCVBUF);
+    }
+    socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let mut buf = vec![0u8; traffic::UDP_MAX_PAYLOAD + 1];
+    let mut out = Vec::with_capacity(8192);
+    while out.len() < MAX_ARRIVALS && Instant::now() < deadline {
+        match socket.recv(&mut buf) {
+            Ok(len) => out.push(Arrival {
+                at: Instant::now(),
+                len,
+            }),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }

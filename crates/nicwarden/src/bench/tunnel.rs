@@ -38,14 +38,13 @@ use nicwarden_lab::{in_mgmt, Lab, LabSpec};
 use nicwarden_testbed::traffic::{self, Proto, SendSpec, SinkSpec};
 use nicwarden_testbed::{Node, Testbed, TestbedSpec};
 use serde_json::json;
-use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::variant::NON_BINDING_BPS;
-use super::{busy_cpu, max, median, min, ratio, Flow, DATAGRAM, PACED_BPS};
+use super::{busy_cpu, max, median, min, ratio, receive, Arrival, Flow, DATAGRAM, PACED_BPS};
 use crate::cli::BenchTunnelArgs;
 use crate::table::Table;
 use crate::units::fmt_rate;
@@ -66,10 +65,6 @@ const RECEIVER_MARGIN: Duration = Duration::from_millis(300);
 /// The flow counts as stopped only if nothing arrived in this last part of the sender's
 /// period.
 const QUIET: Duration = Duration::from_millis(100);
-/// Receive buffer of the bench-local receiver.
-const RCVBUF: usize = 16 << 20;
-/// At most this many arrivals are recorded per tamper.
-const MAX_ARRIVALS: usize = 100_000;
 /// Sleep between two status polls of a peer.
 const POLL_EVERY: Duration = Duration::from_millis(2);
 /// Longest time a peer is polled after the tamper call.
@@ -173,13 +168,6 @@ struct Pair {
     tunnel_cpu: f64,
 }
 
-/// One datagram's arrival at the receiver.
-#[derive(Clone, Copy, Debug)]
-struct Arrival {
-    at: Instant,
-    len: usize,
-}
-
 /// How one peer saw node1 go.
 #[derive(Clone, Debug, Default)]
 struct Watch {
@@ -234,33 +222,6 @@ struct Results {
     tunnel_dst: Ipv4Addr,
     pairs: Vec<Pair>,
     tampers: Vec<TamperRep>,
-}
-
-/// Receives on `socket` until `deadline` or [`MAX_ARRIVALS`], recording each arrival.
-fn receive(socket: &UdpSocket, deadline: Instant) -> std::io::Result<Vec<Arrival>> {
-    use nix::sys::socket::{setsockopt, sockopt};
-    // Best effort: forcing past rmem_max needs CAP_NET_ADMIN, which the benchmark has.
-    if setsockopt(socket, sockopt::RcvBufForce, &RCVBUF).is_err() {
-        let _ = setsockopt(socket, sockopt::RcvBuf, &RCVBUF);
-    }
-    socket.set_read_timeout(Some(Duration::from_millis(20)))?;
-    let mut buf = vec![0u8; traffic::UDP_MAX_PAYLOAD + 1];
-    let mut out = Vec::with_capacity(8192);
-    while out.len() < MAX_ARRIVALS && Instant::now() < deadline {
-        match socket.recv(&mut buf) {
-            Ok(len) => out.push(Arrival {
-                at: Instant::now(),
-                len,
-            }),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(out)
 }
 
 /// Time from `t0` to the last of the flow's datagrams (zero if it came before `t0`); `None`
