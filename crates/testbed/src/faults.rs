@@ -96,26 +96,13 @@ impl Testbed {
         let seq = NEXT_HOST_PORT.fetch_add(1, Ordering::Relaxed) % 1_000_000;
         let port_index = (HOST_PORT_INDEX_BASE + seq).to_string();
         let switch = self.switch();
-        host.netns.ip(&[
-            "link",
-            "add",
-            FABRIC_IFACE,
-            "index",
-            HOST_FABRIC_INDEX,
-            "mtu",
+        crate::testbed::add_veth(
+            &host.netns,
+            (FABRIC_IFACE, HOST_FABRIC_INDEX),
+            (&host.switch_port, &port_index),
+            switch,
             &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &host.switch_port,
-            "index",
-            &port_index,
-            "mtu",
-            &mtu,
-            "netns",
-            switch.name(),
-        ])?;
+        )?;
         switch.ip(&[
             "link",
             "set",

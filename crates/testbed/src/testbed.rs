@@ -536,46 +536,20 @@ fn build(shared: &Arc<Shared>, spec: TestbedSpec) -> Result<Testbed, TestbedErro
         // only when its index differs from its peer's (linkwatch's "urgent" test), otherwise
         // they wait up to a second.
         let port_index = (PORT_INDEX_BASE + k).to_string();
-        ns.ip(&[
-            "link",
-            "add",
-            FABRIC_IFACE,
-            "index",
-            FABRIC_INDEX,
-            "mtu",
+        add_veth(
+            ns,
+            (FABRIC_IFACE, FABRIC_INDEX),
+            (&node.switch_port, &port_index),
+            &switch,
             &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &node.switch_port,
-            "index",
-            &port_index,
-            "mtu",
-            &mtu,
-            "netns",
-            switch.name(),
-        ])?;
-        ns.ip(&[
-            "link",
-            "add",
-            MGMT_IFACE,
-            "index",
-            MGMT_INDEX,
-            "mtu",
+        )?;
+        add_veth(
+            ns,
+            (MGMT_IFACE, MGMT_INDEX),
+            (&node.mgmt_port, &port_index),
+            &mgmt,
             &mgmt_mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &node.mgmt_port,
-            "index",
-            &port_index,
-            "mtu",
-            &mgmt_mtu,
-            "netns",
-            mgmt.name(),
-        ])?;
+        )?;
         switch.ip(&[
             "link",
             "set",
@@ -636,4 +610,36 @@ pub(crate) fn new_namespace(shared: &Shared, name: &str) -> Result<Netns, Testbe
     }
     ns.set_link("lo", true)?;
     Ok(ns)
+}
+
+/// Creates a veth pair: `end` (name, ifindex) in `ns`, its peer `peer` (name, ifindex)
+/// directly in `peer_ns`, both with `mtu`, so nothing ever appears in the root namespace.
+pub(crate) fn add_veth(
+    ns: &Netns,
+    end: (&str, &str),
+    peer: (&str, &str),
+    peer_ns: &Netns,
+    mtu: &str,
+) -> Result<(), TestbedError> {
+    ns.ip(&[
+        "link",
+        "add",
+        end.0,
+        "index",
+        end.1,
+        "mtu",
+        mtu,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        peer.0,
+        "index",
+        peer.1,
+        "mtu",
+        mtu,
+        "netns",
+        peer_ns.name(),
+    ])?;
+    Ok(())
 }

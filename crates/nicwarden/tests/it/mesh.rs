@@ -77,6 +77,18 @@ async fn wait_peers(lab: &Lab, node: &str, want: &[&str]) {
     }
 }
 
+/// Grants each of `nodes` a 1 Gbit/s lease and waits until each holds all the others as
+/// peers (a full mesh).
+async fn full_mesh(lab: &Lab, nodes: &[&str]) {
+    for n in nodes {
+        grant(lab, n, 1_000_000_000).await;
+    }
+    for n in nodes {
+        let others: Vec<&str> = nodes.iter().copied().filter(|o| o != n).collect();
+        wait_peers(lab, n, &others).await;
+    }
+}
+
 /// Sends datagrams carrying [`MARKER`] from `from` to `ip:port` (a socket bound on `to`),
 /// one every 10 ms, until `want` arrived or `wait` passed; returns how many arrived. (A
 /// tunnel's first packets wait for its handshake, which a lost first attempt delays by the
@@ -309,12 +321,7 @@ fn peers_expire_on_their_own_when_the_controller_is_gone() {
 #[test]
 fn tamper_cuts_the_node_off_until_reenrolled() {
     with_mesh_lab(3, |mut lab| async move {
-        for n in ["node1", "node2", "node3"] {
-            grant(&lab, n, 1_000_000_000).await;
-        }
-        wait_peers(&lab, "node1", &["node2", "node3"]).await;
-        wait_peers(&lab, "node2", &["node1", "node3"]).await;
-        wait_peers(&lab, "node3", &["node1", "node2"]).await;
+        full_mesh(&lab, &["node1", "node2", "node3"]).await;
         let old_key = lab
             .status("node1")
             .await
@@ -449,10 +456,7 @@ fn tamper_cuts_the_node_off_until_reenrolled() {
 #[test]
 fn rotation_keeps_a_flow_alive() {
     with_mesh_lab(2, |lab| async move {
-        grant(&lab, "node1", 1_000_000_000).await;
-        grant(&lab, "node2", 1_000_000_000).await;
-        wait_peers(&lab, "node1", &["node2"]).await;
-        wait_peers(&lab, "node2", &["node1"]).await;
+        full_mesh(&lab, &["node1", "node2"]).await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
         let m2 = lab.mesh_ip("node2").expect("mesh ip");
         let mut spec = SendSpec::new(Proto::Tcp, SocketAddr::from((m2, 7031)));
@@ -508,10 +512,7 @@ fn rotation_keeps_a_flow_alive() {
 #[test]
 fn encrypted_only_lets_nothing_but_wireguard_cross_the_fabric() {
     with_mesh_lab_opts(2, true, |mut lab| async move {
-        grant(&lab, "node1", 1_000_000_000).await;
-        grant(&lab, "node2", 1_000_000_000).await;
-        wait_peers(&lab, "node1", &["node2"]).await;
-        wait_peers(&lab, "node2", &["node1"]).await;
+        full_mesh(&lab, &["node1", "node2"]).await;
         let (n1, n2) = (node(&lab, "node1"), node(&lab, "node2"));
         let m2 = lab.mesh_ip("node2").expect("mesh ip");
         // Through the tunnel: delivered. In clear to the same node: dropped, and counted.
